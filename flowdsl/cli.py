@@ -1,0 +1,73 @@
+"""The `flowdsl` command. Every user error exits 1 with one positioned message; usage errors
+exit 2; a Python traceback appears only with --debug."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import FlowError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"flowdsl: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _cmd_check(a):
+    from .model import load_model
+    m = load_model(a.file)
+    print(f"{a.file}: ok")
+    print(m.summary())
+    return 0
+
+
+def make_parser():
+    p = _Parser(prog="flowdsl", description="A declarative language for convolutional networks.")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    c = sub.add_parser("check", help="parse, infer shapes and print the layout")
+    c.add_argument("file")
+    c.set_defaults(run=_cmd_check)
+    return p, sub
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLOWDSL_DEBUG") == "1"
+    parser, _ = make_parser()
+    try:
+        a = parser.parse_args(argv)
+        if not getattr(a, "run", None):
+            parser.print_help(sys.stderr)
+            return 2
+        return a.run(a) or 0
+    except FlowError as e:
+        if debug:
+            raise
+        print(e.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("flowdsl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except MemoryError:
+        if debug:
+            raise
+        print("flowdsl: error: out of memory; try a smaller --batch", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug of ours: say so plainly, without a traceback
+        if debug:
+            raise
+        print(f"flowdsl: internal error: {type(e).__name__}: {e}\n"
+              f"(this is a bug in flowdsl; run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry():
+    sys.exit(main())

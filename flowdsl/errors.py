@@ -1,0 +1,87 @@
+"""The one error type users see. It renders as `file:line:col: error: message`, then the source
+line and a caret under the column, like a compiler."""
+from __future__ import annotations
+
+
+class FlowError(Exception):
+    """A problem in a .flow file, its data or its weights.
+
+    `line`/`column` are 1-based; either may be None when there is no position (a missing data
+    file, say). `source` is the whole text, used to show the offending line.
+    """
+
+    def __init__(self, message, file=None, line=None, column=None, source=None, hint=None):
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.line = line
+        self.column = column
+        self.source = source
+        self.hint = hint
+
+    def at(self, file=None, source=None):
+        """Fill in the file and source if a lower layer did not know them."""
+        if self.file is None:
+            self.file = file
+        if self.source is None:
+            self.source = source
+        return self
+
+    def render(self) -> str:
+        where = self.file or "<string>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        out = f"{where}: error: {self.message}"
+        if self.line is not None and self.source is not None:
+            lines = self.source.splitlines()
+            if 1 <= self.line <= len(lines):
+                text = lines[self.line - 1]
+                if len(text) > 200:  # a giant line: show a window around the column
+                    start = max(0, (self.column or 1) - 100)
+                    text_shown = text[start:start + 200]
+                    col = (self.column or 1) - start
+                else:
+                    text_shown, col = text, self.column
+                out += "\n    " + text_shown
+                if col is not None:
+                    pad = "".join(c if c == "\t" else " " for c in text_shown[: col - 1])
+                    out += "\n    " + pad + "^"
+        if self.hint:
+            out += "\n" + self.hint
+        return out
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def closest(word: str, choices, limit: int | None = None) -> str | None:
+    """The choice nearest to `word` by edit distance, if near enough to be a likely typo."""
+    word_l = word.lower()
+    best, best_d = None, None
+    for c in sorted(set(choices)):
+        d = _levenshtein(word_l, c.lower())
+        if best_d is None or d < best_d:
+            best, best_d = c, d
+    if best is None:
+        return None
+    cap = limit if limit is not None else max(1, min(3, len(word) // 3 + 1))
+    return best if best_d <= cap and best_d < len(word) else None
+
+
+def _levenshtein(a: str, b: str) -> int:
+    if len(a) > 64 or len(b) > 64:
+        return max(len(a), len(b))
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def did_you_mean(word, choices) -> str:
+    c = closest(word, choices)
+    return f"; did you mean '{c}'?" if c else ""

@@ -1,0 +1,90 @@
+"""The Layer base class: what every registered kind declares.
+
+Shapes are tuples in internal order: (C, H, W) for feature maps, (N,) for vectors. The DSL
+writes maps as WxHxC; `show_shape` converts for people.
+"""
+from __future__ import annotations
+
+import math
+
+from ..args import P, fmt
+
+
+class LayerError(Exception):
+    """A layer's complaint about its input shape or arguments; `key` names the argument to
+    point at (None: point at the layer)."""
+
+    def __init__(self, message, key=None):
+        super().__init__(message)
+        self.key = key
+
+
+def show_shape(s) -> str:
+    if len(s) == 3:
+        c, h, w = s
+        return f"{w}x{h}x{c}"
+    return "x".join(str(d) for d in s)
+
+
+def from_written(dims) -> tuple:
+    """DSL order (W, H, C) or (N,) -> internal (C, H, W) or (N,)."""
+    if len(dims) == 3:
+        w, h, c = dims
+        return (c, h, w)
+    return tuple(dims)
+
+
+class Layer:
+    kind: str = "?"          # set by @register
+    params: tuple = ()       # tuple of P
+    role: str = "layer"      # input | layer | activation | loss
+    has_weights = False
+
+    def __init__(self, args: dict, name: str | None = None, pos=None, where=None):
+        self.args = args
+        self.name = name
+        self.pos = pos
+        self.where = where or {}
+        self.in_shape = None
+        self.out = None
+
+    # --- spec: pure Python, used by `check` -------------------------------------------------
+    def out_shape(self, s: tuple) -> tuple:
+        return s
+
+    def param_shapes(self, s: tuple) -> dict:
+        """{parameter name: shape} for input shape s (learned parameters only)."""
+        return {}
+
+    def n_params(self, s: tuple) -> int:
+        return sum(math.prod(v) for v in self.param_shapes(s).values())
+
+    def describe(self) -> str:
+        """Canonical .flow text of this layer: every argument spelled out."""
+        shown = [(k, v) for k, v in self.args.items() if k != "shape" and v is not None]
+        if not self.params:
+            return self.kind
+        inner = ", ".join(f"{k}={fmt(v)}" for k, v in shown)
+        if self.args.get("shape") is not None:
+            inner = self.args["shape"].text + (", " + inner if inner else "")
+        return f"{self.kind}({inner})"
+
+    def spec_key(self):
+        return (self.kind, tuple((k, str(v)) for k, v in self.args.items()))
+
+    def act_kind(self):
+        """For layers with act=: the activation's CallValue."""
+        return self.args.get("act")
+
+    def bytes_per_sample(self, s) -> int:
+        """Training memory for this layer's saved activations per sample (float32)."""
+        return 4 * math.prod(self.out_shape(s))
+
+
+def need_map(layer, s, what="an image input (WxHxC)"):
+    if len(s) != 3:
+        raise LayerError(f"needs {what}, but gets a vector of {show_shape(s)} "
+                         f"(put it before dense/flatten)")
+
+
+__all__ = ["Layer", "LayerError", "P", "show_shape", "from_written", "need_map"]

@@ -1,0 +1,403 @@
+"""Text -> syntax tree of frozen dataclasses, each with its line and column.
+
+Pure Python (lark only): `flowdsl check` never imports numpy or numba through this module.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+
+from .errors import FlowError
+
+MAX_DEPTH = 128  # brackets nested deeper than this are refused before parsing
+
+
+# ----------------------------------------------------------------------------- syntax tree
+@dataclass(frozen=True)
+class Pos:
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class Number:
+    value: Union[int, float]
+    text: str
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Shape:
+    dims: tuple  # as written: (W, H, C) or (N,)
+    pos: Pos = field(compare=False)
+
+    @property
+    def text(self):
+        return "x".join(str(d) for d in self.dims)
+
+
+@dataclass(frozen=True)
+class String:
+    value: str
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Name:
+    name: str
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Arg:
+    key: Union[str, None]
+    value: "Value"
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    args: tuple  # of Arg
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class List:
+    items: tuple
+    pos: Pos = field(compare=False)
+
+
+Value = Union[Number, Shape, String, Name, Call, List]
+
+
+@dataclass(frozen=True)
+class Chain:
+    elements: tuple  # of Name (a bound name or a zero-argument layer) or Call (a layer)
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Binding:
+    name: str
+    chain: Chain
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    value: Value
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    settings: tuple
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Program:
+    statements: tuple
+    source: str = field(compare=False, repr=False)
+    file: Union[str, None] = field(compare=False, default=None)
+
+
+# ----------------------------------------------------------------------------- the parser
+def _grammar_text() -> str:
+    # In a wheel the grammar is packaged as flowdsl/grammar/flow.lark; in a source checkout it
+    # lives at the top level beside the package.
+    try:
+        return resources.files("flowdsl").joinpath("grammar/flow.lark").read_text("utf-8")
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        pass
+    return (Path(__file__).resolve().parent.parent / "grammar" / "flow.lark").read_text("utf-8")
+
+
+class _Postlex:
+    """Drop a newline inside brackets or next to `::`, so that lists and chains may span lines."""
+
+    always_accept = ()
+
+    def process(self, stream):
+        depth = 0
+        prev = None
+        pending = None  # a newline held back until we see whether `::` follows
+        for tok in stream:
+            v = tok.value if tok.type != "_NL" else None
+            if tok.type == "_NL":
+                if depth > 0 or (prev is not None and prev.value == "::"):
+                    continue
+                if pending is None:
+                    pending = tok
+                continue
+            if pending is not None:
+                if v != "::":
+                    yield pending
+                pending = None
+            if v in ("(", "["):
+                depth += 1
+            elif v in (")", "]") and depth > 0:
+                depth -= 1
+            prev = tok
+            yield tok
+        if pending is not None:
+            yield pending
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(_grammar_text(), parser="lalr", lexer="basic", postlex=_Postlex(),
+                propagate_positions=True, maybe_placeholders=False)
+
+
+def _pos(x) -> Pos:
+    return Pos(x.line, x.column)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    def start(self, meta, items):
+        return tuple(items)
+
+    def binding(self, meta, items):
+        name, chain = items
+        return Binding(str(name), chain, _pos(name))
+
+    def block(self, meta, items):
+        name, *settings = items
+        return Block(str(name), tuple(settings), _pos(name))
+
+    def setting(self, meta, items):
+        key, value = items
+        return Setting(str(key), value, _pos(key))
+
+    def chain(self, meta, items):
+        return Chain(tuple(items), items[0].pos)
+
+    def ref(self, meta, items):
+        (name,) = items
+        return Name(str(name), _pos(name))
+
+    def call(self, meta, items):
+        name, *args = items
+        return Call(str(name), tuple(args), _pos(name))
+
+    vcall = call
+
+    def positional(self, meta, items):
+        (value,) = items
+        return Arg(None, value, value.pos)
+
+    def keyword(self, meta, items):
+        key, value = items
+        return Arg(str(key), value, _pos(key))
+
+    def number(self, meta, items):
+        (tok,) = items
+        text = str(tok)
+        try:
+            value = int(text)
+        except ValueError:
+            value = float(text)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise FlowError(f"number out of range: {text}", line=tok.line, column=tok.column)
+        return Number(value, text, _pos(tok))
+
+    def shape(self, meta, items):
+        (tok,) = items
+        return Shape(tuple(int(d) for d in str(tok).split("x")), _pos(tok))
+
+    def string(self, meta, items):
+        (tok,) = items
+        return String(str(tok)[1:-1], _pos(tok))
+
+    def name(self, meta, items):
+        (tok,) = items
+        return Name(str(tok), _pos(tok))
+
+    def vlist(self, meta, items):
+        pos = Pos(meta.line, meta.column) if not meta.empty else (items[0].pos if items else Pos(1, 1))
+        return List(tuple(items), pos)
+
+
+# Common mistakes, each shown to lark's match_examples at more than one depth (LALR states differ).
+_EXAMPLES = {
+    "missing ')'": [
+        "dense(2", "conv(28x28x1, field=3 :: dense(2)", "a = dense(2 :: softmax",
+        "conv(28x28x1) :: dense(2 :: softmax", "conv(28x28x1, filters=2\nx = 1",
+        "train { optimizer = adam(lr=1 }", "train { optimizer = adam(lr=1\n}",
+        "dense(2, act=relu", "a :: dense(2\nb = c", "a :: dense(2, act=relu :: softmax",
+        "dense(2,", "a :: dense(2,", "x = a :: b(1, 2\n",
+    ],
+    "missing ']'": [
+        "train { augment = [hflip }", "train { augment = [shift(2), hflip }",
+        "train { augment = [hflip\n}", "train { augment = [1, 2",
+    ],
+    "dangling '::' (a layer must follow it)": [
+        "dense(2) ::", "a :: b ::", "a = dense(2) ::", "a = b :: c ::",
+        "::", "a :: :: b", "a :: b :: :: c", "a = :: b", ":: a",
+        "dense(2) ::\n", "a :: b ::\nc = d", "a = b :: c ::\n\n",
+    ],
+    "missing '=' (write `name = value`)": [
+        "train { batch 20 }", "train { batch = 2 epochs 3 }", "init { c0 normal(0, 1) }",
+        "train { batch = 2\n epochs 3\n}", "train { optimizer adam(lr=1) }",
+        "a b", "network dense(2)", "network conv(28x28x1) :: dense(2)", "x = a\nb c :: d",
+        "c0 conv(28x28x1)",
+    ],
+    "unclosed '{' (add '}' at the end of the block)": [
+        "train {", "train { batch = 2", "train {\n batch = 2\n", "init { default = he",
+        "train { batch = 2\n epochs = 3", "a :: b\ntrain {",
+    ],
+    "missing ',' between arguments": [
+        "conv(28x28x1 field=3)", "dense(2 act=relu)", "a :: conv(1 2)",
+        "train { optimizer = adam(lr=1 mu=2) }", "conv(28x28x1, field=3 stride=1)",
+        "train { augment = [shift(2) hflip] }",
+    ],
+    "a value is missing after '='": [
+        "dense(units=)", "conv(28x28x1, field=)", "train { batch = }", "a :: dense(act=)",
+        "train { batch =\n}", "a = ", "x =\n", "dense(2, act=, x=1)",
+    ],
+}
+
+
+def _describe(tok) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    if tok.type == "_NL":
+        return "end of line"
+    if tok.type == "NAME":
+        return f"name '{tok.value}'"
+    if tok.type in ("NUMBER", "SHAPE", "STRING"):
+        return f"{tok.type.lower()} {tok.value}"
+    return f"'{tok.value}'"
+
+
+def _label(err: UnexpectedInput) -> str | None:
+    p = _parser()
+    try:
+        return err.match_examples(p.parse, _EXAMPLES, use_accepts=True)
+    except Exception:  # match_examples itself must never turn a user error into a crash
+        return None
+
+
+def _end_position(text: str) -> Pos:
+    lines = text.splitlines() or [""]
+    # the last line that holds something other than blanks or a comment
+    for i in range(len(lines) - 1, -1, -1):
+        s = lines[i].split("#", 1)[0].rstrip()
+        if s:
+            return Pos(i + 1, len(s) + 1)
+    return Pos(1, 1)
+
+
+def _check_depth(text: str, file):
+    depth = 0
+    line, col = 1, 0
+    in_str = None
+    for ch in text:
+        col += 1
+        if ch == "\n":
+            line, col = line + 1, 0
+            in_str = None
+            continue
+        if in_str:
+            if ch == in_str:
+                in_str = None
+            continue
+        if ch in "\"'":
+            in_str = ch
+        elif ch in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise FlowError(f"brackets nested more than {MAX_DEPTH} deep", file, line, col, text)
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+
+
+def parse_text(text: str, file: str | None = None) -> Program:
+    """Parse .flow source into a Program. Raises FlowError, never anything else."""
+    if not isinstance(text, str):
+        raise FlowError(f"expected .flow source text, got {type(text).__name__}", file)
+    _check_depth(text, file)
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedCharacters as e:
+        ch = text[e.pos_in_stream] if e.pos_in_stream is not None and e.pos_in_stream < len(text) else "?"
+        shown = repr(ch)[1:-1] if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"U+{ord(ch):04X}"
+        raise FlowError(f"unexpected character '{shown}'", file, e.line, e.column, text) from None
+    except UnexpectedToken as e:
+        label = _label(e)
+        tok = e.token
+        if tok.type == "$END":
+            pos = _end_position(text)
+            line, col = pos.line, pos.column
+        else:
+            line, col = tok.line, tok.column
+        found = _describe(tok)
+        if label:
+            msg = f"{label}; found {found}"
+        else:
+            expected = sorted(_friendly(t) for t in (e.expected or ()) if _friendly(t))
+            msg = f"unexpected {found}"
+            if expected:
+                msg += "; expected " + ", ".join(expected[:6])
+        raise FlowError(msg, file, line, col, text) from None
+    except UnexpectedInput as e:
+        raise FlowError("syntax error", file, getattr(e, "line", None), getattr(e, "column", None), text) from None
+    try:
+        stmts = _ToAst().transform(tree)
+    except VisitError as e:
+        orig = e.orig_exc
+        if isinstance(orig, FlowError):
+            raise orig.at(file, text) from None
+        raise FlowError(f"internal parser error: {orig}", file).at(file, text) from None
+    except RecursionError:
+        raise FlowError("the file is nested too deeply to read", file, None, None, text) from None
+    return Program(stmts, text, file)
+
+
+_FRIENDLY = {"LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
+             "RBRACE": "'}'", "EQUAL": "'='", "COMMA": "','", "NAME": "a name", "NUMBER": "a number",
+             "SHAPE": "a shape", "STRING": "a string", "_NL": "end of line", "$END": "end of file"}
+
+
+def _friendly(t: str) -> str | None:
+    if t in _FRIENDLY:
+        return _FRIENDLY[t]
+    if t.startswith("__ANON") or t == "COLON":
+        return "'::'"
+    return None
+
+
+def read_source(path) -> str:
+    """Read a .flow file, turning I/O and encoding problems into FlowError."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise FlowError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise FlowError(f"{path} is a directory, not a .flow file") from None
+    except OSError as e:
+        raise FlowError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise FlowError(f"not a UTF-8 text file (byte 0x{data[e.start]:02x})", str(path), line, col) from None
+    if "\x00" in text:
+        i = text.index("\x00")
+        line = text.count("\n", 0, i) + 1
+        col = i - (text.rfind("\n", 0, i) + 1) + 1
+        raise FlowError("binary data in a .flow file (a NUL byte)", str(path), line, col) from None
+    return text

@@ -1,0 +1,64 @@
+"""The `train { }` and `init { }` blocks: which keys exist and what each accepts. Pure Python, so
+`flowdsl check` validates a whole file without importing the engine."""
+from __future__ import annotations
+
+from .args import P
+
+SOURCES = {
+    "images": (P("dir", "str"), P("size", "shape", None), P("color", "name", None, choices=("gray", "rgb"))),
+    "idx": (P("images", "str"), P("labels", "str")),
+    "npz": (P("file", "str"), P("x", "str", "x"), P("y", "str", "y")),
+    "csv": (P("file", "str"), P("label", "int", 0, lo=0)),
+    "fashion_mnist": (P("part", "name", "train", choices=("train", "test")),),
+}
+TEST_SOURCES = dict(SOURCES, split=(P("fraction", "float", lo=0.0, hi=1.0, lo_open=True, hi_open=True),))
+
+OPTIMIZERS = {
+    "sgd": (P("lr", "float", 0.01, lo=0.0, lo_open=True),),
+    "momentum": (P("lr", "float", 0.01, lo=0.0, lo_open=True), P("mu", "float", 0.9, lo=0.0, hi=1.0, hi_open=True)),
+    "adam": (P("lr", "float", 1e-3, lo=0.0, lo_open=True), P("beta1", "float", 0.9, lo=0.0, hi=1.0, hi_open=True),
+             P("beta2", "float", 0.999, lo=0.0, hi=1.0, hi_open=True), P("eps", "float", 1e-8, lo=0.0, lo_open=True)),
+    "rmsprop": (P("lr", "float", 1e-3, lo=0.0, lo_open=True), P("rho", "float", 0.9, lo=0.0, hi=1.0, hi_open=True),
+                P("eps", "float", 1e-8, lo=0.0, lo_open=True)),
+}
+
+SCHEDULES = {
+    "constant": (P("warmup", "int", 0, lo=0),),
+    "step": (P("every", "int", lo=1), P("gamma", "float", 0.1, lo=0.0, lo_open=True), P("warmup", "int", 0, lo=0)),
+    "cosine": (P("warmup", "int", 0, lo=0), P("min_lr", "float", 0.0, lo=0.0)),
+    "onecycle": (P("max_lr", "float", None, lo=0.0, lo_open=True), P("pct", "float", 0.3, lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
+}
+
+AUGMENTS = {
+    "shift": (P("px", "int", 2, lo=1),),
+    "hflip": (),
+    "noise": (P("std", "float", 0.05, lo=0.0, lo_open=True),),
+    "flip_pixels": (P("n", "int", 5, lo=1),),
+}
+
+INITS = {
+    "normal": (P("mean", "float", 0.0), P("std", "float", 0.01, lo=0.0, lo_open=True)),
+    "uniform": (P("lo", "float", -0.05), P("hi", "float", 0.05)),
+    "he": (),
+    "glorot": (),
+    "zeros": (),
+    "constant": (P("value", "float", 0.0),),
+}
+
+TRAIN = (
+    P("data", "call", None, table=SOURCES),
+    P("test", "call", None, table=TEST_SOURCES),
+    P("optimizer", "call", None, table=OPTIMIZERS),
+    P("schedule", "call", None, table=SCHEDULES),
+    P("batch", "int", 32, lo=1),
+    P("epochs", "int", None, lo=1),
+    P("iterations", "int", None, lo=1),
+    P("l2", "float", 0.0, lo=0.0),
+    P("seed", "int", 0, lo=0),
+    P("augment", "calls", (), table=AUGMENTS),
+    P("checkpoint", "str", None),
+    P("patience", "int", None, lo=1),
+    P("threads", "int", None, lo=1),
+)
+
+BLOCKS = ("train", "init")
