@@ -5,12 +5,15 @@ one of them reports a bad argument the same way (Keras style: `Received: units=0
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from .errors import FlowError, did_you_mean
 from .parse import Call, List, Name, Number, Shape, String
 
 REQUIRED = object()
+MAX_INT = 2**31 - 1     # sizes, counts and dimensions beyond this are typos, and would overflow sums
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ArgError(Exception):
@@ -55,9 +58,10 @@ class CallValue:
         raise KeyError(key)
 
     def __str__(self):
-        if not self.args:
+        shown = [(k, v) for k, v in self.args if v is not None]  # None: an unset optional argument
+        if not shown:
             return self.name
-        return f"{self.name}({', '.join(f'{k}={fmt(v)}' for k, v in self.args)})"
+        return f"{self.name}({', '.join(f'{k}={fmt(v)}' for k, v in shown)})"
 
 
 def fmt(v) -> str:
@@ -70,10 +74,10 @@ def fmt(v) -> str:
         if v == int(v) and abs(v) < 1e15:
             return str(int(v)) if abs(v) >= 1 or v == 0 else repr(v)
         return repr(v)
+    if isinstance(v, Quoted):  # before str: Quoted is a str
+        return ("'" + v + "'") if '"' in v else '"' + v + '"'
     if isinstance(v, str):
-        return v if v.isidentifier() else '"' + v + '"'
-    if isinstance(v, Quoted):
-        return '"' + v + '"'
+        return v if _NAME.fullmatch(v) else '"' + v + '"'
     if isinstance(v, ShapeValue):
         return v.text
     if isinstance(v, tuple):
@@ -137,6 +141,8 @@ def convert(p: P, node, what: str):
                 if not math.isfinite(v) or v != int(v):
                     raise ArgError(f"{p.name} must be a whole number")
                 v = int(v)
+            if abs(v) > MAX_INT and (p.hi is None or p.hi > MAX_INT):
+                raise ArgError(f"{p.name} must be at most {MAX_INT}")
         else:
             v = float(v)
             if not math.isfinite(v):
@@ -158,6 +164,8 @@ def convert(p: P, node, what: str):
             raise ArgError(f"{p.name} must be a shape such as 28x28x1 (width x height x channels) or a size such as 784")
         if any(d < 1 for d in dims):
             raise ArgError(f"{p.name}: every dimension must be at least 1")
+        if any(d > MAX_INT for d in dims):
+            raise ArgError(f"{p.name}: every dimension must be at most {MAX_INT}")
         return ShapeValue(dims)
     if k == "str":
         if isinstance(node, String):
@@ -241,5 +249,8 @@ def bind(owner: str, params, args, pos, what=None, where: dict | None = None) ->
             if p.required:
                 raise FlowError(f"{owner}: missing argument '{p.name}'", line=pos.line, column=pos.column)
             out[p.name] = p.default
+            if p.kind == "call" and isinstance(p.default, str):
+                table = p.table() if callable(p.table) else p.table
+                out[p.name] = CallValue(p.default, tuple(bind(p.default, table[p.default], (), pos).items()))
     # keep signature order
     return {p.name: out[p.name] for p in params}

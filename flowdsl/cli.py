@@ -37,6 +37,8 @@ def make_parser():
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDSL_DEBUG") == "1"
+    if "--debug" in argv[1:]:  # accepted anywhere, also after the verb: `check x.flow --debug`
+        argv = [argv[0]] + [x for x in argv[1:] if x != "--debug"]
     parser, _ = make_parser()
     try:
         a = parser.parse_args(argv)

@@ -28,12 +28,12 @@ class FlowError(Exception):
         return self
 
     def render(self) -> str:
-        where = self.file or "<string>"
+        where = self.file or ("<string>" if self.line is not None else "")
         if self.line is not None:
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
-        out = f"{where}: error: {self.message}"
+        out = f"{where}: error: {self.message}" if where else f"error: {self.message}"
         if self.line is not None and self.source is not None:
             lines = self.source.splitlines()
             if 1 <= self.line <= len(lines):

@@ -80,36 +80,49 @@ class Model:
     def __str__(self) -> str:
         """Canonical .flow source: parse(str(model)) gives the same model."""
         lines = []
+        # every span of layers that has names, innermost name first: a bound layer's own name,
+        # then sub-chain names in the order they were bound (`b = a` over `a = dense(2)`: a, b)
         named = {}
         for i, l in enumerate(self.layers):
             if not l.auto_name:
-                named[(i, i)] = l.name
+                named[(i, i)] = [l.name]
         for a, r in self.aliases.items():
-            named.setdefault(r, a)
+            named.setdefault(r, []).append(a)
         emitted = set()
 
         def text(lo, hi, outer):
+            # outer: (span, index) of the name being defined, or None for the network
             parts, i = [], lo
             while i <= hi:
-                # the longest named span starting at i that is not the span being defined
-                best = max((r for r in named if r[0] == i and r[1] <= hi and r != outer),
-                           key=lambda r: r[1], default=None)
+                # the longest named span starting at i, using its outermost name; for the span
+                # being defined, the name just inside it
+                best = None
+                for r, names in named.items():
+                    if r[0] != i or r[1] > hi:
+                        continue
+                    k = len(names) - 1
+                    if outer is not None and r == outer[0]:
+                        k = outer[1] - 1
+                        if k < 0:
+                            continue
+                    if best is None or r[1] > best[0][1]:
+                        best = (r, k)
                 if best is not None:
-                    emit(best)
-                    parts.append(named[best])
-                    i = best[1] + 1
+                    emit(*best)
+                    parts.append(named[best[0]][best[1]])
+                    i = best[0][1] + 1
                 else:
                     parts.append(self._layer_text(i))
                     i += 1
             one = " :: ".join(parts)
             return one if len(one) < 90 else "\n    :: ".join(parts)
 
-        def emit(r):
-            if r in emitted:
+        def emit(r, k):
+            if (r, k) in emitted:
                 return
-            body = text(r[0], r[1], r)
-            emitted.add(r)
-            lines.append(f"{named[r]} = {body}")
+            body = text(r[0], r[1], (r, k))
+            emitted.add((r, k))
+            lines.append(f"{named[r][k]} = {body}")
 
         net = text(0, len(self.layers) - 1, None)
         lines.append(f"network = {net}")

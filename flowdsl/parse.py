@@ -229,46 +229,6 @@ class _ToAst(Transformer):
         return List(tuple(items), pos)
 
 
-# Common mistakes, each shown to lark's match_examples at more than one depth (LALR states differ).
-_EXAMPLES = {
-    "missing ')'": [
-        "dense(2", "conv(28x28x1, field=3 :: dense(2)", "a = dense(2 :: softmax",
-        "conv(28x28x1) :: dense(2 :: softmax", "conv(28x28x1, filters=2\nx = 1",
-        "train { optimizer = adam(lr=1 }", "train { optimizer = adam(lr=1\n}",
-        "dense(2, act=relu", "a :: dense(2\nb = c", "a :: dense(2, act=relu :: softmax",
-        "dense(2,", "a :: dense(2,", "x = a :: b(1, 2\n",
-    ],
-    "missing ']'": [
-        "train { augment = [hflip }", "train { augment = [shift(2), hflip }",
-        "train { augment = [hflip\n}", "train { augment = [1, 2",
-    ],
-    "dangling '::' (a layer must follow it)": [
-        "dense(2) ::", "a :: b ::", "a = dense(2) ::", "a = b :: c ::",
-        "::", "a :: :: b", "a :: b :: :: c", "a = :: b", ":: a",
-        "dense(2) ::\n", "a :: b ::\nc = d", "a = b :: c ::\n\n",
-    ],
-    "missing '=' (write `name = value`)": [
-        "train { batch 20 }", "train { batch = 2 epochs 3 }", "init { c0 normal(0, 1) }",
-        "train { batch = 2\n epochs 3\n}", "train { optimizer adam(lr=1) }",
-        "a b", "network dense(2)", "network conv(28x28x1) :: dense(2)", "x = a\nb c :: d",
-        "c0 conv(28x28x1)",
-    ],
-    "unclosed '{' (add '}' at the end of the block)": [
-        "train {", "train { batch = 2", "train {\n batch = 2\n", "init { default = he",
-        "train { batch = 2\n epochs = 3", "a :: b\ntrain {",
-    ],
-    "missing ',' between arguments": [
-        "conv(28x28x1 field=3)", "dense(2 act=relu)", "a :: conv(1 2)",
-        "train { optimizer = adam(lr=1 mu=2) }", "conv(28x28x1, field=3 stride=1)",
-        "train { augment = [shift(2) hflip] }",
-    ],
-    "a value is missing after '='": [
-        "dense(units=)", "conv(28x28x1, field=)", "train { batch = }", "a :: dense(act=)",
-        "train { batch =\n}", "a = ", "x =\n", "dense(2, act=, x=1)",
-    ],
-}
-
-
 def _describe(tok) -> str:
     if tok.type == "$END":
         return "end of file"
@@ -281,12 +241,114 @@ def _describe(tok) -> str:
     return f"'{tok.value}'"
 
 
-def _label(err: UnexpectedInput) -> str | None:
-    p = _parser()
+# ----------------------------------------------------------------------------- syntax diagnosis
+# A syntax error is explained from what the parser saw: the tokens before the bad one (which
+# brackets are open, what came just before) and the set of tokens it would have accepted. This is
+# deterministic, unlike matching against example errors by LALR state, which labels every error in
+# a shared state with the first example's wording (`x = 3` read as a dangling '::').
+_CLOSER = {"(": ")", "[": "]", "{": "}"}
+
+
+def _is_value_start(tok) -> bool:
+    return tok.type in ("NAME", "NUMBER", "SHAPE", "STRING") or tok.value == "["
+
+
+def _tokens_before(text: str, stop):
+    """The postlexed tokens that start before offset `stop` (all of them when stop is None)."""
+    toks = []
     try:
-        return err.match_examples(p.parse, _EXAMPLES, use_accepts=True)
-    except Exception:  # match_examples itself must never turn a user error into a crash
-        return None
+        for t in _parser().lex(text):
+            if stop is not None and t.start_pos is not None and t.start_pos >= stop:
+                break
+            toks.append(t)
+    except Exception:  # a bad character after the error: the tokens so far are enough
+        pass
+    return toks
+
+
+def _diagnose(e: UnexpectedToken, text: str):
+    """(message, line, column) for a token the parser did not expect."""
+    tok = e.token
+    at_end = tok.type == "$END"
+    toks = _tokens_before(text, None if at_end else tok.start_pos)
+    stack = []
+    for t in toks:
+        if t.value in _CLOSER and t.type != "STRING":
+            stack.append(t)
+        elif t.value in (")", "]", "}") and stack and _CLOSER[stack[-1].value] == t.value:
+            stack.pop()
+    prev = next((t for t in reversed(toks) if not (at_end and t.type == "_NL")), None)
+    if at_end:
+        if prev is not None:
+            line, col = prev.end_line, prev.end_column
+        else:
+            p = _end_position(text)
+            line, col = p.line, p.column
+    else:
+        line, col = tok.line, tok.column
+    found = _describe(tok)
+    try:
+        accepts = set(e.accepts or e.expected or ())
+    except Exception:
+        accepts = set(e.expected or ())
+    pv = prev.value if prev is not None and prev.type != "_NL" else None
+    fv = None if at_end or tok.type == "_NL" else tok.value
+    open_ = stack[-1] if stack else None
+
+    def opened():
+        return f"the '{open_.value}' at {open_.line}:{open_.column}"
+
+    label = None
+    if open_ is not None and open_.value in "([":
+        closer = _CLOSER[open_.value]
+        between = "arguments" if open_.value == "(" else "list items"
+        if pv == "=" and not _is_value_start(tok):
+            label = "a value is missing after '='"
+        elif at_end or fv in ("::", "{", "}") or fv in (")", "]") and fv != closer:
+            label = f"missing '{closer}' to close {opened()}"
+        elif _is_value_start(tok) and "COMMA" in accepts:
+            if prev is not None and tok.line > prev.end_line:
+                # the argument list was probably meant to end on the line before
+                label = f"missing '{closer}' to close {opened()}, or ',' between {between}"
+                line, col = prev.end_line, prev.end_column
+            else:
+                label = f"missing ',' between {between}"
+    elif open_ is not None:  # inside a block
+        if pv == "=" and not _is_value_start(tok):
+            label = "a value is missing after '='"
+        elif at_end:
+            label = f"unclosed '{{' (add '}}' at the end of the block; {opened()} is not closed)"
+        elif "EQUAL" in accepts and fv != "=":
+            label = "missing '=' (write `name = value`)"
+        elif fv == "::":
+            label = "a chain ('::') cannot be a setting's value"
+    else:  # statement level
+        before = toks[-2] if len(toks) >= 2 else None
+        if (fv == "=" and prev is not None and prev.type == "NAME" and before is not None
+                and before.value == "::" and prev.line > before.end_line):
+            # `a :: b ::` ending a line joins the next line to the chain
+            label = "dangling '::' at the end of a line (a layer must follow it)"
+            line, col = before.line, before.column
+        elif pv == "::":
+            label = "dangling '::' (a layer must follow it)"
+        elif fv == "::":
+            label = "dangling '::' (a layer must come before it)"
+        elif pv == "=":
+            label = ("a value is missing after '='" if at_end or tok.type == "_NL"
+                     else "expected a layer or a chain after '=', such as `x = dense(10)`")
+        elif "EQUAL" in accepts and _is_value_start(tok):
+            label = "missing '=' (write `name = layer`) or '::' (between layers)"
+        elif _is_value_start(tok) and pv is not None and (pv == ")" or prev.type == "NAME"):
+            label = "missing '::' between layers"
+        elif fv in (")", "]", "}"):
+            label = f"unmatched '{fv}'"
+    if label:
+        return f"{label}; found {found}", line, col
+    expected = sorted({f for f in (_friendly(t) for t in accepts) if f})
+    msg = f"unexpected {found}"
+    if expected:
+        msg += "; expected " + ", ".join(expected[:6])
+    return msg, line, col
 
 
 def _end_position(text: str) -> Pos:
@@ -302,18 +364,22 @@ def _end_position(text: str) -> Pos:
 def _check_depth(text: str, file):
     depth = 0
     line, col = 1, 0
-    in_str = None
+    in_str = in_comment = None
     for ch in text:
         col += 1
         if ch == "\n":
             line, col = line + 1, 0
-            in_str = None
+            in_str = in_comment = None
             continue
         if in_str:
             if ch == in_str:
                 in_str = None
             continue
-        if ch in "\"'":
+        if in_comment:
+            continue
+        if ch == "#":
+            in_comment = True
+        elif ch in "\"'":
             in_str = ch
         elif ch in "([{":
             depth += 1
@@ -335,21 +401,13 @@ def parse_text(text: str, file: str | None = None) -> Program:
         shown = repr(ch)[1:-1] if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"U+{ord(ch):04X}"
         raise FlowError(f"unexpected character '{shown}'", file, e.line, e.column, text) from None
     except UnexpectedToken as e:
-        label = _label(e)
-        tok = e.token
-        if tok.type == "$END":
-            pos = _end_position(text)
-            line, col = pos.line, pos.column
-        else:
-            line, col = tok.line, tok.column
-        found = _describe(tok)
-        if label:
-            msg = f"{label}; found {found}"
-        else:
-            expected = sorted(_friendly(t) for t in (e.expected or ()) if _friendly(t))
-            msg = f"unexpected {found}"
-            if expected:
-                msg += "; expected " + ", ".join(expected[:6])
+        try:
+            msg, line, col = _diagnose(e, text)
+        except Exception:  # explaining an error must never turn it into a crash
+            msg, line, col = f"unexpected {_describe(e.token)}", e.line, e.column
+            if e.token.type == "$END":
+                p = _end_position(text)
+                line, col = p.line, p.column
         raise FlowError(msg, file, line, col, text) from None
     except UnexpectedInput as e:
         raise FlowError("syntax error", file, getattr(e, "line", None), getattr(e, "column", None), text) from None
@@ -384,11 +442,11 @@ def read_source(path) -> str:
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise FlowError(f"no such file: {path}") from None
+        raise FlowError("no such file", str(path)) from None
     except IsADirectoryError:
-        raise FlowError(f"{path} is a directory, not a .flow file") from None
+        raise FlowError("a directory, not a .flow file", str(path)) from None
     except OSError as e:
-        raise FlowError(f"cannot read {path}: {e.strerror or e}") from None
+        raise FlowError(f"cannot read the file: {e.strerror or e}", str(path)) from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -1,14 +1,30 @@
 """Elementwise activations: relu, gelu, sigmoid, tanh, linear, leakyrelu(alpha), elu(alpha),
 softplus. Usable as a layer (`:: relu`) or as `act=` of conv and dense. Shape unchanged.
 
-They share one file (unlike other kinds) because each is a single formula and its derivative;
-the kernels are one elementwise loop parametrised by the activation."""
-from ..layers import register
+They share one file (unlike other kinds) because each is one formula and its derivative: the
+kernels are one parallel elementwise loop selected by a code. gelu is the tanh approximation
+(PyTorch's GELU(approximate='tanh'), as in hello-dl)."""
+import numpy as np
+
+from ..jit import kernel, prange
+from . import register
 from .base import Layer, P
+
+CODES = {"linear": 0, "relu": 1, "gelu": 2, "sigmoid": 3, "tanh": 4, "leakyrelu": 5, "elu": 6, "softplus": 7}
 
 
 class Activation(Layer):
     role = "activation"
+
+    def forward(self, x, p, ctx, training):
+        y = act_forward(self.kind, self.args.get("alpha", 0.0), x)
+        ctx["z"], ctx["y"] = x, y
+        return y
+
+    def backward(self, dy, p, g, ctx, need_dx):
+        if not need_dx:
+            return None
+        return act_backward(self.kind, self.args.get("alpha", 0.0), ctx["z"], ctx["y"], dy)
 
 
 @register("relu")
@@ -49,3 +65,114 @@ class ELU(Activation):
 @register("softplus")
 class Softplus(Activation):
     pass
+
+
+# ------------------------------------------------------------------------------ entry points
+def act_forward(kind, alpha, z, out=None):
+    """y = act(z). For linear returns z itself (no copy)."""
+    code = CODES[kind]
+    if code == 0:
+        return z
+    y = np.empty_like(z) if out is None else out
+    _fwd(z.reshape(-1), y.reshape(-1), code, np.float32(alpha))
+    return y
+
+
+def act_backward(kind, alpha, z, y, dy, out=None):
+    """dz = dy * act'(z) (some derivatives are computed from y, which is cheaper)."""
+    code = CODES[kind]
+    if code == 0:
+        return dy
+    dz = np.empty_like(dy) if out is None else out
+    _bwd(z.reshape(-1), y.reshape(-1), dy.reshape(-1), dz.reshape(-1), code, np.float32(alpha))
+    return dz
+
+
+def act_spec(layer):
+    """(kind, alpha) of a conv/dense layer's act= argument."""
+    a = layer.args["act"]
+    return a.name, float(a.get("alpha", 0.0) or 0.0)
+
+
+# ------------------------------------------------------------------------------ kernels
+@kernel
+def _fwd(z, y, code, alpha):
+    n = z.shape[0]
+    one, half, zero = np.float32(1.0), np.float32(0.5), np.float32(0.0)
+    k, c = np.float32(0.7978845608028654), np.float32(0.044715)
+    if code == 1:
+        for i in prange(n):
+            v = z[i]
+            y[i] = v if v > zero else zero
+    elif code == 2:
+        for i in prange(n):
+            v = z[i]
+            y[i] = half * v * (one + np.tanh(k * (v + c * v * v * v)))
+    elif code == 3:
+        for i in prange(n):
+            v = z[i]
+            if v >= zero:
+                y[i] = one / (one + np.exp(-v))
+            else:
+                e = np.exp(v)
+                y[i] = e / (one + e)
+    elif code == 4:
+        for i in prange(n):
+            y[i] = np.tanh(z[i])
+    elif code == 5:
+        for i in prange(n):
+            v = z[i]
+            y[i] = v if v > zero else alpha * v
+    elif code == 6:
+        for i in prange(n):
+            v = z[i]
+            y[i] = v if v > zero else alpha * (np.exp(v) - one)
+    elif code == 7:
+        for i in prange(n):
+            v = z[i]
+            # log(1 + e^v) without overflow
+            y[i] = (v if v > zero else zero) + np.log1p(np.exp(-abs(v)))
+    else:
+        for i in prange(n):
+            y[i] = z[i]
+
+
+@kernel
+def _bwd(z, y, dy, dz, code, alpha):
+    n = z.shape[0]
+    one, half, zero, three = np.float32(1.0), np.float32(0.5), np.float32(0.0), np.float32(3.0)
+    k, c = np.float32(0.7978845608028654), np.float32(0.044715)
+    if code == 1:
+        for i in prange(n):
+            dz[i] = dy[i] if z[i] > zero else zero
+    elif code == 2:
+        for i in prange(n):
+            v = z[i]
+            t = np.tanh(k * (v + c * v * v * v))
+            d = half * (one + t) + half * v * (one - t * t) * k * (one + three * c * v * v)
+            dz[i] = dy[i] * d
+    elif code == 3:
+        for i in prange(n):
+            s = y[i]
+            dz[i] = dy[i] * s * (one - s)
+    elif code == 4:
+        for i in prange(n):
+            t = y[i]
+            dz[i] = dy[i] * (one - t * t)
+    elif code == 5:
+        for i in prange(n):
+            dz[i] = dy[i] if z[i] > zero else alpha * dy[i]
+    elif code == 6:
+        for i in prange(n):
+            dz[i] = dy[i] if z[i] > zero else dy[i] * (y[i] + alpha)
+    elif code == 7:
+        for i in prange(n):
+            v = z[i]
+            if v >= zero:
+                dz[i] = dy[i] / (one + np.exp(-v))
+            else:
+                e = np.exp(v)
+                dz[i] = dy[i] * e / (one + e)
+    else:
+        for i in prange(n):
+            dz[i] = dy[i]

@@ -1,7 +1,12 @@
 """The Layer base class: what every registered kind declares.
 
-Shapes are tuples in internal order: (C, H, W) for feature maps, (N,) for vectors. The DSL
-writes maps as WxHxC; `show_shape` converts for people.
+Spec shapes are tuples (C, H, W) for feature maps and (N,) for vectors; the DSL writes maps as
+WxHxC and `show_shape` converts for people.
+
+Engine arrays are float32, C-contiguous, batch first, channels LAST: (N, H, W, C) for maps,
+(N, D) for vectors. Channels-last makes a convolution one large matrix product over contiguous
+rows (im2col copies C-long runs) and needs no transposes around the BLAS call; it is also the
+layout images arrive in. The user API accepts NCHW too and converts once at the boundary.
 """
 from __future__ import annotations
 
@@ -75,6 +80,35 @@ class Layer:
     def act_kind(self):
         """For layers with act=: the activation's CallValue."""
         return self.args.get("act")
+
+    # --- engine ---------------------------------------------------------------------------------
+    # Subclasses override forward/backward; the defaults are the identity (input, flatten-like).
+    def fans(self):
+        """(fan_in, fan_out) of the weights, for he/glorot initialisation."""
+        return (1, 1)
+
+    def init_params(self, rng, init, he_default: bool) -> dict:
+        """Fresh parameters {name: float32 array}. `init` is the init block's CallValue for this
+        layer (or None); weights follow it, biases start at zero, scales at one."""
+        from ..init import initialise
+        out = {}
+        for pname, shape in self.param_shapes(self.in_shape).items():
+            out[pname] = initialise(rng, pname, shape, init, self.fans(), he_default)
+        return out
+
+    def new_state(self) -> dict:
+        """Buffers that are not learned but saved (batchnorm's running statistics)."""
+        return {}
+
+    def forward(self, x, p: dict, ctx: dict, training: bool):
+        """x: (N, ...) float32 -> output. Store in ctx what backward needs."""
+        return x
+
+    def backward(self, dy, p: dict, g: dict, ctx: dict, need_dx: bool):
+        """dy: gradient of the loss w.r.t. the output. Write parameter gradients into the
+        preallocated arrays g[name] (overwrite, do not accumulate); return dx (None if not
+        need_dx)."""
+        return dy if need_dx else None
 
     def bytes_per_sample(self, s) -> int:
         """Training memory for this layer's saved activations per sample (float32)."""

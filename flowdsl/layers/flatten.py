@@ -1,4 +1,4 @@
-"""flatten: WxHxC -> (W*H*C,) in channel-major (C, H, W) order."""
+"""flatten: WxHxC -> (W*H*C,). Arrays are channels-last, so this is a free reshape."""
 import math
 
 from ..layers import register
@@ -9,3 +9,10 @@ from .base import Layer
 class Flatten(Layer):
     def out_shape(self, s):
         return (math.prod(s),)
+
+    def forward(self, x, p, ctx, training):
+        ctx["shape"] = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy, p, g, ctx, need_dx):
+        return dy.reshape(ctx["shape"]) if need_dx else None

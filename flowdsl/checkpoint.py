@@ -1,0 +1,84 @@
+"""Checkpoints: one .npz of named float arrays plus metadata, never pickled, written to a
+temporary file and renamed so that a kill never leaves a broken file."""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .errors import FlowError
+
+META = "__meta__."
+
+
+def save(net, path, extra: dict):
+    arrays = {f"param.{k}": np.asarray(v) for k, v in net.named_params().items()}
+    arrays.update({f"state.{k}": np.asarray(v) for k, v in net.named_state().items()})
+    arrays[META + "source"] = np.array(str(net.model))
+    for k, v in extra.items():
+        arrays[k] = np.asarray(v)
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+    except OSError as e:
+        raise FlowError(f"cannot write a checkpoint in {d}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise FlowError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read(path) -> dict:
+    """All arrays of a checkpoint, refusing pickled content; FlowError on any problem."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise FlowError(f"no such checkpoint: {path}") from None
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise FlowError(f"{path}: refusing a checkpoint with pickled content") from None
+        raise FlowError(f"{path}: not a flowdsl checkpoint ({e})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+        raise FlowError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
+
+
+def load_into(net, path) -> dict:
+    data = read(path)
+    params = net.named_params()
+    for k, dst in params.items():
+        key = f"param.{k}"
+        if key not in data:
+            raise FlowError(f"{path}: the checkpoint has no parameter '{k}' (it was saved from another model?)")
+        src = data[key]
+        if src.shape != dst.shape:
+            raise FlowError(f"{path}: parameter '{k}' has shape {src.shape} in the checkpoint but "
+                            f"{dst.shape} in the model")
+        if not np.issubdtype(src.dtype, np.floating):
+            raise FlowError(f"{path}: parameter '{k}' is not floating point ({src.dtype})")
+    extra = [k[6:] for k in data if k.startswith("param.") and k[6:] not in params]
+    if extra:
+        raise FlowError(f"{path}: the checkpoint has parameter '{extra[0]}', which the model does not")
+    for k, dst in params.items():
+        dst[...] = data[f"param.{k}"]
+    for k, dst in net.named_state().items():
+        if f"state.{k}" in data and data[f"state.{k}"].shape == dst.shape:
+            dst[...] = data[f"state.{k}"]
+    return data

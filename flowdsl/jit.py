@@ -1,0 +1,120 @@
+"""The only place numba is configured. Kernels are declared with @kernel and compiled lazily on
+first use, so importing flowdsl (and `flowdsl check`) never imports numba.
+
+Threads: numba's OpenMP workers and OpenBLAS's workers must not fight over the cores (measured
+here: 10-40x slower steps). Numba runs the elementwise/gather kernels; numpy's BLAS the matrix
+products. We set OMP_WAIT_POLICY=passive before numba loads, so numba's idle workers sleep
+instead of spinning while BLAS runs, and `threads()` sets both pools to the same count.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy",
+             boundscheck=False, nogil=True)
+
+_numba = None
+
+
+def _setup_env():
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    if "NUMBA_CACHE_DIR" not in os.environ and os.environ.get("FLOWDSL_NO_USER_CACHE") != "1":
+        # numba caches next to the source; a read-only install needs a user directory instead.
+        from . import __version__
+        pkg_dir = os.path.dirname(os.path.abspath(__file__))
+        cache_dir = os.path.join(pkg_dir, "__pycache__")
+        if not _writable(cache_dir):
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            user = os.path.join(base, f"flowdsl-{__version__}-numba")
+            try:
+                os.makedirs(user, exist_ok=True)
+                if not _writable(user):
+                    raise OSError
+            except OSError:
+                user = os.path.join(tempfile.gettempdir(), f"flowdsl-{__version__}-numba-{os.getuid()}")
+                os.makedirs(user, exist_ok=True)
+            os.environ["NUMBA_CACHE_DIR"] = user
+
+
+def _writable(d):
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, f".flowdsl-probe-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
+
+
+def numba():
+    global _numba
+    if _numba is None:
+        _setup_env()
+        import numba as nb
+        _numba = nb
+    return _numba
+
+
+class _Lazy:
+    """A kernel not yet compiled. On the first call every lazy kernel of the same module is
+    handed to numba.njit and replaces itself in the module's globals, so kernels may call one
+    another (numba must see dispatchers, not these wrappers)."""
+
+    def __init__(self, fn, parallel):
+        self.py_func = fn
+        self.parallel = parallel
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self.compiled = None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            compile_module(self.py_func.__module__)
+        return self.compiled(*args)
+
+
+def compile_module(modname):
+    nb = numba()
+    mod = sys.modules[modname]
+    if "prange" in vars(mod):
+        mod.prange = nb.prange
+    for name, obj in list(vars(mod).items()):
+        if isinstance(obj, _Lazy) and obj.compiled is None:
+            obj.compiled = nb.njit(parallel=obj.parallel, **FLAGS)(obj.py_func)
+            setattr(mod, name, obj.compiled)
+
+
+def kernel(fn=None, *, parallel=True):
+    """Declare a numba kernel: @kernel or @kernel(parallel=False)."""
+    if fn is None:
+        return lambda f: _Lazy(f, parallel)
+    return _Lazy(fn, parallel)
+
+
+def prange(*a):
+    """numba.prange inside kernels; plain range when run as Python."""
+    return range(*a)
+
+
+_threads = None
+
+
+def threads(n: int | None = None) -> int:
+    """Use n threads for numba kernels and BLAS (default: all cores). Returns the count."""
+    global _threads
+    nb = numba()
+    cap = nb.config.NUMBA_NUM_THREADS
+    n = cap if n is None else max(1, min(int(n), cap))
+    nb.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n, user_api="blas")
+    except ImportError:
+        pass
+    _threads = n
+    return n

@@ -1,0 +1,167 @@
+"""A built model with weights: forward, backward, predict, focus, save/load.
+
+All parameters live in one flat float32 buffer (and gradients in another); each layer's
+parameters are views into it, so an optimizer step is one pass over one array and a checkpoint
+is a dict of named views."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import FlowError
+from .layers.base import show_shape
+
+
+class Net:
+    def __init__(self, model, seed: int | None = None):
+        from . import jit
+        jit.numba()  # configure threads/cache before any kernel runs
+        self.model = model
+        self.layers = [l for l in model.layers if l.role != "input"]
+        self.loss_layer = model.layers[-1]
+        self._spec = []  # (layer, pname, shape, offset)
+        off = 0
+        for l in self.layers:
+            for pname, shape in l.param_shapes(l.in_shape).items():
+                self._spec.append((l, pname, tuple(shape), off))
+                off += math.prod(shape)
+        self.flat = np.zeros(off, np.float32)
+        self.gflat = np.zeros(off, np.float32)
+        self.params = {l.name: {} for l in self.layers}
+        self.grads = {l.name: {} for l in self.layers}
+        for l, pname, shape, o in self._spec:
+            n = math.prod(shape)
+            self.params[l.name][pname] = self.flat[o:o + n].reshape(shape)
+            self.grads[l.name][pname] = self.gflat[o:o + n].reshape(shape)
+        self.state = {l.name: l.new_state() for l in self.layers}
+        self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
+        self.initialise(model.train["seed"] if seed is None else seed)
+
+    # --- parameters ------------------------------------------------------------------------------
+    def initialise(self, seed):
+        rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng([seed, 1])
+        inits = self.model.init
+        for i, l in enumerate(self.layers):
+            if not l.param_shapes(l.in_shape):
+                continue
+            init = inits.get(l.name, inits.get("default"))
+            he = _before_relu(self.layers, i)
+            for pname, arr in l.init_params(rng, init, he).items():
+                self.params[l.name][pname][...] = arr
+            self.state[l.name] = l.new_state()
+
+    def named_params(self):
+        """{'layer.param': array view} for every learned parameter."""
+        return {f"{l.name}.{p}": self.params[l.name][p] for l, p, _, _ in self._spec}
+
+    def named_state(self):
+        return {f"{ln}.{k}": v for ln, st in self.state.items() for k, v in st.items()}
+
+    # --- input -----------------------------------------------------------------------------------
+    def as_input(self, x) -> np.ndarray:
+        """Accept (N,H,W,C) or (N,C,H,W) (or (H,W,C) for one image); return float32 NHWC."""
+        s = self.model.input_shape
+        x = np.asarray(x)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / np.float32(255)
+        if len(s) == 3:
+            c, h, w = s
+            if x.shape == (h, w, c) or x.shape == (c, h, w):
+                x = x[None]
+            if x.ndim == 4 and x.shape[1:] == (h, w, c):
+                pass
+            elif x.ndim == 4 and x.shape[1:] == (c, h, w):
+                x = x.transpose(0, 2, 3, 1)
+            elif x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
+                x = x[..., None]
+            else:
+                raise FlowError(f"input of shape {x.shape} does not fit the network input {show_shape(s)} "
+                                f"(give (N, {h}, {w}, {c}) or (N, {c}, {h}, {w}))")
+        else:
+            x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[None]
+            if x.shape[1] != s[0]:
+                raise FlowError(f"input of {x.shape[1]} values does not fit the network input {s[0]}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # --- forward / backward ----------------------------------------------------------------------
+    def forward(self, x, training=False, keep=None):
+        """Run the network up to (not through) the loss. Returns the last output (class scores).
+        keep: a set of layer names whose outputs to return as well, as a dict."""
+        x = self.as_input(x)
+        self._ctx = []
+        kept = {}
+        for l in self.layers[:-1]:
+            ctx = {"state": self.state[l.name], "rng": self.rng}
+            x = l.forward(x, self.params[l.name], ctx, training)
+            if training:
+                self._ctx.append(ctx)
+            if keep and l.name in keep:
+                kept[l.name] = x
+        return (x, kept) if keep is not None else x
+
+    def loss_grad(self, x, y):
+        """One training forward and backward pass: gradients land in self.grads.
+        Returns (loss, number correct)."""
+        z = self.forward(x, training=True)
+        loss, dz, correct = self.loss_layer.loss(z, np.asarray(y))
+        d = dz
+        n = len(self.layers) - 1
+        for i in range(n - 1, -1, -1):
+            l = self.layers[i]
+            d = l.backward(d, self.params[l.name], self.grads[l.name], self._ctx[i], need_dx=i > 0)
+        self._ctx = []
+        return loss, correct
+
+    def predict(self, x, batch=256):
+        """Probabilities (softmax) or outputs (squared) for every sample, in evaluation mode."""
+        x = self.as_input(x)
+        outs = []
+        for i in range(0, x.shape[0], batch):
+            z = self.forward(x[i:i + batch])
+            outs.append(self.loss_layer.forward(z, None, {}, False))
+        return np.concatenate(outs) if outs else np.zeros((0,) + self.loss_layer.out, np.float32)
+
+    def focus(self, name, x, png_dir=None):
+        """Activations of the named layer for input x: (N, H, W, C) for maps, (N, D) for vectors."""
+        try:
+            layer = self.model.layer(name)
+        except KeyError:
+            raise FlowError(f"no layer named '{name}'; layers: {', '.join(self.model.names())}") from None
+        if layer.role == "input":
+            acts = self.as_input(x)
+        elif layer is self.loss_layer:
+            acts = self.predict(x)
+        else:
+            _, kept = self.forward(x, keep={layer.name})
+            acts = kept[layer.name]
+        if png_dir is not None:
+            from .focus import write_pngs
+            write_pngs(layer, acts, png_dir)
+        return acts
+
+    def summary(self):
+        return self.model.summary()
+
+    def __str__(self):
+        return str(self.model)
+
+    # --- weights ---------------------------------------------------------------------------------
+    def save(self, path, extra=None):
+        from .checkpoint import save
+        save(self, path, extra or {})
+
+    def load_weights(self, path):
+        from .checkpoint import load_into
+        return load_into(self, path)
+
+
+def _before_relu(layers, i):
+    """he init before relu/gelu (the layer's own act= or the next layer), glorot otherwise."""
+    l = layers[i]
+    act = l.args.get("act")
+    if act is not None and act.name in ("relu", "gelu", "leakyrelu", "elu"):
+        return True
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    return nxt is not None and nxt.kind in ("relu", "gelu", "leakyrelu", "elu")

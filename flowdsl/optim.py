@@ -1,0 +1,72 @@
+"""Optimizers: one class, configured by the train block's optimizer call (sgd, momentum, adam,
+rmsprop), stepping the network's flat parameter buffer in one parallel pass. L2 decay applies
+to weights only (not biases or batchnorm parameters)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .jit import kernel, prange
+
+KINDS = {"sgd": 0, "momentum": 1, "adam": 2, "rmsprop": 3}
+
+
+class Optimizer:
+    def __init__(self, net, call, l2=0.0):
+        self.net = net
+        self.kind = call.name
+        self.hyper = dict(call.args)
+        self.lr = float(self.hyper["lr"])
+        self.l2 = float(l2)
+        n = net.flat.size
+        self.m = np.zeros(n, np.float32)
+        self.v = np.zeros(n, np.float32) if self.kind in ("adam", "rmsprop") else np.zeros(1, np.float32)
+        self.t = 0
+        self.decay = np.zeros(n, np.float32)
+        for l, pname, shape, off in net._spec:
+            if pname == "w":
+                self.decay[off:off + int(np.prod(shape))] = 1.0
+        self.mask_any = bool(self.decay.any())
+
+    def step(self, lr=None):
+        self.t += 1
+        lr = self.lr if lr is None else lr
+        h = self.hyper
+        _step(KINDS[self.kind], self.net.flat, self.net.gflat, self.m, self.v, self.decay,
+              np.float32(lr), np.float32(h.get("mu", 0.0)), np.float32(h.get("beta1", 0.0)),
+              np.float32(h.get("beta2", h.get("rho", 0.0))), np.float32(h.get("eps", 1e-8)),
+              np.float32(self.l2), self.t)
+
+    def state(self):
+        return {"m": self.m, "v": self.v, "t": np.array(self.t, np.int64)}
+
+    def load_state(self, d):
+        self.m[...] = d["m"]
+        if self.v.size == d["v"].size:
+            self.v[...] = d["v"]
+        self.t = int(d["t"])
+
+
+@kernel
+def _step(kind, w, g, m, v, decay, lr, mu, b1, b2, eps, l2, t):
+    n = w.shape[0]
+    one = np.float32(1.0)
+    if kind == 2:
+        c1 = one / (one - b1 ** t)
+        c2 = one / (one - b2 ** t)
+    else:
+        c1 = one
+        c2 = one
+    for i in prange(n):
+        gi = g[i] + l2 * decay[i] * w[i]
+        if kind == 0:
+            w[i] -= lr * gi
+        elif kind == 1:
+            m[i] = mu * m[i] - lr * gi
+            w[i] += m[i]
+        elif kind == 2:
+            m[i] = b1 * m[i] + (one - b1) * gi
+            v[i] = b2 * v[i] + (one - b2) * gi * gi
+            w[i] -= lr * (m[i] * c1) / (np.sqrt(v[i] * c2) + eps)
+        else:
+            v[i] = b2 * v[i] + (one - b2) * gi * gi
+            w[i] -= lr * gi / (np.sqrt(v[i]) + eps)
