@@ -9,6 +9,16 @@ import sys
 from .errors import FlowError
 
 
+def _positive(v):
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -24,6 +34,17 @@ def _cmd_check(a):
     return 0
 
 
+def _cmd_bench(a):
+    if a.cold:
+        import tempfile
+        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="flowdsl-cold-cache-")
+    from .bench import run
+    from .model import load_model
+    m = load_model(a.file)
+    run(m, batch=a.batch, threads=a.threads, infer_batch=a.infer_batch, repeats=a.repeats)
+    return 0
+
+
 def make_parser():
     p = _Parser(prog="flowdsl", description="A declarative language for convolutional networks.")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -31,6 +52,14 @@ def make_parser():
     c = sub.add_parser("check", help="parse, infer shapes and print the layout")
     c.add_argument("file")
     c.set_defaults(run=_cmd_check)
+    b = sub.add_parser("bench", help="training and inference images/s, time per layer")
+    b.add_argument("file")
+    b.add_argument("--batch", type=_positive, default=None, help="training batch (default: the file's)")
+    b.add_argument("--infer-batch", type=_positive, default=256)
+    b.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
+    b.add_argument("--repeats", type=_positive, default=7)
+    b.add_argument("--cold", action="store_true", help="compile into an empty cache (measures compile time)")
+    b.set_defaults(run=_cmd_bench)
     return p, sub
 
 

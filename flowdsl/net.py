@@ -6,6 +6,7 @@ is a dict of named views."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class Net:
             self.grads[l.name][pname] = self.gflat[o:o + n].reshape(shape)
         self.state = {l.name: l.new_state() for l in self.layers}
         self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
+        self.timer = None  # {layer name: [forward seconds, backward seconds]} when profiling
         self.initialise(model.train["seed"] if seed is None else seed)
 
     # --- parameters ------------------------------------------------------------------------------
@@ -94,7 +96,12 @@ class Net:
         kept = {}
         for l in self.layers[:-1]:
             ctx = {"state": self.state[l.name], "rng": self.rng}
-            x = l.forward(x, self.params[l.name], ctx, training)
+            if self.timer is not None:
+                t0 = time.perf_counter()
+                x = l.forward(x, self.params[l.name], ctx, training)
+                self.timer.setdefault(l.name, [0.0, 0.0])[0] += time.perf_counter() - t0
+            else:
+                x = l.forward(x, self.params[l.name], ctx, training)
             if training:
                 self._ctx.append(ctx)
             if keep and l.name in keep:
@@ -110,7 +117,10 @@ class Net:
         n = len(self.layers) - 1
         for i in range(n - 1, -1, -1):
             l = self.layers[i]
+            t0 = time.perf_counter()
             d = l.backward(d, self.params[l.name], self.grads[l.name], self._ctx[i], need_dx=i > 0)
+            if self.timer is not None:
+                self.timer.setdefault(l.name, [0.0, 0.0])[1] += time.perf_counter() - t0
         self._ctx = []
         return loss, correct
 

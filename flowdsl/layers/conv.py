@@ -83,8 +83,13 @@ class Conv(Layer):
         k, oh, ow = self.out
         w, b = p["w"], p["b"]
         if self.direct:
+            xp = _pad(x, pad)
             z = np.empty((n, oh, ow, k), np.float32)
-            _direct_fwd(x, w, b, z, s, pad)
+            c = x.shape[3]
+            wrep = _wrep(w, ow)
+            _direct_fwd(xp.reshape(n, xp.shape[1], -1), wrep, w, b, z.reshape(n, oh, ow * k), s, c)
+            if training:
+                ctx["xp"] = xp
         else:
             cols = np.empty((n * oh * ow, f * f * x.shape[3]), np.float32)
             _im2col(x, cols, f, s, pad, oh, ow)
@@ -108,14 +113,17 @@ class Conv(Layer):
         dz2 = dz.reshape(-1, k)
         np.sum(dz2, axis=0, out=g["b"])
         if self.direct:
-            _direct_dw(x, dz, g["w"], s, pad, 64)
+            xp = ctx["xp"]
+            n, oh, ow, _ = dz.shape
+            c = x.shape[3]
+            _direct_dw(xp.reshape(n, xp.shape[1], -1), dz, g["w"], s, c, 32)
             if not need_dx:
                 return None
-            dx = np.empty_like(x)
-            _direct_dx(dz, p["w"], dx, s, pad)
-            return dx
+            dxp = np.empty_like(xp)
+            _direct_dx(dz, p["w"], _wrep(p["w"], ow), dxp.reshape(n, xp.shape[1], -1), s)
+            return np.ascontiguousarray(dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :]) if pad else dxp
         cols = ctx["cols"]
-        np.matmul(cols.T, dz2, out=g["w"].reshape(-1, k))
+        g["w"].reshape(-1, k)[...] = cols.T @ dz2  # not matmul(out=): that skips BLAS
         if not need_dx:
             return None
         dcols = dz2 @ p["w"].reshape(-1, k).T
@@ -186,114 +194,153 @@ def _col2im(dcols, dx, f, s, pad, oh, ow):
                         dx[n, y, xx, cc] += dcols[r, base + cc]
 
 
+def _pad(x, pad):
+    if pad == 0:
+        return x
+    n, h, w, c = x.shape
+    xp = np.zeros((n, h + 2 * pad, w + 2 * pad, c), np.float32)
+    xp[:, pad:pad + h, pad:pad + w, :] = x
+    return xp
+
+
+def _wrep(w, ow):
+    """wrep[k, a, b, q] = w[a, b, q % C, k] for q < ow*C: a tap's weights repeated along a row,
+    so the stride-1 direct kernels run unit-stride multiply-adds over (column, channel) pairs."""
+    f, _, c, k = w.shape
+    return np.ascontiguousarray(np.tile(w.transpose(3, 0, 1, 2), (1, 1, 1, ow)))
+
+
 @kernel
-def _direct_fwd(x, w, b, z, s, pad):
-    """z[n,i,j,k] = b[k] + sum_{a,bb,c} x[n, i*s+a-pad, j*s+bb-pad, c] * w[a,bb,c,k].
-    The inner loop runs along the output row with the tap fixed: no branches inside."""
-    n_, h, wd, c = x.shape
+def _direct_fwd(xp, wrep, w, b, z, s, c):
+    """z[n, i, j*K + k] = b[k] + sum_{a,bb,cc} xp[n, i*s + a, (j*s + bb)*C + cc] * w[a,bb,cc,k]
+    on a pre-padded input with rows flattened to (width*C). Stride 1: per tap, one unit-stride
+    multiply-add over the row into a (column, channel) buffer, then a sum over channels."""
+    n_ = xp.shape[0]
     f = w.shape[0]
     kk = w.shape[3]
-    _, oh, ow, _ = z.shape
+    oh = z.shape[1]
+    ow = z.shape[2] // kk
+    m = ow * c
     for row in prange(n_ * oh):
         n = row // oh
         i = row % oh
-        for k in range(kk):
-            for j in range(ow):
-                z[n, i, j, k] = b[k]
-        for a in range(f):
-            y = i * s + a - pad
-            if y < 0 or y >= h:
-                continue
-            for bb in range(f):
-                # output columns j whose input column j*s+bb-pad is inside [0, wd)
-                lo = 0
-                while lo < ow and lo * s + bb - pad < 0:
-                    lo += 1
-                hi = ow
-                while hi > lo and (hi - 1) * s + bb - pad >= wd:
-                    hi -= 1
-                for cc in range(c):
-                    for k in range(kk):
-                        wv = w[a, bb, cc, k]
-                        for j in range(lo, hi):
-                            z[n, i, j, k] += wv * x[n, y, j * s + bb - pad, cc]
+        if s == 1:
+            tmp = np.empty(m, np.float32)
+            for k in range(kk):
+                tmp[:] = np.float32(0.0)
+                for a in range(f):
+                    xr = xp[n, i + a]
+                    for bb in range(f):
+                        wr = wrep[k, a, bb]
+                        xs = xr[bb * c: bb * c + m]
+                        for q in range(m):
+                            tmp[q] += wr[q] * xs[q]
+                for j in range(ow):
+                    acc = b[k]
+                    for cc in range(c):
+                        acc += tmp[j * c + cc]
+                    z[n, i, j * kk + k] = acc
+        else:
+            acc = np.empty(ow, np.float32)
+            for k in range(kk):
+                acc[:] = b[k]
+                for a in range(f):
+                    xr = xp[n, i * s + a]
+                    for bb in range(f):
+                        for cc in range(c):
+                            wv = w[a, bb, cc, k]
+                            xs = xr[bb * c + cc:: s * c]
+                            for j in range(ow):
+                                acc[j] += wv * xs[j]
+                for j in range(ow):
+                    z[n, i, j * kk + k] = acc[j]
 
 
 @kernel
-def _direct_dw(x, dz, dw, s, pad, chunks):
-    """dw[a,bb,c,k] = sum over n,i,j of dz[n,i,j,k] * x[n, i*s+a-pad, j*s+bb-pad, c].
-    Rows are split into chunks with their own partial sums, merged serially (no races)."""
-    n_, h, wd, c = x.shape
+def _direct_dw(xp, dz, dw, s, c, chunks):
+    """dw[a,bb,cc,k] = sum_{n,i,j} dz[n,i,j,k] * xp[n, i*s+a, (j*s+bb)*C + cc]. Rows are split
+    into chunks, each with its own partial sums (per row position), merged serially: no races."""
+    n_, oh, ow, kk = dz.shape
     f = dw.shape[0]
-    kk = dw.shape[3]
-    _, oh, ow, _ = dz.shape
+    m = ow * c
     rows = n_ * oh
-    chunks = min(chunks, rows)
-    part = np.zeros((chunks, f, f, c, kk), np.float32)
+    chunks = max(1, min(chunks, rows))
+    part = np.zeros((chunks, kk, f, f, m), np.float32)
     for t in prange(chunks):
-        r0 = rows * t // chunks
-        r1 = rows * (t + 1) // chunks
-        for row in range(r0, r1):
+        dzr = np.empty(m, np.float32)
+        for row in range(rows * t // chunks, rows * (t + 1) // chunks):
             n = row // oh
             i = row % oh
-            for a in range(f):
-                y = i * s + a - pad
-                if y < 0 or y >= h:
-                    continue
-                for bb in range(f):
-                    lo = 0
-                    while lo < ow and lo * s + bb - pad < 0:
-                        lo += 1
-                    hi = ow
-                    while hi > lo and (hi - 1) * s + bb - pad >= wd:
-                        hi -= 1
+            for k in range(kk):
+                for j in range(ow):
+                    v = dz[n, i, j, k]
                     for cc in range(c):
-                        for k in range(kk):
-                            acc = np.float32(0.0)
-                            for j in range(lo, hi):
-                                acc += dz[n, i, j, k] * x[n, y, j * s + bb - pad, cc]
-                            part[t, a, bb, cc, k] += acc
+                        dzr[j * c + cc] = v
+                for a in range(f):
+                    xr = xp[n, i * s + a]
+                    for bb in range(f):
+                        pr = part[t, k, a, bb]
+                        if s == 1:
+                            xs = xr[bb * c: bb * c + m]
+                            for q in range(m):
+                                pr[q] += dzr[q] * xs[q]
+                        else:
+                            for cc in range(c):
+                                xs = xr[bb * c + cc:: s * c]
+                                ps = pr[cc::c]
+                                ds = dzr[cc::c]
+                                for j in range(ow):
+                                    ps[j] += ds[j] * xs[j]
     for a in range(f):
         for bb in range(f):
             for cc in range(c):
                 for k in range(kk):
                     acc = np.float32(0.0)
                     for t in range(chunks):
-                        acc += part[t, a, bb, cc, k]
+                        pr = part[t, k, a, bb]
+                        for j in range(ow):
+                            acc += pr[j * c + cc]
                     dw[a, bb, cc, k] = acc
 
 
 @kernel
-def _direct_dx(dz, w, dx, s, pad):
-    """dx[n,y,xx,c] = sum of dz[n,i,j,k] * w[a,bb,c,k] over taps with i*s+a-pad = y and
-    j*s+bb-pad = xx. One iteration per input row: disjoint writes."""
-    n_, h, wd, c = dx.shape
+def _direct_dx(dz, w, wrep, dxp, s):
+    """Gradient w.r.t. the padded input, one padded row per iteration (disjoint writes):
+    dxp[n, y, (j*s+bb)*C + cc] += dz[n,i,j,k] * w[a,bb,cc,k] for every tap with i*s + a = y."""
+    n_, oh, ow, kk = dz.shape
     f = w.shape[0]
-    kk = w.shape[3]
-    _, oh, ow, _ = dz.shape
-    zero = np.float32(0.0)
-    for row in prange(n_ * h):
-        n = row // h
-        y = row % h
-        for xx in range(wd):
-            for cc in range(c):
-                dx[n, y, xx, cc] = zero
+    c = w.shape[2]
+    hp = dxp.shape[1]
+    m = ow * c
+    for row in prange(n_ * hp):
+        n = row // hp
+        y = row % hp
+        dr = dxp[n, y]
+        dr[:] = np.float32(0.0)
+        dzr = np.empty(m, np.float32)
         for a in range(f):
-            t = y + pad - a
+            t = y - a
             if t < 0 or t % s != 0:
                 continue
             i = t // s
             if i >= oh:
                 continue
-            for bb in range(f):
-                lo = 0
-                while lo < ow and lo * s + bb - pad < 0:
-                    lo += 1
-                hi = ow
-                while hi > lo and (hi - 1) * s + bb - pad >= wd:
-                    hi -= 1
-                for cc in range(c):
-                    for k in range(kk):
-                        wv = w[a, bb, cc, k]
-                        for j in range(lo, hi):
-                            dx[n, y, j * s + bb - pad, cc] += wv * dz[n, i, j, k]
+            for k in range(kk):
+                if s == 1:
+                    for j in range(ow):
+                        v = dz[n, i, j, k]
+                        for cc in range(c):
+                            dzr[j * c + cc] = v
+                    for bb in range(f):
+                        wr = wrep[k, a, bb]
+                        ds = dr[bb * c: bb * c + m]
+                        for q in range(m):
+                            ds[q] += dzr[q] * wr[q]
+                else:
+                    dzk = dz[n, i, :, k]
+                    for bb in range(f):
+                        for cc in range(c):
+                            wv = w[a, bb, cc, k]
+                            ds = dr[bb * c + cc:: s * c]
+                            for j in range(ow):
+                                ds[j] += wv * dzk[j]

@@ -40,7 +40,7 @@ class Dense(Layer):
     def backward(self, dy, p, g, ctx, need_dx):
         kind, alpha = act_spec(self)
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
-        np.matmul(ctx["x"].T, dz, out=g["w"])
+        g["w"][...] = ctx["x"].T @ dz  # (matmul with out= skips BLAS: 40x slower, measured)
         np.sum(dz, axis=0, out=g["b"])
         if not need_dx:
             return None
