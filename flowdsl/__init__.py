@@ -9,16 +9,24 @@ from .errors import FlowError
 __version__ = "0.1.0"
 
 
-def parse(text: str, file: str | None = None):
-    """Build a model from .flow source text."""
+def parse(text: str, file: str | None = None, weights=None, seed=None):
+    """A runnable network (flowdsl.net.Net) from .flow source text."""
     from .model import build_text
-    return build_text(text, file)
+    from .net import Net
+    net = Net(build_text(text, file), seed=seed)
+    if weights is not None:
+        net.load_weights(weights)
+    return net
 
 
-def load(path):
-    """Build a model from a .flow file."""
+def load(path, weights=None, seed=None):
+    """A runnable network from a .flow file, optionally with weights from a checkpoint."""
     from .model import load_model
-    return load_model(path)
+    from .net import Net
+    net = Net(load_model(path), seed=seed)
+    if weights is not None:
+        net.load_weights(weights)
+    return net
 
 
 __all__ = ["FlowError", "parse", "load", "__version__"]

@@ -45,6 +45,44 @@ def _cmd_bench(a):
     return 0
 
 
+def _cmd_train(a):
+    from .jobs import run_train
+    from .model import load_model
+    from .settings import TRAIN
+    m = load_model(a.file)
+    over = {p.name: getattr(a, p.name, None) for p in TRAIN}
+    over["lr"] = a.lr
+    run_train(m, out=a.out, resume=a.resume, overrides=over, verbose=2 if a.quiet_bar else 1)
+    return 0
+
+
+def _cmd_eval(a):
+    from .jobs import run_eval
+    from .model import load_model
+    m = load_model(a.file)
+    run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out)
+    return 0
+
+
+def _perturb(text):
+    vals = {"shift": 0, "flip": 0}
+    for part in text.split(","):
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in vals or not v.strip().isdigit():
+            raise FlowError(f"--perturb takes shift=N,flip=N (e.g. shift=2,flip=5). Received: {text}")
+        vals[k] = int(v)
+    return vals["shift"], vals["flip"]
+
+
+def _cmd_predict(a):
+    from .jobs import run_predict
+    from .model import load_model
+    m = load_model(a.file)
+    run_predict(m, a.weights, a.images, top=a.top)
+    return 0
+
+
 def make_parser():
     p = _Parser(prog="flowdsl", description="A declarative language for convolutional networks.")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -52,6 +90,29 @@ def make_parser():
     c = sub.add_parser("check", help="parse, infer shapes and print the layout")
     c.add_argument("file")
     c.set_defaults(run=_cmd_check)
+    from .settings import TRAIN
+    t = sub.add_parser("train", help="train, evaluate each epoch, write checkpoints and a report")
+    t.add_argument("file")
+    t.add_argument("--out", help="output folder (default: runs/<model name>/)")
+    t.add_argument("--resume", metavar="CKPT", help="continue a run from its last.npz")
+    t.add_argument("--lr", help="learning rate (replaces the optimizer's)")
+    t.add_argument("--quiet-bar", action="store_true", help="one line per epoch even on a terminal")
+    for opt in TRAIN:
+        t.add_argument(f"--{opt.name}", metavar="VALUE", help=f"override the train block's {opt.name} (.flow syntax)")
+    t.set_defaults(run=_cmd_train)
+    e = sub.add_parser("eval", help="accuracy, per-class precision/recall, confusion matrix")
+    e.add_argument("file")
+    e.add_argument("--weights", required=True, metavar="CKPT")
+    e.add_argument("--data", metavar="SRC", help='a data source, e.g. \'fashion_mnist("test")\' (default: the test set)')
+    e.add_argument("--perturb", metavar="shift=N,flip=N", help="also evaluate on shifted inputs with flipped pixels")
+    e.add_argument("--out", help="write eval.png (confusion matrix) here")
+    e.set_defaults(run=_cmd_eval)
+    pr = sub.add_parser("predict", help="top classes with probabilities for each image")
+    pr.add_argument("file")
+    pr.add_argument("--weights", required=True, metavar="CKPT")
+    pr.add_argument("--top", type=_positive, default=3)
+    pr.add_argument("images", nargs="+", metavar="IMG")
+    pr.set_defaults(run=_cmd_predict)
     b = sub.add_parser("bench", help="training and inference images/s, time per layer")
     b.add_argument("file")
     b.add_argument("--batch", type=_positive, default=None, help="training batch (default: the file's)")

@@ -70,3 +70,33 @@ def _step(kind, w, g, m, v, decay, lr, mu, b1, b2, eps, l2, t):
         else:
             v[i] = b2 * v[i] + (one - b2) * gi * gi
             w[i] -= lr * gi / (np.sqrt(v[i]) + eps)
+
+
+def lr_at(schedule, base_lr: float, step: int, total: int, per_epoch: int) -> float:
+    """Learning rate for 0-based `step` of `total`. `schedule` is the train block's CallValue
+    (None: constant). warmup counts steps, rising linearly from base/warmup to base; step()'s
+    `every` counts epochs; onecycle follows PyTorch's OneCycleLR (cosine up, cosine down)."""
+    import math
+    if schedule is None:
+        return base_lr
+    name = schedule.name
+    if name == "onecycle":
+        peak = schedule["max_lr"] or base_lr
+        up = max(1, int(schedule["pct"] * total))
+        start, end = peak / 25.0, peak / 1e4
+        if step < up:
+            return start + (peak - start) * (1 - math.cos(math.pi * step / up)) / 2
+        t = (step - up) / max(1, total - up)
+        return end + (peak - end) * (1 + math.cos(math.pi * min(1.0, t))) / 2
+    warm = schedule.get("warmup", 0) or 0
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    if name == "constant":
+        return base_lr
+    if name == "step":
+        return base_lr * schedule["gamma"] ** (step // (schedule["every"] * max(1, per_epoch)))
+    if name == "cosine":
+        lo = schedule["min_lr"]
+        t = (step - warm) / max(1, total - warm)
+        return lo + (base_lr - lo) * (1 + math.cos(math.pi * min(1.0, t))) / 2
+    raise AssertionError(name)

@@ -1,0 +1,240 @@
+"""What the train, eval and predict verbs do, given a model and command-line choices:
+resolve the train settings with overrides, load the data, run, write the outputs."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .args import CallValue, bind
+from .errors import FlowError
+from .parse import Arg, Block, parse_text
+from .settings import TRAIN
+
+
+def apply_overrides(model, overrides: dict):
+    """Train settings with command-line values (text in .flow syntax) replacing the file's.
+    `lr` replaces the optimizer's learning rate."""
+    settings = dict(model.train)
+    over = {k: v for k, v in overrides.items() if v is not None and k != "lr"}
+    if over:
+        text = "train {\n" + "\n".join(f"  {k} = {v}" for k, v in over.items()) + "\n}\n"
+        try:
+            prog = parse_text(text, "<command line>")
+        except FlowError as e:
+            raise FlowError(f"bad command-line value: {e.message}") from None
+        block = next(s for s in prog.statements if isinstance(s, Block))
+        args = [Arg(s.key, s.value, s.pos) for s in block.settings]
+        try:
+            vals = bind("train", TRAIN, args, block.pos)
+        except FlowError as e:
+            raise FlowError(f"bad command-line value: {e.message}") from None
+        for k in over:
+            settings[k] = vals[k]
+        if "epochs" in over:
+            settings["iterations"] = None
+        if "iterations" in over:
+            settings["epochs"] = None
+    if overrides.get("lr") is not None:
+        try:
+            lr = float(overrides["lr"])
+            if not lr > 0 or not math.isfinite(lr):
+                raise ValueError
+        except ValueError:
+            raise FlowError(f"--lr must be a positive number. Received: {overrides['lr']}") from None
+        opt = settings["optimizer"] or CallValue("adam", (("lr", 1e-3), ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8)))
+        settings["optimizer"] = CallValue(opt.name, tuple((k, lr if k == "lr" else v) for k, v in opt.args))
+    return settings
+
+
+def base_dir(model):
+    return str(Path(model.file).resolve().parent) if model.file else os.getcwd()
+
+
+def load_data(model, settings, classes=None):
+    """(train Dataset, test Dataset or None) from the settings' data and test sources."""
+    from .data import check_labels, load_source, split
+    if settings["data"] is None:
+        raise FlowError("no training data: add `data = ...` to the train block (e.g. data = fashion_mnist(\"train\")) "
+                        "or pass --data", model.file)
+    bd = base_dir(model)
+    train = load_source(settings["data"], bd, model.input_shape, classes=classes)
+    test = None
+    t = settings["test"]
+    if t is not None and t.name == "split":
+        train, test = split(train, t["fraction"], settings["seed"])
+    elif t is not None:
+        test = load_source(t, bd, model.input_shape, classes=classes)
+    loss = model.layers[-1]
+    if getattr(loss, "targets", "labels") == "labels":
+        check_labels(train, loss.out[0], train.source)
+        if test is not None:
+            check_labels(test, loss.out[0], test.source)
+    return train, test
+
+
+def model_name(model):
+    return Path(model.file).stem if model.file else "model"
+
+
+def run_train(model, out=None, resume=None, overrides=None, verbose=1):
+    from . import jit
+    from .net import Net
+    from .report import write_report
+    from .train import fit
+
+    settings = apply_overrides(model, overrides or {})
+    out = out or (settings["checkpoint"] and os.path.join(base_dir(model), settings["checkpoint"])) or \
+        os.path.join("runs", model_name(model))
+    _check_writable(out)
+    threads = jit.threads(settings["threads"])
+    train, test = load_data(model, settings)
+    mem = model.memory_estimate(settings["batch"])
+    _check_memory(model, settings["batch"], mem)
+    net = Net(model, seed=settings["seed"])
+    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"{model_name(model)}: {model.n_params():,} weights; train {len(train.x):,} images "
+        f"({train.source}); test {len(test.x) if test else 0:,}; batch {settings['batch']}; "
+        f"{threads} threads; writing {out}/")
+    hist = fit(net, train.x, train.y, (test.x, test.y) if test is not None else None,
+               epochs=settings["epochs"], iterations=settings["iterations"], batch=settings["batch"],
+               optimizer=settings["optimizer"], schedule=settings["schedule"], l2=settings["l2"],
+               seed=settings["seed"], augment=settings["augment"], patience=settings["patience"],
+               out_dir=out, resume=resume, classes=train.classes, verbose=verbose, log=say,
+               checkpoint_every=None)
+    write_report(hist, os.path.join(out, "report.png"), title=f"{model_name(model)} — {model.n_params():,} weights")
+    if hist.rows:
+        r = hist.rows[-1]
+        best = max((x["test_acc"] for x in hist.rows if math.isfinite(x["test_acc"])), default=float("nan"))
+        say(f"done: {hist.step} steps; last train_loss {r['train_loss']:.4f}"
+            + (f"; best test_acc {best:.4f}" if math.isfinite(best) else "")
+            + f". Wrote {out}/last.npz, best.npz, log.csv, report.png")
+    return hist
+
+
+def _check_writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise FlowError(f"cannot write to the output folder {out}: {e.strerror or e}; choose another with --out") from None
+
+
+def _check_memory(model, batch, need):
+    avail = _available_memory()
+    if avail and need > avail:
+        per = max(1, need // max(batch, 1))
+        fit_batch = max(1, int(avail * 0.8 // per))
+        raise FlowError(f"training at batch {batch} needs about {need / 2**30:.1f} GB but only "
+                        f"{avail / 2**30:.1f} GB is available; try --batch {fit_batch}")
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def load_trained(model, weights):
+    from .checkpoint import read
+    from .net import Net
+    net = Net(model, seed=0)
+    data = net.load_weights(weights)
+    classes = [str(c) for c in data.get("meta.classes", np.array([], dtype=str))]
+    return net, classes
+
+
+def parse_source(text, model):
+    """A data source written on the command line, e.g. 'fashion_mnist("test")'."""
+    from .args import bind_call
+    from .parse import Setting
+    from .settings import SOURCES
+    try:
+        prog = parse_text(f"train {{ data = {text} }}", "<--data>")
+        block = prog.statements[0]
+        if len(block.settings) != 1:
+            raise FlowError("expected one source")
+        return bind_call(block.settings[0].value, SOURCES, "data source")
+    except FlowError as e:
+        raise FlowError(f"--data: {e.message}. Received: {text}") from None
+
+
+def run_eval(model, weights, data=None, perturb=None, out=None):
+    from .data import check_labels, load_source
+    from .train import evaluate
+    net, classes = load_trained(model, weights)
+    settings = dict(model.train)
+    if data is not None:
+        ds = load_source(parse_source(data, model), os.getcwd(), model.input_shape, classes=classes or None)
+        dsname = ds.source
+    else:
+        _, test = load_data(model, settings, classes=classes or None)
+        if test is None:
+            raise FlowError("the model has no test set: add `test = ...` to its train block or pass --data")
+        ds, dsname = test, test.source
+    check_labels(ds, model.layers[-1].out[0], ds.source)
+    classes = classes or ds.classes
+    res = evaluate(net, ds.x, ds.y)
+    lines = [f"{dsname}: {len(ds.x):,} images", f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}"]
+    if perturb:
+        from .augment import perturb as do_perturb
+        shift, flip = perturb
+        xp = do_perturb(ds.x, shift, flip, np.random.default_rng(0))
+        pres = evaluate(net, xp, ds.y)
+        lines.append(f"perturbed (shift up to {shift}px, {flip} pixels flipped): accuracy {pres['acc']:.4f}   "
+                     f"(clean {res['acc']:.4f})")
+    lines.append(_per_class(res["confusion"], classes))
+    lines.append(_conf_text(res["confusion"], classes))
+    print("\n".join(lines))
+    if out:
+        from .report import write_report
+        from .train import History
+        os.makedirs(out, exist_ok=True)
+        h = History(confusion=res["confusion"], classes=classes)
+        write_report(h, os.path.join(out, "eval.png"), title=f"eval {weights} on {dsname}: accuracy {res['acc']:.4f}")
+    return res
+
+
+def _per_class(conf, classes):
+    k = conf.shape[0]
+    names = [str(c) for c in classes] if classes else [str(i) for i in range(k)]
+    w = max(len(n) for n in names)
+    out = [f"{'class'.ljust(w)}  precision  recall  count"]
+    for i in range(k):
+        tp = conf[i, i]
+        prec = tp / conf[:, i].sum() if conf[:, i].sum() else float("nan")
+        rec = tp / conf[i].sum() if conf[i].sum() else float("nan")
+        out.append(f"{names[i].ljust(w)}  {prec:9.3f}  {rec:6.3f}  {conf[i].sum():5d}")
+    return "\n".join(out)
+
+
+def _conf_text(conf, classes):
+    k = conf.shape[0]
+    w = max(5, len(str(conf.max())) + 1)
+    head = "confusion (rows true, cols predicted)\n" + " " * 4 + "".join(str(j).rjust(w) for j in range(k))
+    rows = [str(i).rjust(3) + " " + "".join(str(v).rjust(w) for v in conf[i]) for i in range(k)]
+    return head + "\n" + "\n".join(rows)
+
+
+def run_predict(model, weights, images, top=3):
+    from .data import load_image_files
+    net, classes = load_trained(model, weights)
+    x = load_image_files(images, model.input_shape)
+    probs = net.predict(x)
+    k = probs.shape[1]
+    names = classes if len(classes) == k else [str(i) for i in range(k)]
+    for path, p in zip(images, probs):
+        order = np.argsort(-p)[:top]
+        print(f"{path}: " + "  ".join(f"{names[i]} {p[i]:.3f}" for i in order))
+    return probs

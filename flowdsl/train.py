@@ -1,0 +1,270 @@
+"""The training loop behind `flowdsl train` and Net.fit: batches, augmentation, schedule,
+evaluation each epoch, checkpoints with exact resume, progress, early stopping, Ctrl-C.
+
+Determinism: every random draw is keyed by (seed, purpose, step or epoch) rather than taken
+from one running generator, so a run resumed at step k draws exactly what the uninterrupted
+run drew from step k on."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import FlowError
+
+HISTORY_COLS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img_per_s")
+
+
+@dataclass
+class History:
+    rows: list = field(default_factory=list)   # one dict per epoch (HISTORY_COLS)
+    confusion: object = None                   # last test confusion matrix
+    classes: list = field(default_factory=list)
+    stopped: str = ""                          # why training ended early, if it did
+
+    def __getitem__(self, key):
+        return [r[key] for r in self.rows]
+
+    def as_array(self):
+        return np.array([[r[c] for c in HISTORY_COLS] for r in self.rows], np.float64).reshape(-1, len(HISTORY_COLS))
+
+
+def evaluate(net, x, y, batch=256):
+    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
+    loss_layer = net.loss_layer
+    n = len(x)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "confusion": None}
+    if getattr(loss_layer, "targets", "labels") != "labels":
+        tot = 0.0
+        for i in range(0, n, batch):
+            z = net.forward(x[i:i + batch])
+            l, _, _ = loss_layer.loss(z, y[i:i + batch])
+            tot += l * len(z)
+        return {"loss": tot / n, "acc": float("nan"), "confusion": None}
+    k = loss_layer.out[0]
+    conf = np.zeros((k, k), np.int64)
+    tot = 0.0
+    for i in range(0, n, batch):
+        z = net.forward(x[i:i + batch])
+        yb = y[i:i + batch]
+        l, _, _ = loss_layer.loss(z, yb)
+        tot += l * len(z)
+        np.add.at(conf, (yb, z.argmax(axis=1)), 1)
+    return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf}
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves. A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.flag = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.flag is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)"
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimizer=None, schedule=None,
+        l2=0.0, seed=0, augment=(), patience=None, out_dir=None, checkpoint_every=None, resume=None,
+        classes=None, verbose=1, log=None):
+    """Train `net` on arrays x (NHWC float32), y. test: (x, y) or None. Returns a History.
+
+    verbose: 0 silent, 1 a progress bar on a terminal and one line per epoch otherwise, 2 one
+    line per epoch. out_dir: write last.npz, best.npz and log.csv there."""
+    from .args import CallValue
+    from .augment import Augmenter
+    from .optim import Optimizer, lr_at
+    from .settings import OPTIMIZERS
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    n = len(x)
+    if n == 0:
+        raise FlowError("no training data")
+    if optimizer is None:
+        optimizer = CallValue("adam", tuple((p.name, p.default) for p in OPTIMIZERS["adam"]))
+    batch = max(1, min(int(batch), n))
+    per_epoch = math.ceil(n / batch)
+    if iterations is None:
+        epochs = epochs or 1
+        total = epochs * per_epoch
+    else:
+        total = int(iterations)
+        epochs = math.ceil(total / per_epoch)
+    opt = Optimizer(net, optimizer, l2)
+    aug = Augmenter(augment, seed) if augment else None
+    hist = History(classes=list(classes or []))
+    step, best, bad = 0, -math.inf, 0
+    if resume is not None:
+        step, best, bad = _restore(net, opt, hist, resume)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        if resume is None:
+            _save(net, opt, hist, os.path.join(out_dir, "last.npz"), 0, best, bad, seed)
+
+    use_bar = verbose == 1 and sys.stderr.isatty()
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
+    perm, perm_epoch = None, -1
+    ep_loss = ep_correct = ep_seen = 0.0
+    t_epoch = time.perf_counter()
+    last_eval = None
+    with _Stop() as stop:
+        try:
+            while step < total:
+                if stop.flag:
+                    hist.stopped = stop.flag
+                    break
+                epoch, i = divmod(step, per_epoch)
+                if epoch != perm_epoch:
+                    perm = np.random.default_rng([seed, 2, epoch]).permutation(n)
+                    perm_epoch = epoch
+                idx = perm[i * batch:(i + 1) * batch]
+                xb, yb = x[idx], y[idx]
+                if aug is not None:
+                    xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
+                net.rng = np.random.default_rng([seed, 4, step])
+                lr = lr_at(schedule, opt.lr, step, total, per_epoch)
+                loss, correct = net.loss_grad(xb, yb)
+                if not math.isfinite(loss):
+                    raise FlowError(f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}, learning rate "
+                                    f"{lr:.3g}); training stopped and the last good checkpoint is kept. "
+                                    f"Try a lower learning rate (--lr {lr / 10:.3g}).")
+                opt.step(lr)
+                step += 1
+                ep_loss += loss * len(idx)
+                ep_correct += correct
+                ep_seen += len(idx)
+                if bar is not None:
+                    el = time.perf_counter() - t_epoch
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {ep_loss / ep_seen:.4f} "
+                                        f"acc {ep_correct / ep_seen:.3f} {ep_seen / max(el, 1e-9):,.0f} img/s",
+                                        refresh=False)
+                    bar.update(1)
+                end_of_epoch = step % per_epoch == 0 or step == total
+                if end_of_epoch:
+                    secs = time.perf_counter() - t_epoch
+                    row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": ep_loss / ep_seen,
+                           "train_acc": ep_correct / ep_seen, "test_loss": float("nan"),
+                           "test_acc": float("nan"), "seconds": secs, "img_per_s": ep_seen / max(secs, 1e-9)}
+                    if test is not None and len(test[0]):
+                        last_eval = evaluate(net, test[0], test[1])
+                        row["test_loss"], row["test_acc"] = last_eval["loss"], last_eval["acc"]
+                        hist.confusion = last_eval["confusion"]
+                    hist.rows.append(row)
+                    metric = row["test_acc"] if math.isfinite(row["test_acc"]) else -row["test_loss"] \
+                        if math.isfinite(row["test_loss"]) else -row["train_loss"]
+                    improved = metric > best
+                    if improved:
+                        best, bad = metric, 0
+                    else:
+                        bad += 1
+                    if out_dir:
+                        _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed)
+                        if improved:
+                            _save(net, opt, hist, os.path.join(out_dir, "best.npz"), step, best, bad, seed)
+                        write_log(hist, os.path.join(out_dir, "log.csv"))
+                    if verbose and bar is None:
+                        log(_epoch_line(row, epochs))
+                    elif bar is not None:
+                        bar.write(_epoch_line(row, epochs), file=sys.stderr)
+                    ep_loss = ep_correct = ep_seen = 0.0
+                    t_epoch = time.perf_counter()
+                    if patience and bad >= patience:
+                        hist.stopped = f"early stop: no improvement for {patience} epochs"
+                        break
+                elif out_dir and checkpoint_every and step % checkpoint_every == 0:
+                    _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed)
+        finally:
+            if bar is not None:
+                bar.close()
+        if hist.stopped and out_dir and not hist.stopped.startswith("early"):
+            _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed)
+            if verbose:
+                log(f"{hist.stopped}: saved {os.path.join(out_dir, 'last.npz')} at step {step}; "
+                    f"continue with --resume {os.path.join(out_dir, 'last.npz')}")
+    hist.step = step
+    hist.optimizer = opt
+    return hist
+
+
+def _epoch_line(r, epochs):
+    s = (f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  acc {r['train_acc']:.4f}")
+    if math.isfinite(r["test_loss"]):
+        s += f"  test_loss {r['test_loss']:.4f}"
+    if math.isfinite(r["test_acc"]):
+        s += f"  test_acc {r['test_acc']:.4f}"
+    return s + f"  {r['img_per_s']:,.0f} img/s  {r['seconds']:.1f} s"
+
+
+def _save(net, opt, hist, path, step, best, bad, seed):
+    extra = {"opt.m": opt.m, "opt.v": opt.v, "opt.t": np.array(opt.t, np.int64),
+             "opt.kind": np.array(opt.kind), "meta.step": np.array(step, np.int64),
+             "meta.best": np.array(best, np.float64), "meta.bad": np.array(bad, np.int64),
+             "meta.seed": np.array(seed, np.int64), "meta.history": hist.as_array(),
+             "meta.classes": np.array(hist.classes if hist.classes else [], dtype=str)}
+    if hist.confusion is not None:
+        extra["meta.confusion"] = hist.confusion
+    net.save(path, extra)
+
+
+def _restore(net, opt, hist, path):
+    data = net.load_weights(path)
+    try:
+        if str(data["opt.kind"]) != opt.kind:
+            raise FlowError(f"{path}: saved with optimizer {data['opt.kind']}, but the model now uses {opt.kind}")
+        if data["opt.m"].shape != opt.m.shape:
+            raise FlowError(f"{path}: optimizer state does not fit the model")
+        opt.load_state({"m": data["opt.m"], "v": data["opt.v"], "t": data["opt.t"]})
+        step = int(data["meta.step"])
+        best = float(data["meta.best"])
+        bad = int(data["meta.bad"])
+        for r in data["meta.history"]:
+            hist.rows.append({c: (int(v) if c in ("epoch", "step") else float(v)) for c, v in zip(HISTORY_COLS, r)})
+        if "meta.confusion" in data:
+            hist.confusion = data["meta.confusion"]
+        if not hist.classes and data["meta.classes"].size:
+            hist.classes = [str(c) for c in data["meta.classes"]]
+    except KeyError as e:
+        raise FlowError(f"{path}: not a training checkpoint (missing {e.args[0]}); it can be used with --weights") from None
+    return step, best, bad
+
+
+def write_log(hist, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(",".join(HISTORY_COLS) + "\n")
+        for r in hist.rows:
+            f.write(",".join(_csv(r[c]) for c in HISTORY_COLS) + "\n")
+    os.replace(tmp, path)
+
+
+def _csv(v):
+    if isinstance(v, int):
+        return str(v)
+    return "" if not math.isfinite(v) else f"{v:.6g}"
