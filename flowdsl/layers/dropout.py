@@ -1,5 +1,10 @@
 """dropout(p=0.5): in training, zero each value with probability p and scale the rest by 1/(1-p);
-in evaluation, the identity. Shape unchanged."""
+in evaluation, the identity. Shape unchanged.
+
+The mask is drawn from ctx["rng"] (the Net's generator, so a seed fixes it) and kept, already
+scaled, for backward: dx = dy * mask. Plain numpy: one draw and one multiply, memory-bound."""
+import numpy as np
+
 from ..layers import register
 from .base import Layer, P
 
@@ -7,3 +12,20 @@ from .base import Layer, P
 @register("dropout")
 class Dropout(Layer):
     params = (P("p", "float", 0.5, lo=0.0, hi=1.0, hi_open=True),)
+
+    def forward(self, x, p, ctx, training):
+        rate = self.args["p"]
+        if not training or rate == 0.0:
+            ctx["mask"] = None
+            return x
+        keep = ctx["rng"].random(x.shape, dtype=np.float32) >= np.float32(rate)
+        mask = keep.astype(np.float32)
+        mask *= np.float32(1.0 / (1.0 - rate))
+        ctx["mask"] = mask
+        return x * mask
+
+    def backward(self, dy, p, g, ctx, need_dx):
+        if not need_dx:
+            return None
+        mask = ctx.get("mask")
+        return dy if mask is None else dy * mask
