@@ -1,0 +1,240 @@
+"""Slow, obviously correct float64 references for every registered layer kind, and the table of
+examples the layer tests run them on.
+
+A reference is `ref(layer, x, params, training, state=None) -> y` with x float64 NHWC (N, H, W, C)
+for maps or (N, D) for vectors, params {name: float64 array}, and state the layer's buffers
+(batchnorm's running statistics) for evaluation. Weight layouts: conv w is
+(field, field, C_in, filters); dense w is (D_in, units) with the input flattened in NHWC order.
+
+These deliberately share no code with flowdsl's kernels: the shape rules of the pools are
+written as "slide the window until it reaches the end" instead of the closed formula."""
+import math
+
+import numpy as np
+
+# --------------------------------------------------------------------------- activations
+ACTS = {
+    "linear": lambda z, a: z,
+    "relu": lambda z, a: np.where(z > 0, z, 0.0),
+    "gelu": lambda z, a: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3))),
+    "sigmoid": lambda z, a: 1 / (1 + np.exp(-z)),
+    "tanh": lambda z, a: np.tanh(z),
+    "leakyrelu": lambda z, a: np.where(z > 0, z, a * z),
+    "elu": lambda z, a: np.where(z > 0, z, a * (np.exp(np.minimum(z, 0)) - 1)),
+    "softplus": lambda z, a: np.log1p(np.exp(z)),
+}
+
+
+def activation(name, alpha, z):
+    return ACTS[name](z, alpha)
+
+
+def _act_of(layer):
+    a = layer.args["act"]
+    return a.name, a.get("alpha", 0.0) or 0.0
+
+
+def ref_activation(layer, x, params, training, state=None):
+    return activation(layer.kind, layer.args.get("alpha", 0.0), x)
+
+
+# --------------------------------------------------------------------------- layers
+def ref_input(layer, x, params, training, state=None):
+    return x
+
+
+def ref_flatten(layer, x, params, training, state=None):
+    return x.reshape(x.shape[0], -1)
+
+
+def ref_conv(layer, x, params, training, state=None):
+    f, s, k = layer.args["field"], layer.args["stride"], layer.args["filters"]
+    pad = (f - 1) // 2 if layer.args["pad"] == "same" else layer.args["pad"]
+    w, b = params["w"], params["b"]
+    n, h, wd, c = x.shape
+    assert w.shape == (f, f, c, k)
+    xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c))
+    xp[:, pad:pad + h, pad:pad + wd, :] = x
+    oh = (h + 2 * pad - f) // s + 1
+    ow = (wd + 2 * pad - f) // s + 1
+    z = np.zeros((n, oh, ow, k))
+    for q in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                patch = xp[q, i * s:i * s + f, j * s:j * s + f, :]
+                for kk in range(k):
+                    z[q, i, j, kk] = np.sum(patch * w[:, :, :, kk]) + b[kk]
+    return activation(*_act_of(layer), z)
+
+
+def ref_dense(layer, x, params, training, state=None):
+    x2 = x.reshape(x.shape[0], -1)
+    z = x2 @ params["w"] + params["b"]
+    return activation(*_act_of(layer), z)
+
+
+def window_starts(n, size, stride, ceil):
+    """Starts of the pooling windows along an axis of length n: slide until a window reaches
+    the end (ceil: a last window may hang over the end, and is clipped) or would leave it."""
+    starts = [0]
+    while True:
+        nxt = starts[-1] + stride
+        if ceil:
+            if starts[-1] + size >= n or nxt >= n:
+                break
+        elif nxt + size > n:
+            break
+        starts.append(nxt)
+    return starts
+
+
+def _pool(layer, x, reduce):
+    k, s, ceil = layer.args["size"], layer.args["stride"] or layer.args["size"], layer.args["ceil"]
+    n, h, w, c = x.shape
+    rows, cols = window_starts(h, k, s, ceil), window_starts(w, k, s, ceil)
+    y = np.zeros((n, len(rows), len(cols), c))
+    for q in range(n):
+        for i, r0 in enumerate(rows):
+            for j, c0 in enumerate(cols):
+                for cc in range(c):
+                    y[q, i, j, cc] = reduce(x[q, r0:min(r0 + k, h), c0:min(c0 + k, w), cc])
+    return y
+
+
+def ref_maxpool(layer, x, params, training, state=None):
+    return _pool(layer, x, np.max)
+
+
+def ref_avgpool(layer, x, params, training, state=None):
+    return _pool(layer, x, np.mean)
+
+
+def ref_dropout(layer, x, params, training, state=None):
+    """Evaluation only (the identity); training draws a random mask, tested separately."""
+    assert not training or layer.args["p"] == 0.0, "dropout in training is random: no reference"
+    return x
+
+
+def ref_batchnorm(layer, x, params, training, state=None):
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    if training:
+        mean = x2.mean(axis=0)
+        var = ((x2 - mean) ** 2).mean(axis=0)
+    else:
+        mean, var = state["mean"], state["var"]
+    y = (x2 - mean) / np.sqrt(var + layer.args["eps"]) * params["gamma"] + params["beta"]
+    return y.reshape(x.shape)
+
+
+def ref_softmax(layer, x, params, training, state=None):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def ref_squared(layer, x, params, training, state=None):
+    return x
+
+
+REFERENCES = {
+    "input": ref_input,
+    "conv": ref_conv,
+    "dense": ref_dense,
+    "flatten": ref_flatten,
+    "maxpool": ref_maxpool,
+    "avgpool": ref_avgpool,
+    "dropout": ref_dropout,
+    "batchnorm": ref_batchnorm,
+    "softmax": ref_softmax,
+    "squared": ref_squared,
+    **{a: ref_activation for a in ACTS},
+}
+
+
+def reference(layer, x, params, training, state=None):
+    return REFERENCES[layer.kind](layer, x, params, training, state)
+
+
+# --------------------------------------------------------------------------- losses
+def loss_softmax(z, labels):
+    """Mean cross-entropy of softmax(z) against integer labels."""
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(labels)), labels].mean()
+
+
+def loss_squared(z, targets):
+    return 0.5 * np.sum((z - targets.reshape(z.shape)) ** 2) / z.shape[0]
+
+
+LOSSES = {"softmax": loss_softmax, "squared": loss_squared}
+
+
+def network_loss(model, x, params, targets, training=True, states=None):
+    """The whole model's loss in float64: every layer's reference in turn, then the loss.
+    params: {layer name: {param: float64 array}}."""
+    layers = [l for l in model.layers if l.role != "input"]
+    for l in layers[:-1]:
+        x = reference(l, x, params.get(l.name, {}), training, (states or {}).get(l.name))
+    return LOSSES[layers[-1].kind](x, targets)
+
+
+# --------------------------------------------------------------------------- examples
+# kind -> [(layer text, input shape as written: WxHxC or N)]. Maps are not square, so a swapped
+# width and height shows. Every registered kind must appear (the tests fail otherwise).
+EXAMPLES = {
+    "input": [("input", "5x4x2"), ("input", "7")],
+    "conv": [
+        ("conv(filters=1, field=3)", "6x5x1"),                       # direct path
+        ("conv(filters=3, field=3, stride=2, pad=1)", "7x5x2"),      # direct, strided, padded
+        ("conv(filters=2, field=1, act=relu)", "4x3x3"),             # 1x1
+        ("conv(filters=4, field=3, pad=same, act=gelu)", "5x6x2"),   # direct, largest count
+        ("conv(filters=5, field=3, pad=same, act=tanh)", "5x4x3"),   # im2col + BLAS
+        ("conv(filters=6, field=2, stride=2, act=leakyrelu(alpha=0.1))", "6x4x2"),
+        ("conv(filters=7, field=5, stride=3, pad=2, act=elu(alpha=0.5))", "7x4x2"),
+        ("conv(filters=8, field=3, pad=2, act=sigmoid)", "4x3x1"),    # pad wider than needed
+        ("conv(filters=3, field=4, act=softplus)", "5x6x2"),          # even field
+        ("conv(filters=2, field=2, stride=3)", "8x5x1"),             # stride > field: gaps
+        ("conv(filters=5, field=1, stride=2, pad=1)", "5x3x2"),      # border outputs see only pad
+        ("conv(filters=5, field=3)", "3x3x2"),                       # field = input: 1x1 output
+    ],
+    "dense": [
+        ("dense(4)", "3x2x2"),                      # flattens a map in NHWC order
+        ("dense(3, act=tanh)", "6"),
+        ("linear(1, act=relu)", "5"),
+        ("dense(7, act=gelu)", "2x3x2"),
+    ],
+    "flatten": [("flatten", "3x4x2")],
+    "maxpool": [
+        ("maxpool", "6x4x2"),
+        ("maxpool(2, ceil=true)", "5x7x2"),          # partial last windows both ways
+        ("max2d(3, stride=2)", "7x5x2"),             # overlapping
+        ("maxpool(3, stride=2, ceil=true)", "8x6x3"),  # overlapping and partial
+        ("maxpool(2, stride=3, ceil=true)", "7x6x1"),  # gaps between windows
+        ("maxpool(3, stride=1)", "5x4x2"),
+    ],
+    "avgpool": [
+        ("avgpool", "6x4x2"),
+        ("avgpool(2, ceil=true)", "5x7x2"),
+        ("avgpool(3, stride=2)", "7x5x2"),
+        ("avgpool(3, stride=2, ceil=true)", "8x6x3"),
+        ("avg2d(2, stride=3, ceil=true)", "7x6x1"),
+        ("avgpool(3, stride=1)", "5x4x2"),
+    ],
+    "dropout": [("dropout", "5x4x3"), ("dropout(0.25)", "9"), ("dropout(p=0)", "4x3x2")],
+    "batchnorm": [
+        ("batchnorm", "4x3x3"),
+        ("batchnorm(momentum=0.5, eps=0.001)", "5"),
+        ("bn", "2x2x1"),
+    ],
+    "softmax": [("softmax", "4"), ("crossentropy", "2")],
+    "squared": [("squared", "3"), ("mse", "1")],
+    "relu": [("relu", "5x4x2"), ("relu", "6")],
+    "gelu": [("gelu", "5x4x2")],
+    "sigmoid": [("sigmoid", "7")],
+    "tanh": [("tanh", "3x2x2")],
+    "linear": [("linear", "6"), ("identity", "2x2x2")],
+    "leakyrelu": [("leakyrelu", "5x4x1"), ("leakyrelu(alpha=0.3)", "6")],
+    "elu": [("elu", "5x4x2"), ("elu(alpha=0.4)", "6")],
+    "softplus": [("softplus", "3x3x2")],
+}

@@ -1,0 +1,350 @@
+"""Every registered layer kind against its naive float64 reference (tests/naive.py): output shape,
+dtype and layout, forward values, backward against central finite differences, the kernels'
+plain-Python versions against the compiled ones, and whole networks' gradients.
+
+A kind without examples in naive.EXAMPLES fails here, so a new kind cannot go untested.
+
+Finite differences are taken of the float64 reference, so eps can be small (1e-6): the
+truncation and rounding errors are ~1e-10, far below the float32 kernels' own error, and
+a step that small almost never crosses a relu kink or a maxpool tie."""
+import copy
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import naive  # noqa: E402
+
+from flowdsl.layers import REGISTRY, load_all  # noqa: E402
+from flowdsl.model import build_text  # noqa: E402
+from flowdsl.net import Net  # noqa: E402
+
+load_all()
+N = 3            # batch
+EPS = 1e-6       # finite-difference step, on the float64 reference
+SAMPLE = 24      # finite-difference coordinates checked per array
+FD_RTOL = 2e-3   # float32 kernels against float64 differences
+KINDS = sorted(REGISTRY)
+CASES = [(k, t, s) for k in KINDS for t, s in naive.EXAMPLES.get(k, ())]
+IDS = [f"{k}:{t}@{s}" for k, t, s in CASES]
+
+
+# ------------------------------------------------------------------------------ helpers
+def nhwc(s):
+    return (s[1], s[2], s[0]) if len(s) == 3 else tuple(s)
+
+
+def rng_for(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def build(kind, text, shape):
+    """(net, layer): the layer under test in `input(shape) :: layer :: squared` (loss kinds: the
+    loss right after the input; input: just the input)."""
+    role = REGISTRY[kind].role
+    if role == "input":
+        src = f"{text}({shape}) :: squared"
+    elif role == "loss":
+        src = f"input({shape}) :: {text}"
+    else:
+        src = f"input({shape}) :: {text} :: squared"
+    model = build_text(src)
+    layer = model.layers[0] if role == "input" else model.layers[1]
+    assert layer.kind == kind, f"{text!r} builds a {layer.kind}, listed under {kind}"
+    return Net(model, seed=0), layer
+
+
+def randomise(net, layer, rng):
+    """Random parameters (not the init's zeros and ones) and running statistics."""
+    for pname, v in net.params.get(layer.name, {}).items():
+        v[...] = rng.normal(0.0, 0.7, v.shape)
+    st = net.state.get(layer.name, {})
+    if "mean" in st:
+        st["mean"][...] = rng.normal(0.0, 0.5, st["mean"].shape)
+        st["var"][...] = rng.uniform(0.5, 2.0, st["var"].shape)
+
+
+def f64(d):
+    return {k: np.array(v, np.float64) for k, v in d.items()}
+
+
+def setup(kind, text, shape):
+    net, layer = build(kind, text, shape)
+    rng = rng_for(kind, text, shape)
+    randomise(net, layer, rng)
+    x = rng.normal(0.0, 1.0, (N,) + nhwc(layer.in_shape)).astype(np.float32)
+    return net, layer, x, rng
+
+
+def params_of(net, layer):
+    return net.params.get(layer.name, {})
+
+
+def ctx_of(net, layer):
+    return {"state": net.state.get(layer.name, {}), "rng": net.rng}
+
+
+def deterministic(layer):
+    return layer.kind != "dropout" or layer.args["p"] == 0.0
+
+
+def fd_check(name, got, f, x0, rng):
+    """Compare got (the analytic gradient of f at x0) with central differences of f on a sample
+    of coordinates. f takes a float64 array shaped like x0."""
+    assert got.shape == x0.shape, f"{name}: gradient shape {got.shape}, expected {x0.shape}"
+    assert np.all(np.isfinite(got)), f"{name}: gradient not finite (not written?)"
+    idx = np.arange(x0.size) if x0.size <= SAMPLE else rng.choice(x0.size, SAMPLE, replace=False)
+    fd = np.empty(len(idx))
+    for t, i in enumerate(idx):
+        xp = x0.copy()
+        xp.flat[i] += EPS
+        xm = x0.copy()
+        xm.flat[i] -= EPS
+        fd[t] = (f(xp) - f(xm)) / (2 * EPS)
+    g = np.asarray(got, np.float64).flat[idx]
+    scale = max(np.abs(fd).max(), 1e-3)
+    np.testing.assert_allclose(g, fd, rtol=FD_RTOL, atol=FD_RTOL * scale, err_msg=name)
+
+
+# ------------------------------------------------------------------------------ the registry
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_has_a_reference_and_examples(kind):
+    assert naive.EXAMPLES.get(kind), f"no examples for layer kind '{kind}' in tests/naive.py EXAMPLES"
+    assert kind in naive.REFERENCES, f"no naive reference for layer kind '{kind}' in tests/naive.py"
+
+
+def test_examples_name_only_registered_kinds():
+    assert set(naive.EXAMPLES) <= set(REGISTRY), set(naive.EXAMPLES) - set(REGISTRY)
+
+
+# ------------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("kind,text,shape", CASES, ids=IDS)
+def test_forward_matches_reference(kind, text, shape):
+    net, layer, x, _ = setup(kind, text, shape)
+    p = params_of(net, layer)
+    modes = (False, True) if deterministic(layer) else (False,)
+    for training in modes:
+        state = f64(net.state.get(layer.name, {}))  # before a training pass moves it
+        want = naive.reference(layer, x.astype(np.float64), f64(p), training, state)
+        y = layer.forward(x, p, ctx_of(net, layer), training)
+        what = f"{text} on {shape}, training={training}"
+        assert y.dtype == np.float32, what
+        assert y.flags.c_contiguous, what
+        assert y.shape == (N,) + nhwc(layer.out), f"{what}: out_shape {layer.out} but output {y.shape}"
+        assert want.shape == y.shape, f"{what}: reference gives {want.shape}"
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=what)
+        if layer.role not in ("input", "loss"):
+            # the same through Net.forward (the layer is the last before the loss)
+            state = f64(net.state.get(layer.name, {}))
+            want = naive.reference(layer, x.astype(np.float64), f64(p), training, state)
+            y = net.forward(x, training=training)
+            assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == want.shape, what
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+# ------------------------------------------------------------------------------ backward
+BACKWARD = [c for c in CASES if REGISTRY[c[0]].role != "loss"]
+MODES = {"batchnorm": (True, False)}  # kinds whose backward also runs after an eval forward
+
+
+@pytest.mark.parametrize("kind,text,shape", BACKWARD, ids=[f"{k}:{t}@{s}" for k, t, s in BACKWARD])
+def test_backward_matches_finite_differences(kind, text, shape):
+    net, layer, x, rng = setup(kind, text, shape)
+    if not deterministic(layer):
+        pytest.skip("random in training: see test_dropout_*")
+    p = params_of(net, layer)
+    for training in MODES.get(kind, (True,)):
+        state = f64(net.state.get(layer.name, {}))
+        ctx = ctx_of(net, layer)
+        y = layer.forward(x, p, ctx, training)
+        dy = rng.normal(0.0, 1.0, y.shape).astype(np.float32)
+        dy64 = dy.astype(np.float64)
+        g = {k: np.full_like(v, np.nan) for k, v in p.items()}  # backward must overwrite
+        dx = layer.backward(dy, p, g, ctx, need_dx=True)
+        assert dx.dtype == np.float32 and dx.shape == x.shape, text
+        x64, p64 = x.astype(np.float64), f64(p)
+
+        def loss(xv, pv):
+            return np.sum(naive.reference(layer, xv, pv, training, state) * dy64)
+
+        fd_check(f"{text} dx", dx, lambda xv: loss(xv, p64), x64, rng)
+        for name in p:
+            def lp(v, name=name):
+                return loss(x64, {**p64, name: v})
+            fd_check(f"{text} d{name}", g[name], lp, p64[name], rng)
+
+        # need_dx=False: the same parameter gradients, no dx
+        ctx = ctx_of(net, layer)
+        layer.forward(x, p, ctx, training)
+        g2 = {k: np.full_like(v, np.nan) for k, v in p.items()}
+        assert layer.backward(dy, p, g2, ctx, need_dx=False) is None
+        for name in p:
+            np.testing.assert_allclose(g2[name], g[name], rtol=1e-6, atol=1e-6)
+
+
+LOSSES = [c for c in CASES if REGISTRY[c[0]].role == "loss"]
+
+
+@pytest.mark.parametrize("kind,text,shape", LOSSES, ids=[f"{k}:{t}@{s}" for k, t, s in LOSSES])
+def test_loss_gradient(kind, text, shape):
+    net, layer, z, rng = setup(kind, text, shape)
+    if layer.targets == "labels":
+        target = rng.integers(0, z.shape[1], N)
+    else:
+        target = rng.normal(0.0, 1.0, z.shape).astype(np.float32)
+    f = naive.LOSSES[kind]
+    loss, dz, _ = layer.loss(z, target)
+    assert dz.dtype == np.float32 and dz.shape == z.shape
+    np.testing.assert_allclose(loss, f(z.astype(np.float64), target), rtol=1e-5)
+    fd_check(f"{text} dz", dz, lambda zv: f(zv, target), z.astype(np.float64), rng)
+
+
+# ------------------------------------------------------------------------------ dropout
+def test_dropout_training_mask_and_backward():
+    net, layer = build("dropout", "dropout(0.3)", "40x30x5")
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 1.0, (4, 30, 40, 5)).astype(np.float32)
+    ctx = ctx_of(net, layer)
+    saved = copy.deepcopy(net.rng)
+    y = layer.forward(x, {}, ctx, True)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == x.shape
+    kept = y != 0
+    assert abs(kept.mean() - 0.7) < 0.01
+    np.testing.assert_allclose(y[kept], x[kept] / np.float32(0.7), rtol=1e-6)
+    dy = rng.normal(0.0, 1.0, x.shape).astype(np.float32)
+    dx = layer.backward(dy, {}, {}, ctx, need_dx=True)
+    np.testing.assert_allclose(dx, np.where(kept, dy / np.float32(0.7), 0), rtol=1e-6)
+    # the mask comes from the net's generator: the same state gives the same mask
+    y2 = layer.forward(x, {}, {"state": {}, "rng": saved}, True)
+    np.testing.assert_array_equal(y, y2)
+    # and a further draw a different one
+    y3 = layer.forward(x, {}, ctx_of(net, layer), True)
+    assert not np.array_equal(y3 != 0, kept)
+
+
+def test_dropout_is_the_identity_in_evaluation_and_at_p0():
+    for text, training in (("dropout(0.5)", False), ("dropout(p=0)", True)):
+        net, layer = build("dropout", text, "6")
+        x = np.ones((2, 6), np.float32)
+        ctx = ctx_of(net, layer)
+        assert layer.forward(x, {}, ctx, training) is x
+        dy = np.full((2, 6), 3.0, np.float32)
+        np.testing.assert_array_equal(layer.backward(dy, {}, {}, ctx, need_dx=True), dy)
+
+
+# ------------------------------------------------------------------------------ batchnorm
+@pytest.mark.parametrize("shape", ["4x3x3", "5"])
+def test_batchnorm_running_statistics(shape):
+    net, layer = build("batchnorm", "batchnorm(momentum=0.8)", shape)
+    st = net.state[layer.name]
+    assert st["mean"].dtype == np.float32 and st["var"].dtype == np.float32
+    np.testing.assert_array_equal(st["mean"], 0)
+    np.testing.assert_array_equal(st["var"], 1)
+    rng = np.random.default_rng(2)
+    x = rng.normal(2.0, 3.0, (N,) + nhwc(layer.in_shape)).astype(np.float32)
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    m0, v0 = st["mean"].copy(), st["var"].copy()
+    net.forward(x, training=True)
+    np.testing.assert_allclose(st["mean"], 0.8 * m0 + 0.2 * x2.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st["var"], 0.8 * v0 + 0.2 * x2.var(0, ddof=1), rtol=1e-5, atol=1e-6)
+    assert st["mean"].dtype == np.float32 and st["var"].dtype == np.float32
+    m1 = st["mean"].copy()
+    net.forward(x, training=False)   # evaluation leaves them alone
+    np.testing.assert_array_equal(st["mean"], m1)
+
+
+# ------------------------------------------------------------------------------ kernels as Python
+def kernel_modules(layer):
+    """Modules holding the numba kernels a layer uses (its own, plus activations for act=)."""
+    import flowdsl.layers.activations as acts
+    mod = sys.modules[type(layer).__module__]
+    return [mod, acts] if mod is not acts else [mod]
+
+
+def kernels_in(mod):
+    return {name: obj for name, obj in vars(mod).items()
+            if hasattr(obj, "py_func") and getattr(obj.py_func, "__module__", None) == mod.__name__}
+
+
+PYFUNC = [c + (2,) for c in CASES if c[0] in ("conv", "maxpool", "avgpool", "batchnorm", "gelu", "elu")]
+PYFUNC += [  # more samples and rows than threads: parallel tasks that could collide if they shared dx
+    ("maxpool", "maxpool(3, stride=2, ceil=true)", "13x11x3", 8),
+    ("maxpool", "maxpool(2)", "12x11x3", 8),
+    ("avgpool", "avgpool(3, stride=1)", "9x11x3", 8),
+    ("conv", "conv(filters=2, field=3, stride=2, pad=1)", "11x9x2", 8),
+    ("conv", "conv(filters=6, field=3, stride=2, pad=1)", "11x9x2", 8),
+]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
+@pytest.mark.parametrize("kind,text,shape,batch", PYFUNC, ids=[f"{k}:{t}@{s}x{b}" for k, t, s, b in PYFUNC])
+def test_kernels_match_their_python_versions(kind, text, shape, batch, monkeypatch):
+    """The compiled kernels against their plain-Python versions (`.py_func`), forward and backward."""
+    net, layer, _, rng = setup(kind, text, shape)
+    x = rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32)
+    p = params_of(net, layer)
+
+    def run():
+        ctx = ctx_of(net, layer)
+        st = {k: v.copy() for k, v in ctx["state"].items()}
+        y = layer.forward(x, p, ctx, True)
+        g = {k: np.full_like(v, np.nan) for k, v in p.items()}
+        dx = layer.backward(np.ones_like(y) + y, p, g, ctx, need_dx=True)
+        for k, v in st.items():  # undo the running-statistics update
+            ctx["state"][k][...] = v
+        return [y, dx] + [g[k] for k in sorted(g)]
+
+    compiled = run()
+    mods = kernel_modules(layer)
+    found = 0
+    for mod in mods:
+        for name, obj in kernels_in(mod).items():
+            monkeypatch.setattr(mod, name, obj.py_func)
+            found += 1
+    assert found, f"no kernels found in {[m.__name__ for m in mods]}"
+    python = run()
+    for a, b in zip(compiled, python):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ whole networks
+NETS = [
+    ("letters-like", """input(12x12x1)
+        :: conv(filters=4, field=3) :: maxpool(2, ceil=true) :: gelu
+        :: conv(filters=5, field=3) :: maxpool(2, ceil=true) :: gelu
+        :: flatten :: dense(6) :: softmax"""),
+    ("batchnorm-dropout-avgpool", """input(8x7x2)
+        :: conv(filters=3, field=3, pad=same) :: batchnorm :: relu :: dropout(p=0)
+        :: avgpool(3, stride=2, ceil=true) :: conv(filters=6, field=2, act=elu)
+        :: flatten :: dense(5) :: batchnorm(momentum=0.5) :: tanh :: dense(3) :: softmax"""),
+    ("regression", "input(6) :: dense(4, act=sigmoid) :: dropout(0) :: dense(2, act=softplus) :: squared"),
+]
+
+
+@pytest.mark.parametrize("name,src", NETS, ids=[n for n, _ in NETS])
+def test_network_gradient(name, src):
+    model = build_text(src)
+    net = Net(model, seed=3)
+    rng = rng_for("net", name)
+    net.flat[...] += rng.normal(0.0, 0.1, net.flat.shape).astype(np.float32)  # biases, gammas off 0 and 1
+    x = rng.normal(0.0, 1.0, (4,) + nhwc(model.input_shape)).astype(np.float32)
+    last = model.layers[-1]
+    if last.targets == "labels":
+        t = rng.integers(0, last.in_shape[0], 4)
+    else:
+        t = rng.normal(0.0, 1.0, (4,) + last.in_shape).astype(np.float32)
+    net.gflat[...] = np.nan
+    loss, _ = net.loss_grad(x, t)
+    p64 = {ln: f64(ps) for ln, ps in net.params.items()}
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(loss, naive.network_loss(model, x64, p64, t), rtol=1e-5)
+    assert np.all(np.isfinite(net.gflat)), "some parameter gradient was not written"
+    for ln, ps in net.params.items():
+        for pn in ps:
+            def f(v, ln=ln, pn=pn):
+                return naive.network_loss(model, x64, {**p64, ln: {**p64[ln], pn: v}}, t)
+            fd_check(f"{name}: {ln}.{pn}", net.grads[ln][pn], f, p64[ln][pn], rng)
