@@ -4,7 +4,8 @@
     net = flowdsl.parse("conv(28x28x1, filters=8) :: dense(10) :: softmax")
     print(net.summary())
 """
-from .errors import FlowError
+from . import parse as _syntax  # noqa: F401  load the submodule first: the function below
+from .errors import FlowError      # must own the name `flowdsl.parse`, not the module
 
 __version__ = "0.1.0"
 

@@ -30,6 +30,9 @@ def save(net, path, extra: dict):
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except OSError as e:
         try:

@@ -83,6 +83,14 @@ def _cmd_predict(a):
     return 0
 
 
+def _cmd_focus(a):
+    from .jobs import run_focus
+    from .model import load_model
+    m = load_model(a.file)
+    run_focus(m, a.weights, a.layer, a.all, a.input, out=a.out, kernels=a.kernels)
+    return 0
+
+
 def make_parser():
     p = _Parser(prog="flowdsl", description="A declarative language for convolutional networks.")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -113,6 +121,15 @@ def make_parser():
     pr.add_argument("--top", type=_positive, default=3)
     pr.add_argument("images", nargs="+", metavar="IMG")
     pr.set_defaults(run=_cmd_predict)
+    fo = sub.add_parser("focus", help="write a layer's activations as PNGs")
+    fo.add_argument("file")
+    fo.add_argument("--weights", metavar="CKPT", help="trained weights (default: the initialised ones)")
+    fo.add_argument("--layer", nargs="+", metavar="NAME", default=[], help="layers to draw")
+    fo.add_argument("--all", action="store_true", help="draw every layer")
+    fo.add_argument("--input", nargs="+", metavar="IMG", default=[], help="input images")
+    fo.add_argument("--out", help="output folder (default: runs/<model name>/focus/)")
+    fo.add_argument("--kernels", action="store_true", help="also draw conv layers' learned filters")
+    fo.set_defaults(run=_cmd_focus)
     b = sub.add_parser("bench", help="training and inference images/s, time per layer")
     b.add_argument("file")
     b.add_argument("--batch", type=_positive, default=None, help="training batch (default: the file's)")

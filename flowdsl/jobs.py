@@ -105,7 +105,7 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1):
                seed=settings["seed"], augment=settings["augment"], patience=settings["patience"],
                out_dir=out, resume=resume, classes=train.classes, verbose=verbose, log=say,
                checkpoint_every=None)
-    write_report(hist, os.path.join(out, "report.png"), title=f"{model_name(model)} — {model.n_params():,} weights")
+    write_report(hist, os.path.join(out, "report.png"), title=f"{model_name(model)}: {model.n_params():,} weights")
     if hist.rows:
         r = hist.rows[-1]
         best = max((x["test_acc"] for x in hist.rows if math.isfinite(x["test_acc"])), default=float("nan"))
@@ -238,3 +238,49 @@ def run_predict(model, weights, images, top=3):
         order = np.argsort(-p)[:top]
         print(f"{path}: " + "  ".join(f"{names[i]} {p[i]:.3f}" for i in order))
     return probs
+
+
+def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=False):
+    """Write focus PNGs for the given layers (or all) and input images. Returns the paths."""
+    from .data import load_image_files
+    from .focus import kernel_png
+    from .net import Net
+    if weights:
+        net, _ = load_trained(model, weights)
+    else:
+        net = Net(model)  # the initialised weights: the "before training" picture
+    names = model.names()
+    if all_layers:
+        chosen = [l.name for l in model.layers if l.role not in ("input", "loss")]
+    else:
+        if not layers:
+            raise FlowError(f"say which layers to draw: --layer NAME (one of {', '.join(names)}) or --all")
+        chosen = []
+        for n in layers:
+            try:
+                model.layer(n)
+            except KeyError:
+                from .errors import did_you_mean
+                raise FlowError(f"no layer named '{n}'{did_you_mean(n, names)}; the layers are: "
+                                f"{', '.join(names)}") from None
+            chosen.append(n)
+    out = out or os.path.join("runs", model_name(model), "focus")
+    paths = []
+    if inputs:
+        x = load_image_files(inputs, model.input_shape)
+        stems = [Path(p).stem for p in inputs]
+        if len(set(stems)) < len(stems):
+            stems = [f"{i}-{s}" for i, s in enumerate(stems)]
+        for n in chosen:
+            net.focus(n, x, png_dir=out, names=stems)
+        paths = sorted(str(p) for p in Path(out).glob("*.png"))
+    elif not kernels:
+        raise FlowError("give the images to look at: --input IMG... (or draw the filters with --kernels)")
+    if kernels:
+        convs = [model.layer(n) for n in chosen if model.layer(n).kind == "conv"]
+        if not convs:
+            raise FlowError(f"--kernels draws conv layers' filters, and none of {', '.join(chosen)} is a conv layer")
+        for l in convs:
+            paths.append(kernel_png(l, net.params[l.name]["w"], out))
+    print(f"wrote {len(paths)} PNGs to {out}/")
+    return paths

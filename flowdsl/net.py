@@ -133,8 +133,9 @@ class Net:
             outs.append(self.loss_layer.forward(z, None, {}, False))
         return np.concatenate(outs) if outs else np.zeros((0,) + self.loss_layer.out, np.float32)
 
-    def focus(self, name, x, png_dir=None):
-        """Activations of the named layer for input x: (N, H, W, C) for maps, (N, D) for vectors."""
+    def focus(self, name, x, png_dir=None, names=None):
+        """Activations of the named layer for input x: (N, H, W, C) for maps, (N, D) for vectors.
+        With png_dir, also write them as PNGs (flowdsl.focus); `names` label the inputs."""
         try:
             layer = self.model.layer(name)
         except KeyError:
@@ -148,8 +149,39 @@ class Net:
             acts = kept[layer.name]
         if png_dir is not None:
             from .focus import write_pngs
-            write_pngs(layer, acts, png_dir)
+            write_pngs(layer, acts, png_dir, names)
         return acts
+
+    def fit(self, x, y=None, epochs=None, batch=None, test=None, **kw):
+        """Train on arrays (x: (N,H,W,C) or (N,C,H,W); y: int labels) or on a data source
+        (x = a .flow source string such as 'fashion_mnist("train")', y = None). Settings not
+        given come from the model's train block. Returns the History (history["test_acc"], ...)."""
+        from .train import fit
+        t = self.model.train
+        if isinstance(x, str):
+            from .jobs import base_dir, parse_source
+            from .data import load_source
+            ds = load_source(parse_source(x, self.model), base_dir(self.model), self.model.input_shape)
+            x, y = ds.x, ds.y
+            kw.setdefault("classes", ds.classes)
+        x = self.as_input(x)
+        if y is None:
+            raise FlowError("fit needs labels y (or a data source string as x)")
+        y = np.asarray(y)
+        if test is not None:
+            test = (self.as_input(test[0]), np.asarray(test[1]))
+        defaults = dict(iterations=t["iterations"] if epochs is None else None, optimizer=t["optimizer"],
+                        schedule=t["schedule"], l2=t["l2"], seed=t["seed"], augment=t["augment"],
+                        patience=t["patience"], verbose=0)
+        defaults.update(kw)
+        if epochs is None and defaults["iterations"] is None:
+            epochs = t["epochs"] or 1
+        return fit(self, x, y, test, epochs=epochs, batch=batch or t["batch"], **defaults)
+
+    def evaluate(self, x, y, batch=256):
+        """{'loss', 'acc', 'confusion'} on arrays."""
+        from .train import evaluate
+        return evaluate(self, self.as_input(x), np.asarray(y), batch)
 
     def summary(self):
         return self.model.summary()

@@ -90,11 +90,12 @@ def threading_main():
 
 def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimizer=None, schedule=None,
         l2=0.0, seed=0, augment=(), patience=None, out_dir=None, checkpoint_every=None, resume=None,
-        classes=None, verbose=1, log=None):
+        classes=None, verbose=1, log=None, callback=None):
     """Train `net` on arrays x (NHWC float32), y. test: (x, y) or None. Returns a History.
 
     verbose: 0 silent, 1 a progress bar on a terminal and one line per epoch otherwise, 2 one
-    line per epoch. out_dir: write last.npz, best.npz and log.csv there."""
+    line per epoch. out_dir: write last.npz, best.npz and log.csv there. callback(step, loss) is
+    called after every step; returning True stops training as Ctrl-C does (saving last.npz)."""
     from .args import CallValue
     from .augment import Augmenter
     from .optim import Optimizer, lr_at
@@ -118,8 +119,9 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     aug = Augmenter(augment, seed) if augment else None
     hist = History(classes=list(classes or []))
     step, best, bad = 0, -math.inf, 0
+    running = (0.0, 0.0, 0.0)
     if resume is not None:
-        step, best, bad = _restore(net, opt, hist, resume)
+        step, best, bad, running = _restore(net, opt, hist, resume)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         if resume is None:
@@ -131,7 +133,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
     perm, perm_epoch = None, -1
-    ep_loss = ep_correct = ep_seen = 0.0
+    ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
     t_epoch = time.perf_counter()
     last_eval = None
     with _Stop() as stop:
@@ -157,6 +159,8 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                                     f"Try a lower learning rate (--lr {lr / 10:.3g}).")
                 opt.step(lr)
                 step += 1
+                if callback is not None and callback(step, loss):
+                    stop.flag = "stopped by callback"
                 ep_loss += loss * len(idx)
                 ep_correct += correct
                 ep_seen += len(idx)
@@ -199,12 +203,14 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                         hist.stopped = f"early stop: no improvement for {patience} epochs"
                         break
                 elif out_dir and checkpoint_every and step % checkpoint_every == 0:
-                    _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed)
+                    _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed,
+                          (ep_loss, ep_correct, ep_seen))
         finally:
             if bar is not None:
                 bar.close()
         if hist.stopped and out_dir and not hist.stopped.startswith("early"):
-            _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed)
+            _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed,
+                  (ep_loss, ep_correct, ep_seen))
             if verbose:
                 log(f"{hist.stopped}: saved {os.path.join(out_dir, 'last.npz')} at step {step}; "
                     f"continue with --resume {os.path.join(out_dir, 'last.npz')}")
@@ -222,8 +228,8 @@ def _epoch_line(r, epochs):
     return s + f"  {r['img_per_s']:,.0f} img/s  {r['seconds']:.1f} s"
 
 
-def _save(net, opt, hist, path, step, best, bad, seed):
-    extra = {"opt.m": opt.m, "opt.v": opt.v, "opt.t": np.array(opt.t, np.int64),
+def _save(net, opt, hist, path, step, best, bad, seed, running=(0.0, 0.0, 0.0)):
+    extra = {"meta.running": np.array(running, np.float64), "opt.m": opt.m, "opt.v": opt.v, "opt.t": np.array(opt.t, np.int64),
              "opt.kind": np.array(opt.kind), "meta.step": np.array(step, np.int64),
              "meta.best": np.array(best, np.float64), "meta.bad": np.array(bad, np.int64),
              "meta.seed": np.array(seed, np.int64), "meta.history": hist.as_array(),
@@ -244,6 +250,7 @@ def _restore(net, opt, hist, path):
         step = int(data["meta.step"])
         best = float(data["meta.best"])
         bad = int(data["meta.bad"])
+        running = tuple(float(v) for v in data["meta.running"]) if "meta.running" in data else (0.0, 0.0, 0.0)
         for r in data["meta.history"]:
             hist.rows.append({c: (int(v) if c in ("epoch", "step") else float(v)) for c, v in zip(HISTORY_COLS, r)})
         if "meta.confusion" in data:
@@ -252,7 +259,7 @@ def _restore(net, opt, hist, path):
             hist.classes = [str(c) for c in data["meta.classes"]]
     except KeyError as e:
         raise FlowError(f"{path}: not a training checkpoint (missing {e.args[0]}); it can be used with --weights") from None
-    return step, best, bad
+    return step, best, bad, running
 
 
 def write_log(hist, path):
