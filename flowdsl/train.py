@@ -17,6 +17,8 @@ import numpy as np
 
 from .errors import FlowError
 
+SAVE_SECONDS = 60.0  # last.npz is also written at least this often within an epoch
+
 HISTORY_COLS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img_per_s")
 
 
@@ -134,6 +136,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
     perm, perm_epoch = None, -1
     ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
+    last_save = time.monotonic()
     t_epoch = time.perf_counter()
     last_eval = None
     with _Stop() as stop:
@@ -190,6 +193,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                         bad += 1
                     if out_dir:
                         _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed)
+                        last_save = time.monotonic()
                         if improved:
                             _save(net, opt, hist, os.path.join(out_dir, "best.npz"), step, best, bad, seed)
                         write_log(hist, os.path.join(out_dir, "log.csv"))
@@ -202,9 +206,11 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     if patience and bad >= patience:
                         hist.stopped = f"early stop: no improvement for {patience} epochs"
                         break
-                elif out_dir and checkpoint_every and step % checkpoint_every == 0:
+                elif out_dir and ((checkpoint_every and step % checkpoint_every == 0)
+                                  or time.monotonic() - last_save > SAVE_SECONDS):
                     _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed,
                           (ep_loss, ep_correct, ep_seen))
+                    last_save = time.monotonic()
         finally:
             if bar is not None:
                 bar.close()
