@@ -1,0 +1,736 @@
+"""Data sources of the `train { data = ... }` block: image folders, IDX, npz, csv and Fashion-MNIST.
+
+Every source gives a `Dataset`: x float32 scaled to [0, 1], channels last (N, H, W, C) for image
+models or (N, D) for vector models, already fitted to the model's input; y int64 labels. Every
+problem with the data is a `FlowError` that names the file. numpy and pillow only.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FlowError
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Where fashion_mnist() looks after $FLOWDSL_DATA (Debian's dataset-fashion-mnist package).
+# A module attribute so tests can point it elsewhere.
+FASHION_SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DECODE_WORKERS = 4       # threads decoding images (pillow releases the GIL while decoding)
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray        # float32 (N, H, W, C) or (N, D), in [0, 1]
+    y: np.ndarray        # int64 (N,)
+    classes: list        # class names, index = label
+    source: str          # description for messages
+
+    def __len__(self):
+        return len(self.y)
+
+    def subset(self, idx, source=None) -> "Dataset":
+        return Dataset(self.x[idx], self.y[idx], list(self.classes), source or self.source)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _show(shape) -> str:
+    """A per-sample shape in DSL order: (H, W, C) -> WxHxC; (D,) -> D."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 3:
+        h, w, c = shape
+        return f"{w}x{h}x{c}"
+    return "x".join(str(d) for d in shape)
+
+
+def _show_input(input_shape) -> str:
+    """The model's input (C, H, W) or (N,) in DSL order."""
+    if len(input_shape) == 3:
+        c, h, w = input_shape
+        return f"{w}x{h}x{c}"
+    return "x".join(str(d) for d in input_shape)
+
+
+def _resolve(path, base_dir) -> Path:
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        p = Path(base_dir if base_dir is not None else os.getcwd()) / p
+    return Path(os.path.normpath(p))
+
+
+def _existing_file(path, base_dir) -> Path:
+    p = _resolve(path, base_dir)
+    if not p.exists():
+        raise FlowError(f"no such file: {p}")
+    if p.is_dir():
+        raise FlowError(f"{p} is a directory, not a file")
+    return p
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise FlowError(f"cannot read {path}: {e.strerror or e}", str(path)) from None
+
+
+def _fit(x, input_shape, path, what="the data") -> np.ndarray:
+    """x (N, H, W, C) or (N, D) -> the model's layout, or a FlowError naming both shapes."""
+    n = x.shape[0]
+    sample = x.shape[1:]
+    if len(input_shape) == 3:
+        c, h, w = input_shape
+        if sample == (h, w, c):
+            return x
+        if len(sample) == 1 and sample[0] == c * h * w:
+            return x.reshape(n, h, w, c)
+    else:
+        if math.prod(sample) == input_shape[0]:
+            return x.reshape(n, input_shape[0])
+    raise FlowError(f"{what}: each sample is {_show(sample)} ({math.prod(sample)} values), "
+                    f"which does not fit the model input {_show_input(input_shape)}", str(path))
+
+
+def _check_finite(x, path, what="the data"):
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        val = x[tuple(bad)]
+        raise FlowError(f"{what} contains {val} (NaN or Inf) at sample {int(bad[0])}", str(path))
+
+
+def _classes_for(y, given=None):
+    if given is not None and len(y) and len(given) > int(y.max()):
+        return list(given)
+    k = int(y.max()) + 1 if len(y) else 0
+    return [str(i) for i in range(max(k, 0))]
+
+
+def check_labels(ds: Dataset, n_classes: int, where=None):
+    """Every label must be in 0..n_classes-1. `where` (e.g. 'train data' or a file) prefixes the
+    message."""
+    y = ds.y
+    bad = (y < 0) | (y >= n_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        prefix = f"{where}: " if where else ""
+        raise FlowError(f"{prefix}{ds.source}: label {int(y[i])} (sample {i}) is out of range for a model "
+                        f"with {n_classes} classes (labels must be 0..{n_classes - 1}; "
+                        f"{int(bad.sum())} bad labels in all)")
+
+
+def split(ds: Dataset, fraction: float, seed: int = 0):
+    """Split off round(fraction * N) samples as a test set, stratified by label, deterministic in
+    seed. Returns (train, test); both keep the original sample order."""
+    n = len(ds)
+    if not 0.0 < fraction < 1.0:
+        raise FlowError(f"split({fraction}): the fraction must be between 0 and 1")
+    n_test = int(round(fraction * n))
+    if n_test < 1 or n - n_test < 1:
+        raise FlowError(f"split({fraction:g}) of {ds.source}: {n} samples give "
+                        f"{n - n_test} to train and {n_test} to test; both need at least one")
+    rng = np.random.default_rng(seed)
+    labels, counts = np.unique(ds.y, return_counts=True)
+    # largest-remainder allocation of the test samples across classes
+    quota = n_test * counts / n
+    take = np.floor(quota).astype(np.int64)
+    rest = n_test - int(take.sum())
+    if rest:
+        # the largest remainders first; ties (common with many small classes) broken by the seed
+        order = np.lexsort((rng.random(len(labels)), -(quota - take)))
+        take[order[:rest]] += 1
+    test_idx = []
+    for lab, k in zip(labels, take):
+        members = np.flatnonzero(ds.y == lab)
+        if k:
+            test_idx.append(rng.permutation(members)[:k])
+    test_mask = np.zeros(n, bool)
+    if test_idx:
+        test_mask[np.concatenate(test_idx)] = True
+    pct = f"{fraction * 100:g}%"
+    train = ds.subset(np.flatnonzero(~test_mask), f"{ds.source} (train part of split({fraction:g}))")
+    test = ds.subset(np.flatnonzero(test_mask), f"{ds.source} ({pct} test split)")
+    return train, test
+
+
+# ------------------------------------------------------------------------------------- images
+def _image_target(input_shape, size, color, where):
+    """(W, H, C, flatten) for images fitted to the model input, given size= and color=."""
+    where = str(where)
+    if color is not None and color not in ("gray", "rgb"):
+        raise FlowError(f"color must be gray or rgb. Received: color={color}", where)
+    want_c = {"gray": 1, "rgb": 3, None: None}[color]
+    if size is not None:
+        size = tuple(int(d) for d in size)
+        if len(size) not in (2, 3):
+            raise FlowError(f"size must be WxH (e.g. 28x28). Received: size={'x'.join(map(str, size))}", where)
+    if len(input_shape) == 3:
+        c, h, w = input_shape
+        if c not in (1, 3):
+            raise FlowError(f"images have 1 channel (gray) or 3 (rgb), but the model input "
+                            f"{_show_input(input_shape)} has {c}", where)
+        if want_c is not None and want_c != c:
+            raise FlowError(f"color={color} gives {want_c} channel{'s' * (want_c > 1)}, but the model input "
+                            f"{_show_input(input_shape)} has {c}", where)
+        if size is not None and (size[:2] != (w, h) or (len(size) == 3 and size[2] != c)):
+            raise FlowError(f"size={'x'.join(map(str, size))} differs from the model input "
+                            f"{_show_input(input_shape)}", where)
+        return w, h, c, False
+    d = input_shape[0]
+    if size is not None:
+        w, h = size[:2]
+        c = want_c if want_c is not None else (size[2] if len(size) == 3 else
+                                              1 if d == w * h else 3 if d == 3 * w * h else None)
+        if c is None or w * h * c != d:
+            raise FlowError(f"images of size {'x'.join(map(str, size))}"
+                            f"{f' ({color})' if color else ''} do not fit the model input {d}", where)
+        return w, h, c, True
+    for c in ((want_c,) if want_c is not None else (1, 3)):
+        side = math.isqrt(d // c) if d % c == 0 else 0
+        if side * side * c == d:
+            return side, side, c, True
+    raise FlowError(f"the model input is a vector of {d}: give the image size, e.g. "
+                    f"images(..., size=WxH{', color=' + color if color else ''})", where)
+
+
+def _to_float(img, mode, path):
+    """A pillow image -> float32 (H, W, C) in [0, 1] in `mode` ('L' or 'RGB'). 16-bit and 32-bit
+    integer images are scaled by 65535, not clipped at 255."""
+    from PIL import Image
+    m = img.mode
+    if m in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img)
+        if m == "F":
+            a = a.astype(np.float32)
+            top = float(np.nanmax(a)) if a.size else 0.0
+            scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+            a = a / np.float32(scale)
+        else:
+            a = a.astype(np.float32) / np.float32(65535.0)
+        a = np.clip(a, 0.0, 1.0).astype(np.float32, copy=False)
+        return Image.fromarray(a), True
+    if m == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids pillow's warning about palette transparency
+    if img.mode != mode:
+        try:
+            img = img.convert(mode)
+        except ValueError:
+            for via in ("RGBA", "RGB", "LA"):
+                try:
+                    img = img.convert(via).convert(mode)
+                    break
+                except ValueError:
+                    continue
+            else:
+                raise FlowError(f"cannot convert a {img.mode} image to {mode}", str(path)) from None
+    return img, False
+
+
+def _decode(path: Path, w, h, c):
+    from PIL import Image
+    mode = "L" if c == 1 else "RGB"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img, is_float = _to_float(im, mode, path)
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+            if is_float:
+                a = np.asarray(img, dtype=np.float32)
+                a = np.clip(a, 0.0, 1.0)
+                a = a[:, :, None]
+                if c == 3:
+                    a = np.repeat(a, 3, axis=2)
+                return a
+            a = np.asarray(img)
+            if a.ndim == 2:
+                a = a[:, :, None]
+            return np.divide(a, np.float32(255.0), dtype=np.float32)
+    except FlowError:
+        raise
+    except Exception as e:  # pillow raises many kinds on corrupt or truncated files
+        msg = str(e) or type(e).__name__
+        raise FlowError(f"cannot read image: {msg}", str(path)) from None
+
+
+def _decode_all(paths, w, h, c):
+    out = np.empty((len(paths), h, w, c), np.float32)
+
+    def work(i):
+        out[i] = _decode(paths[i], w, h, c)
+
+    if len(paths) < 32:
+        for i in range(len(paths)):
+            work(i)
+        return out
+    workers = max(1, min(DECODE_WORKERS, os.cpu_count() or 1, len(paths)))
+    ex = ThreadPoolExecutor(max_workers=workers)
+    try:
+        chunk = max(1, len(paths) // (workers * 8))
+        for _ in ex.map(work, range(len(paths)), chunksize=chunk):
+            pass  # results are written in place; iterating re-raises the first error in order
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+def _image_files(folder: Path):
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(Path(root) / name)
+    return files
+
+
+def _load_images(call, base_dir, input_shape, classes=None) -> Dataset:
+    folder = _resolve(call["dir"], base_dir)
+    if not folder.exists():
+        raise FlowError(f"no such file or directory: {folder}")
+    if not folder.is_dir():
+        raise FlowError(f"images() needs a directory with one subfolder per class; {folder} is a file")
+    w, h, c, flatten = _image_target(input_shape, call.get("size"), call.get("color"), folder)
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise FlowError(f"no class folders in {folder}: images() expects one subfolder per class "
+                        f"(e.g. {folder}/cat/1.png, {folder}/dog/2.png)", str(folder))
+    if classes is not None and list(classes) != names:
+        missing = [k for k in classes if k not in names]
+        extra = [k for k in names if k not in classes]
+        detail = []
+        if missing:
+            detail.append("missing: " + ", ".join(missing))
+        if extra:
+            detail.append("not in the weights: " + ", ".join(extra))
+        if not detail:
+            detail.append("same names in a different order")
+        raise FlowError(f"the class folders ({', '.join(names)}) differ from the classes the weights were "
+                        f"trained on ({', '.join(classes)}): {'; '.join(detail)}", str(folder))
+    paths, labels = [], []
+    for k, name in enumerate(names):
+        files = _image_files(folder / name)
+        if not files:
+            raise FlowError(f"class folder '{name}' has no images "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})", str(folder / name))
+        paths += files
+        labels += [k] * len(files)
+    x = _decode_all(paths, w, h, c)
+    if flatten:
+        x = x.reshape(len(x), -1)
+    return Dataset(x, np.asarray(labels, np.int64), names, f"images({folder})")
+
+
+def load_image_files(paths, input_shape, color=None) -> np.ndarray:
+    """Single images (for predict/focus) -> x fitted to the model input, like images()."""
+    w, h, c, flatten = _image_target(input_shape, None, color, paths[0] if paths else "<images>")
+    files = []
+    for p in paths:
+        p = _resolve(p, None)
+        if not p.exists():
+            raise FlowError(f"no such file: {p}")
+        if p.is_dir():
+            raise FlowError(f"{p} is a directory; give image files")
+        files.append(p)
+    x = _decode_all(files, w, h, c)
+    return x.reshape(len(x), -1) if flatten else x
+
+
+# ---------------------------------------------------------------------------------------- idx
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    raw = _read(path)
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise FlowError(f"corrupt or truncated gzip data: {e}", str(path)) from None
+    return raw
+
+
+@lru_cache(maxsize=8)
+def _idx_cached(path_s: str, mtime_ns: int, size: int, role: str):
+    path = Path(path_s)
+    raw = _read_maybe_gz(path)
+    return _parse_idx(raw, path, role)
+
+
+def _parse_idx(raw: bytes, path: Path, role: str) -> np.ndarray:
+    p = str(path)
+    if len(raw) < 4:
+        raise FlowError(f"not an IDX {role} file: only {len(raw)} bytes (truncated?)", p)
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise FlowError(f"not an IDX {role} file: the magic number is {raw[:4].hex(' ')}, expected "
+                        f"00 00 <type> <dims> (type 08 for bytes)", p)
+    code, ndim = raw[2], raw[3]
+    dtype = _IDX_TYPES[code]
+    if role == "images":
+        if code != 0x08:
+            raise FlowError(f"IDX images must be unsigned bytes (type 08); this file has type {code:02x}", p)
+        if ndim not in (2, 3, 4):
+            raise FlowError(f"IDX images must have 3 dimensions (count, rows, columns); "
+                            f"this file has {ndim}", p)
+    else:
+        if dtype.kind not in "iu":
+            raise FlowError(f"IDX labels must be integers; this file has type {code:02x}", p)
+        if ndim != 1:
+            raise FlowError(f"IDX labels must have 1 dimension (count); this file has {ndim} "
+                            f"(is it an images file?)", p)
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise FlowError(f"truncated IDX header: {len(raw)} bytes, the {ndim} sizes need {head}", p)
+    dims = struct.unpack(f">{ndim}I", raw[4:head])
+    count = math.prod(dims)
+    need = count * dtype.itemsize
+    have = len(raw) - head
+    shown = " x ".join(map(str, dims))
+    if have < need:
+        raise FlowError(f"truncated IDX file: the header promises {shown} {role} values ({need} bytes) "
+                        f"but only {have} bytes follow", p)
+    if have > need:
+        raise FlowError(f"IDX file has {have - need} unexpected bytes after the {shown} {role} values "
+                        f"the header promises", p)
+    a = np.frombuffer(raw, dtype, count=count, offset=head).reshape(dims)  # read-only view
+    if role == "labels":
+        a = a.astype(np.int64)
+        a.setflags(write=False)
+    return a
+
+
+def read_idx(path, role="images") -> np.ndarray:
+    """One IDX file (gzipped or not, detected by its magic bytes), decoded and cached in-process.
+    The returned array is read-only (shared by the cache)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise FlowError(f"no such file: {path}") from None
+    return _idx_cached(str(path), st.st_mtime_ns, st.st_size, role)
+
+
+def _idx_dataset(img_path: Path, lab_path: Path, input_shape, source, classes):
+    imgs = read_idx(img_path, "images")
+    labs = read_idx(lab_path, "labels")
+    if len(imgs) != len(labs):
+        raise FlowError(f"{img_path} holds {len(imgs)} images but {lab_path} holds {len(labs)} labels",
+                        str(img_path))
+    if len(imgs) == 0:
+        raise FlowError("the IDX file holds no images", str(img_path))
+    x = imgs[..., None] if imgs.ndim == 3 else imgs
+    x = np.divide(x, np.float32(255.0), dtype=np.float32)
+    x = _fit(x, input_shape, img_path, "the IDX images")
+    y = np.array(labs, np.int64)
+    return Dataset(x, y, classes if classes is not None else _classes_for(y), source)
+
+
+def _load_idx(call, base_dir, input_shape, classes=None) -> Dataset:
+    img = _existing_file(call["images"], base_dir)
+    lab = _existing_file(call["labels"], base_dir)
+    ds = _idx_dataset(img, lab, input_shape, f"idx({img}, {lab})", None)
+    ds.classes = _classes_for(ds.y, classes)
+    return ds
+
+
+def _fashion_dirs():
+    dirs = []
+    env = os.environ.get("FLOWDSL_DATA")
+    if env:
+        for d in env.split(os.pathsep):
+            if d:
+                d = os.path.expanduser(d)
+                dirs += [Path(d), Path(d) / "fashion-mnist"]
+    dirs += [Path(d) for d in FASHION_SYSTEM_DIRS]
+    return dirs
+
+
+def _find_fashion(part):
+    names = FASHION_FILES[part]
+    dirs = _fashion_dirs()
+    for d in dirs:
+        found = []
+        for n in names:
+            for cand in (d / (n + ".gz"), d / n):
+                if cand.is_file():
+                    found.append(cand)
+                    break
+        if len(found) == 2:
+            return found
+    looked = ", ".join(str(d) for d in dirs)
+    raise FlowError(
+        f"Fashion-MNIST ({part}) not found (looked in: {looked}). Install it with "
+        f"`sudo apt-get install dataset-fashion-mnist`, or set FLOWDSL_DATA to a directory holding "
+        f"{names[0]}.gz and {names[1]}.gz")
+
+
+def _load_fashion(call, base_dir, input_shape, classes=None) -> Dataset:
+    part = call.get("part", "train")
+    if part not in FASHION_FILES:
+        raise FlowError(f"fashion_mnist: part must be train or test. Received: part={part}")
+    img, lab = _find_fashion(part)
+    return _idx_dataset(img, lab, input_shape, f"fashion_mnist({part}) from {img.parent}",
+                        list(FASHION_CLASSES))
+
+
+# ---------------------------------------------------------------------------------------- npz
+def _load_npz(call, base_dir, input_shape, classes=None) -> Dataset:
+    path = _existing_file(call["file"], base_dir)
+    p = str(path)
+    kx, ky = str(call.get("x", "x")), str(call.get("y", "y"))
+    try:
+        f = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise FlowError("refusing pickled data: this file is a Python pickle; save plain arrays with "
+                            "np.savez(file, x=..., y=...)", p) from None
+        raise FlowError(f"cannot read npz: {e}", p) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise FlowError(f"cannot read npz: {e}", p) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise FlowError("this is a single .npy array; npz(...) needs an .npz archive saved with "
+                        "np.savez(file, x=images, y=labels)", p)
+    with f:
+        arrays = {}
+        for key, role in ((kx, "x"), (ky, "y")):
+            if key not in f.files:
+                raise FlowError(f"no array '{key}' in the archive (it holds: {', '.join(f.files) or 'nothing'}); "
+                                f"choose with npz(..., {role}=\"name\")", p)
+            try:
+                arrays[role] = f[key]
+            except ValueError as e:
+                if "pickle" in str(e) or "Object arrays" in str(e):
+                    raise FlowError(f"refusing pickled data: array '{key}' holds Python objects", p) from None
+                raise FlowError(f"cannot read array '{key}': {e}", p) from None
+            except Exception as e:  # corrupt member (zlib, CRC, truncated)
+                raise FlowError(f"cannot read array '{key}': {e}", p) from None
+    x, y = arrays["x"], arrays["y"]
+    x = _npz_x(x, kx, input_shape, path)
+    y = _npz_y(y, ky, path)
+    if len(x) != len(y):
+        raise FlowError(f"'{kx}' holds {len(x)} samples but '{ky}' holds {len(y)} labels", p)
+    if len(x) == 0:
+        raise FlowError("the archive holds no samples", p)
+    return Dataset(x, y, _classes_for(y, classes), f"npz({path})")
+
+
+def _npz_x(x, key, input_shape, path):
+    p = str(path)
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32)
+        _check_finite(x, path, f"array '{key}'")
+    elif x.dtype == np.uint8:
+        x = np.divide(x, np.float32(255.0), dtype=np.float32)
+    elif x.dtype == np.uint16:
+        x = np.divide(x, np.float32(65535.0), dtype=np.float32)
+    elif x.dtype.kind == "b":
+        x = x.astype(np.float32)
+    elif x.dtype.kind in "iu":
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise FlowError(f"array '{key}' holds integers from {x.min()} to {x.max()}; pixels must be 0..255 "
+                            f"(uint8) or floats in 0..1", p)
+        x = np.divide(x, np.float32(255.0), dtype=np.float32)
+    else:
+        raise FlowError(f"array '{key}' has dtype {x.dtype}; expected uint8 or float pixels", p)
+    if x.ndim < 2:
+        raise FlowError(f"array '{key}' has shape {x.shape}; expected (N, H, W, C), (N, C, H, W), (N, H, W) "
+                        f"or (N, D)", p)
+    n = x.shape[0]
+    if len(input_shape) == 3:
+        c, h, w = input_shape
+        s = x.shape[1:]
+        if s == (h, w, c):
+            return x
+        if s == (c, h, w):
+            return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if c == 1 and s == (h, w):
+            return x[..., None]
+        if len(s) == 1 and s[0] == c * h * w:
+            return x.reshape(n, h, w, c)
+        expected = f"(N, {h}, {w}, {c}) or (N, {c}, {h}, {w})" + (f" or (N, {h}, {w})" if c == 1 else "")
+        raise FlowError(f"array '{key}' has shape {x.shape}, which does not fit the model input "
+                        f"{_show_input(input_shape)}: expected {expected}", p)
+    d = input_shape[0]
+    if math.prod(x.shape[1:]) != d:
+        raise FlowError(f"array '{key}' has shape {x.shape} ({math.prod(x.shape[1:])} values per sample), "
+                        f"which does not fit the model input {d}", p)
+    if x.ndim == 4 and x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)  # NCHW -> flatten in H, W, C order like every other source
+    return np.ascontiguousarray(x.reshape(n, d))
+
+
+def _npz_y(y, key, path):
+    p = str(path)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2 and y.shape[1] > 1 and y.dtype.kind in "biuf" and \
+            np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all():
+        y = y.argmax(axis=1)  # one-hot
+    if y.ndim != 1:
+        raise FlowError(f"labels '{key}' have shape {y.shape}; expected one integer per sample (N,)", p)
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise FlowError(f"labels '{key}' contain NaN or Inf", p)
+        if (y != np.round(y)).any():
+            i = int(np.argmax(y != np.round(y)))
+            raise FlowError(f"labels '{key}' must be whole numbers; sample {i} has {y[i]}", p)
+        return y.astype(np.int64)
+    raise FlowError(f"labels '{key}' have dtype {y.dtype}; expected integers", p)
+
+
+# ---------------------------------------------------------------------------------------- csv
+def _is_number(s) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _fields(line, delim):
+    parts = line.split(delim) if delim else line.split()
+    return [q.strip().strip('"').strip() for q in parts]
+
+
+def _data_line(line) -> bool:
+    s = line.strip()
+    return bool(s) and not s.startswith("#")
+
+
+def _load_csv(call, base_dir, input_shape, classes=None) -> Dataset:
+    path = _existing_file(call["file"], base_dir)
+    p = str(path)
+    label = int(call.get("label", 0))
+    raw = _read(path)
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise FlowError(f"corrupt gzip data: {e}", p) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FlowError(f"not a text file (bad UTF-8 at byte {e.start})", p, line) from None
+    lines = text.splitlines()
+    first = next((i for i, l in enumerate(lines) if _data_line(l)), None)
+    if first is None:
+        raise FlowError("the csv file has no rows", p)
+    head = lines[first]
+    delim = "," if "," in head else ";" if ";" in head else "\t" if "\t" in head else None
+    fields = _fields(head, delim)
+    start = first + 1 if any(not _is_number(f) for f in fields) else first
+    ncols = len(fields)
+    if label >= ncols:
+        raise FlowError(f"label={label}, but the rows have {ncols} columns (0..{ncols - 1})", p, first + 1)
+    if ncols < 2:
+        raise FlowError("each row needs a label and at least one pixel value", p, first + 1)
+    body = lines[start:]
+    if not any(_data_line(l) for l in body):
+        raise FlowError("the csv file has a header but no rows", p)
+    try:
+        data = np.loadtxt(body, delimiter=delim, dtype=np.float64, ndmin=2, comments="#", quotechar='"')
+    except ValueError:
+        _csv_find_bad_row(lines, start, delim, ncols, p)
+        raise FlowError("cannot parse the csv file", p) from None
+    if data.shape[1] != ncols:
+        _csv_find_bad_row(lines, start, delim, ncols, p)
+    rows_at = None
+
+    def line_of(row):
+        nonlocal rows_at
+        if rows_at is None:
+            rows_at = [i + 1 for i in range(start, len(lines)) if _data_line(lines[i])]
+        return rows_at[row]
+
+    finite = np.isfinite(data)
+    if not finite.all():
+        r, col = np.argwhere(~finite)[0]
+        raise FlowError(f"column {col} is {data[r, col]} (NaN or Inf)", p, line_of(int(r)))
+    y = data[:, label]
+    frac = y != np.round(y)
+    if frac.any():
+        r = int(np.argmax(frac))
+        raise FlowError(f"the label (column {label}) must be a whole number. Received: {y[r]:g}", p, line_of(r))
+    x = np.delete(data, label, axis=1)
+    lo, hi = x.min(), x.max()
+    if lo < 0 or hi > 255:
+        r = int(np.argmax((x < 0).any(axis=1) | (x > 255).any(axis=1)))
+        raise FlowError(f"pixel values must be 0..255 or 0..1; this row has "
+                        f"{x[r].min():g}..{x[r].max():g}", p, line_of(r))
+    x = x.astype(np.float32)
+    if hi > 1:
+        x /= np.float32(255.0)
+    x = _fit(x, input_shape, path, "the csv rows")
+    y = y.astype(np.int64)
+    return Dataset(x, y, _classes_for(y, classes), f"csv({path})")
+
+
+def _csv_find_bad_row(lines, start, delim, ncols, p):
+    """Slow path: find the first bad row and raise a FlowError with its line number."""
+    for i in range(start, len(lines)):
+        line = lines[i]
+        if not _data_line(line):
+            continue
+        line = line.split("#", 1)[0]
+        fields = _fields(line, delim)
+        if len(fields) != ncols:
+            raise FlowError(f"this row has {len(fields)} values; the rows before it have {ncols}", p, i + 1)
+        for j, f in enumerate(fields):
+            if not _is_number(f):
+                raise FlowError(f"column {j} is not a number. Received: '{f[:40]}'", p, i + 1)
+
+
+# ---------------------------------------------------------------------------------- dispatch
+_LOADERS = {
+    "images": _load_images,
+    "idx": _load_idx,
+    "npz": _load_npz,
+    "csv": _load_csv,
+    "fashion_mnist": _load_fashion,
+}
+
+
+def load_source(call, base_dir, input_shape, classes=None) -> Dataset:
+    """Load the data a source call describes (a validated CallValue from the train block).
+
+    base_dir: the .flow file's folder (relative paths resolve against it); input_shape: the
+    model's (C, H, W) or (N,); classes: class names from a checkpoint, if any (image folders must
+    match them; label-only sources take them as their names)."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if call.name == "split":
+        raise FlowError("split(...) is not a data source: it takes its test set from `data`")
+    loader = _LOADERS.get(call.name)
+    if loader is None:
+        raise FlowError(f"unknown data source '{call.name}' (choose from {', '.join(sorted(_LOADERS))})")
+    ds = loader(call, base_dir, input_shape, classes)
+    assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64
+    return ds
+
+
+__all__ = ["Dataset", "load_source", "load_image_files", "check_labels", "split", "read_idx",
+           "FASHION_CLASSES"]
