@@ -127,7 +127,8 @@ def check_labels(ds: Dataset, n_classes: int, where=None):
     bad = (y < 0) | (y >= n_classes)
     if bad.any():
         i = int(np.argmax(bad))
-        prefix = f"{where}: " if where else ""
+        where = str(where) if where else ""
+        prefix = f"{where}: " if where and where != ds.source and where not in ds.source else ""
         raise FlowError(f"{prefix}{ds.source}: label {int(y[i])} (sample {i}) is out of range for a model "
                         f"with {n_classes} classes (labels must be 0..{n_classes - 1}; "
                         f"{int(bad.sum())} bad labels in all)")

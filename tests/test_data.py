@@ -580,6 +580,8 @@ def test_check_labels():
     assert "label 5" in str(e) and "test-data" in str(e) and "3 classes" in str(e) and "sample 2" in str(e)
     e = err(check_labels, Dataset(np.zeros((2, 1), np.float32), np.array([0, -1]), ["0"], "src"), 2)
     assert "label -1" in str(e)
+    e = err(check_labels, _ds([0, 7]), 3, "test-data")             # where == source: said once
+    assert str(e).count("test-data") == 1
 
 
 def test_check_labels_on_loaded_source(tmp_path):
