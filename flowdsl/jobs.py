@@ -67,7 +67,8 @@ def load_data(model, settings, classes=None):
     if t is not None and t.name == "split":
         train, test = split(train, t["fraction"], settings["seed"])
     elif t is not None:
-        test = load_source(t, bd, model.input_shape, classes=classes)
+        # the test set must name its classes as the training set does (images folders)
+        test = load_source(t, bd, model.input_shape, classes=classes or (train.classes if t.name == "images" else None))
     loss = model.layers[-1]
     if getattr(loss, "targets", "labels") == "labels":
         check_labels(train, loss.out[0], train.source)

@@ -119,6 +119,8 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         epochs = math.ceil(total / per_epoch)
     opt = Optimizer(net, optimizer, l2)
     aug = Augmenter(augment, seed) if augment else None
+    if aug is not None:
+        aug.check(net.model.input_shape, net.model.file)
     hist = History(classes=list(classes or []))
     step, best, bad = 0, -math.inf, 0
     running = (0.0, 0.0, 0.0)
