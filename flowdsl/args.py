@@ -249,6 +249,8 @@ def bind(owner: str, params, args, pos, what=None, where: dict | None = None) ->
             if p.required:
                 raise FlowError(f"{owner}: missing argument '{p.name}'", line=pos.line, column=pos.column)
             out[p.name] = p.default
+            if p.kind == "str" and isinstance(p.default, str):
+                out[p.name] = Quoted(p.default)  # printed back in quotes, as it must be written
             if p.kind == "call" and isinstance(p.default, str):
                 table = p.table() if callable(p.table) else p.table
                 out[p.name] = CallValue(p.default, tuple(bind(p.default, table[p.default], (), pos).items()))

@@ -253,11 +253,23 @@ def _is_value_start(tok) -> bool:
     return tok.type in ("NAME", "NUMBER", "SHAPE", "STRING") or tok.value == "["
 
 
+@functools.lru_cache(maxsize=1)
+def _lexer():
+    # Built once: Lark.lex() would build (and collision-check) a fresh lexer on every call.
+    from lark.lexer import BasicLexer
+    return BasicLexer(_parser().lexer_conf)
+
+
+def _lex(text: str):
+    from lark.lexer import LexerThread
+    return _Postlex().process(LexerThread.from_text(_lexer(), text).lex(None))
+
+
 def _tokens_before(text: str, stop):
     """The postlexed tokens that start before offset `stop` (all of them when stop is None)."""
     toks = []
     try:
-        for t in _parser().lex(text):
+        for t in _lex(text):
             if stop is not None and t.start_pos is not None and t.start_pos >= stop:
                 break
             toks.append(t)

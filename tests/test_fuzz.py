@@ -1,0 +1,257 @@
+"""Property tests: whatever text it is given, build_text either returns a Model or raises
+FlowError. Nothing else (no lark exception, RecursionError, KeyError, ...) may escape.
+
+The number of examples per test is FLOWDSL_FUZZ_EXAMPLES (default 1000; the two fuzz tests
+together run at least 2,000 by default)."""
+import os
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowdsl.errors import FlowError
+from flowdsl.layers import all_names
+from flowdsl.model import Model, build_text
+
+EXAMPLES = int(os.environ.get("FLOWDSL_FUZZ_EXAMPLES", "1000"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
+
+
+def check_outcome(text):
+    """Build `text`; a Model must print and round-trip, a FlowError must render."""
+    try:
+        m = build_text(text, "fuzz.flow")
+    except FlowError as e:
+        out = e.render()
+        assert out.startswith("fuzz.flow")
+        assert "error: " in out
+        assert isinstance(e.message, str) and e.message
+        if e.line is not None:
+            assert e.line >= 1
+            assert e.column is None or e.column >= 1
+        return None
+    assert isinstance(m, Model)
+    assert "Total:" in m.summary()
+    again = build_text(str(m), "canonical.flow")
+    assert again.spec() == m.spec(), str(m)
+    return m
+
+
+# --- (a) arbitrary text ----------------------------------------------------------------------
+ODD = st.sampled_from(["\x00", "\r", "\r\n", "\t", "\x0c", "\ufeff", "\u2028", "\u00a0", "é", "λ",
+                       "\U0001F600", "\u200b", "(", ")", "[", "]", "{", "}",
+                       "::", ":", "=", ",", "#", "\"", "'", "x", "e", "-", ".", "0", "9"])
+TEXT = st.one_of(
+    st.text(max_size=200),
+    st.lists(st.one_of(ODD, st.text(max_size=4)), max_size=60).map("".join),
+)
+
+
+@FUZZ
+@given(TEXT)
+def test_random_text_gives_model_or_flowerror(text):
+    check_outcome(text)
+
+
+# --- (b) token soup from the language's own vocabulary ----------------------------------------
+KINDS = sorted(all_names())
+NAMES = st.sampled_from(KINDS + ["network", "train", "init", "a", "b", "c0", "x", "default",
+                                 "true", "false", "same", "relu", "normal", "adam", "split",
+                                 "images", "shift", "hflip", "units", "filters", "field",
+                                 "stride", "pad", "act", "size", "ceil", "p", "batch", "epochs",
+                                 "iterations", "optimizer", "lr", "dnse", "dense1", "conv1"])
+NUMBERS = st.one_of(
+    st.integers(min_value=-3, max_value=40).map(str),
+    st.sampled_from(["0", "1", "2", "1e-3", "-1", "0.5", "1.5", "2.5", ".5", "1.", "+2", "1e999",
+                     "-0.0", "9" * 30, "2147483648", "1E5", "7e-400"]),
+)
+SHAPES = st.one_of(
+    st.sampled_from(["28x28x1", "8x8x3", "4x4x1", "400x400x3", "28x28", "1x1x1", "0x4x4",
+                     "100000x100000x3", "3x3x1x1", "2x2x64"]),
+    st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 4))
+      .map(lambda t: "%dx%dx%d" % t),
+)
+STRINGS = st.sampled_from(['"glasses"', "'x'", '""', "'a\"b'", '"runs/x"', '"train"', "'test'"])
+PUNCT = st.sampled_from(["(", ")", "[", "]", "{", "}", "=", ",", "::", "::", "::", "\n", "\n",
+                         "  # a comment\n", "\n\n", " "])
+TOKEN = st.one_of(NAMES, NAMES, NUMBERS, SHAPES, STRINGS, PUNCT, PUNCT)
+
+# Fragments of valid programs, so that the soup often gets deep into shape inference too.
+FRAGMENTS = st.sampled_from([
+    "input(8) :: ", "input(28x28x1) :: ", "conv(8x8x1, filters=2, field=3) :: ",
+    "conv(field=3, pad=same, act=relu) :: ", "maxpool :: ", "max2d(2, ceil=true) :: ",
+    "dense(4, act=relu) :: ", "dense(2) :: ", "flatten :: ", "dropout(0.5) :: ", "batchnorm :: ",
+    "gelu :: ", "softmax", "squared", "\nnetwork = ", "a = ", "\na :: b", "\ntrain { batch = 2 }",
+    "\ninit { default = he }", "\ntrain { optimizer = adam(lr=1e-3)\n epochs = 1 }",
+    "\ntrain { augment = [shift(2), hflip] }", "\ntrain { data = images(\"d\", size=8x8) }",
+])
+
+
+@st.composite
+def token_programs(draw):
+    parts = draw(st.lists(st.one_of(TOKEN, TOKEN, FRAGMENTS), min_size=0, max_size=40))
+    seps = draw(st.lists(st.sampled_from(["", " ", " ", "\n"]), min_size=len(parts),
+                         max_size=len(parts)))
+    return "".join(p + s for p, s in zip(parts, seps))
+
+
+# Programs built from the grammar (a layer chain, bindings, blocks, in varied layout), then
+# sometimes broken by deleting, duplicating or replacing one token: most are valid or nearly so,
+# which is where the round trip and shape inference are exercised.
+ACTS = ["relu", "gelu", "sigmoid", "tanh", "linear", "identity", "elu", "softplus",
+        "leakyrelu(0.2)", "leakyrelu(alpha=0.01)"]
+
+
+@st.composite
+def layer_texts(draw):
+    kind = draw(st.sampled_from(["conv", "conv", "conv", "maxpool", "max2d", "avgpool", "dense",
+                                 "dense", "linear", "fc", "flatten", "dropout", "batchnorm", "bn",
+                                 "act", "act"]))
+    small = st.integers(1, 4)
+    if kind == "conv":
+        args = []
+        if draw(st.booleans()):
+            args.append(f"filters={draw(small)}")
+        if draw(st.booleans()):
+            args.append(f"field={draw(st.integers(1, 5))}")
+        if draw(st.booleans()):
+            args.append(f"stride={draw(st.integers(1, 3))}")
+        if draw(st.booleans()):
+            args.append(f"pad={draw(st.sampled_from(['0', '1', '2', 'same']))}")
+        if draw(st.booleans()):
+            args.append(f"act={draw(st.sampled_from(ACTS))}")
+        return "conv(" + ", ".join(args) + ")" if args or draw(st.booleans()) else "conv"
+    if kind in ("maxpool", "max2d", "avgpool"):
+        args = []
+        if draw(st.booleans()):
+            args.append(str(draw(st.integers(1, 3))))
+        if draw(st.booleans()):
+            args.append(f"stride={draw(st.integers(1, 3))}")
+        if draw(st.booleans()):
+            args.append(f"ceil={draw(st.sampled_from(['true', 'false']))}")
+        return f"{kind}({', '.join(args)})" if args else kind
+    if kind in ("dense", "linear", "fc"):
+        units = draw(st.integers(1, 6))
+        if draw(st.booleans()):
+            return f"{kind}({units}, act={draw(st.sampled_from(ACTS))})"
+        return f"{kind}(units={units})" if draw(st.booleans()) else f"{kind}({units})"
+    if kind == "dropout":
+        return draw(st.sampled_from(["dropout", "dropout(0.5)", "dropout(p=0.1)", "dropout(0)"]))
+    if kind in ("flatten", "batchnorm", "bn"):
+        return draw(st.sampled_from([kind, kind + "()"]))
+    return draw(st.sampled_from(ACTS))
+
+
+@st.composite
+def structured_programs(draw):
+    if draw(st.booleans()):
+        w, h, c = draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(st.integers(1, 3))
+        first = draw(st.sampled_from([f"input({w}x{h}x{c})", f"conv({w}x{h}x{c})",
+                                      f"conv({w}x{h}x{c}, field={draw(st.integers(1, 3))}, pad=same)"]))
+    else:
+        first = f"input({draw(st.integers(1, 20))})"
+    body = draw(st.lists(layer_texts(), max_size=6))
+    loss = draw(st.sampled_from(["softmax", "softmax", "squared", "mse", "logsoftmax", "crossentropy"]))
+    if "softmax" in loss or "entropy" in loss:
+        body.append(f"dense({draw(st.integers(2, 5))})")
+    chain = [first] + body + [loss]
+    lines = []
+    # bind some spans of the chain to names
+    names = iter(["a", "b", "c0", "block", "head", "x1"])
+    out, i = [], 0
+    while i < len(chain):
+        n = draw(st.integers(0, 2)) if draw(st.integers(0, 3)) == 0 else 0
+        if n and i + n <= len(chain):
+            name = next(names, None)
+            if name:
+                lines.append(f"{name} = {' :: '.join(chain[i:i + n])}")
+                out.append(name)
+                i += n
+                continue
+        out.append(chain[i])
+        i += 1
+    sep = draw(st.sampled_from([" :: ", " ::\n  ", "\n  :: ", " :: # note\n  ", "::"]))
+    net = sep.join(out)
+    if lines and draw(st.booleans()):
+        lines.append(f"network = {net}")
+    elif lines:
+        lines.append(net)
+    else:
+        lines.append(draw(st.sampled_from([net, f"network = {net}"])))
+    if draw(st.booleans()):
+        settings_ = draw(st.lists(st.sampled_from([
+            "batch = 2", "epochs = 3", "iterations = 5", "seed = 1", "l2 = 1e-4",
+            "optimizer = adam(lr=1e-3)", "optimizer = momentum(lr=0.01, mu=0.8)", "optimizer = sgd",
+            "schedule = step(10, gamma=0.5)", "schedule = cosine", "schedule = onecycle",
+            "test = split(0.2)", 'data = images("imgs", size=8x8, color=gray)',
+            "data = idx('a.gz', 'b.gz')", 'checkpoint = "runs/x"', "checkpoint = 'it\"s'",
+            "augment = [shift(2), hflip, noise(0.1)]", "augment = flip_pixels(3)", "patience = 2",
+            'data = npz("d.npz", x="xs")', "test = fashion_mnist(test)", 'data = csv("t.csv")',
+        ]), max_size=4, unique=True))
+        lines.append("train {\n  " + "\n  ".join(settings_) + "\n}")
+    if draw(st.booleans()):
+        inits = draw(st.lists(st.sampled_from([
+            "default = he", "default = glorot", "a = normal(0, 0.1)", "b = uniform(-1, 1)",
+            "conv1 = zeros", "dense1 = constant(0.5)", "head = he"]), max_size=3, unique=True))
+        lines.append("init { " + "  ".join(inits) + " }")
+    order = draw(st.permutations(lines)) if draw(st.integers(0, 4)) == 0 else lines
+    return "# generated\n" + "\n".join(order) + "\n"
+
+
+@st.composite
+def mutated(draw, programs):
+    text = draw(programs)
+    if draw(st.integers(0, 2)) == 0:
+        return text
+    toks = [t for t in re.split(r"(\s+|::|[()\[\]{}=,])", text) if t]
+    i = draw(st.integers(0, max(0, len(toks) - 1)))
+    op = draw(st.sampled_from(["delete", "duplicate", "replace", "insert"]))
+    if op == "delete":
+        del toks[i:i + 1]
+    elif op == "duplicate":
+        toks[i:i] = toks[i:i + 1]
+    else:
+        new = draw(TOKEN)
+        toks[i:i + (op == "replace")] = [new]
+    return "".join(toks)
+
+
+@FUZZ
+@given(st.one_of(token_programs(), mutated(structured_programs())))
+def test_token_soup_gives_model_or_flowerror(text):
+    check_outcome(text)
+
+
+def test_structured_programs_mostly_build():
+    """The structured generator really reaches models (else the round trip goes untested)."""
+    models = 0
+    texts = []
+
+    @settings(max_examples=200, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(structured_programs())
+    def collect(text):
+        texts.append(text)
+
+    collect()
+    for t in texts:
+        try:
+            build_text(t)
+            models += 1
+        except FlowError:
+            pass
+    assert models >= len(texts) // 4, (models, len(texts))
+
+
+def test_fuzz_examples_budget():
+    """The default keeps at least 2,000 examples across both fuzz tests."""
+    assert 2 * EXAMPLES >= 2000 or "FLOWDSL_FUZZ_EXAMPLES" in os.environ
+
+
+def test_check_outcome_catches_models():
+    """The oracle itself: a valid program gives a model that round-trips."""
+    m = check_outcome("input(8) :: dense(2, act=relu) :: softmax")
+    assert m is not None and m.n_params() == 18
+    assert check_outcome("input(8) :: dnse(2) :: softmax") is None
