@@ -144,7 +144,7 @@ def convert(p: P, node, what: str):
             if abs(v) > MAX_INT and (p.hi is None or p.hi > MAX_INT):
                 raise ArgError(f"{p.name} must be at most {MAX_INT}")
         else:
-            v = float(v)
+            v = float(v) + 0.0  # -0.0 -> 0.0: one value, one spelling
             if not math.isfinite(v):
                 raise ArgError(f"{p.name} must be a finite number")
         if (p.lo is not None and (v < p.lo or (p.lo_open and v == p.lo))) or \

@@ -35,9 +35,11 @@ class FlowError(Exception):
                 where += f":{self.column}"
         out = f"{where}: error: {self.message}" if where else f"error: {self.message}"
         if self.line is not None and self.source is not None:
-            lines = self.source.splitlines()
+            # lines as the parser counts them: only '\n' ends a line (splitlines() would also
+            # split at '\f', '\x1c', '\u2028', ... and show the wrong line)
+            lines = self.source.split("\n")
             if 1 <= self.line <= len(lines):
-                text = lines[self.line - 1]
+                text = lines[self.line - 1].rstrip("\r")
                 if len(text) > 200:  # a giant line: show a window around the column
                     start = max(0, (self.column or 1) - 100)
                     text_shown = text[start:start + 200]

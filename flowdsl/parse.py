@@ -5,6 +5,7 @@ Pure Python (lark only): `flowdsl check` never imports numpy or numba through th
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -156,7 +157,27 @@ class _Postlex:
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     return Lark(_grammar_text(), parser="lalr", lexer="basic", postlex=_Postlex(),
-                propagate_positions=True, maybe_placeholders=False)
+                propagate_positions=False, maybe_placeholders=False,  # tokens carry positions
+                cache=_cache_file() or False)
+
+
+def _cache_file():
+    """Where lark keeps the built parser between runs: building it costs a quarter of a second
+    (most of `flowdsl check`), loading it a few milliseconds. Lark checks the grammar's hash and
+    its own version on load and rebuilds (and rewrites) a stale or broken file. None: no cache
+    (FLOWDSL_NO_USER_CACHE=1, or no writable user cache directory)."""
+    if os.environ.get("FLOWDSL_NO_USER_CACHE") == "1":
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "flowdsl")
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(d, os.W_OK):
+        return None
+    import lark
+    return os.path.join(d, f"parser-lark{lark.__version__}.cache")
 
 
 def _pos(x) -> Pos:
@@ -225,8 +246,8 @@ class _ToAst(Transformer):
         return Name(str(tok), _pos(tok))
 
     def vlist(self, meta, items):
-        pos = Pos(meta.line, meta.column) if not meta.empty else (items[0].pos if items else Pos(1, 1))
-        return List(tuple(items), pos)
+        bracket, *values = items
+        return List(tuple(values), _pos(bracket))
 
 
 def _describe(tok) -> str:
@@ -364,7 +385,7 @@ def _diagnose(e: UnexpectedToken, text: str):
 
 
 def _end_position(text: str) -> Pos:
-    lines = text.splitlines() or [""]
+    lines = [l.rstrip("\r") for l in text.split("\n")]  # only '\n' ends a line, as for lark
     # the last line that holds something other than blanks or a comment
     for i in range(len(lines) - 1, -1, -1):
         s = lines[i].split("#", 1)[0].rstrip()

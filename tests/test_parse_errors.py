@@ -150,6 +150,10 @@ CASES = [
      ["unknown initialiser 'nromal'", "did you mean 'normal'?"]),
     # --- not a program at all ----------------------------------------------------------------------
     ("binary-garbage", "\x00\x01\x02\x7fELF\xff\xfe", 1, 1, ["unexpected character", "\\x00"]),
+    ("form-feed-is-not-a-newline", "input(8)\x0c:: dnse(2) :: softmax", 1, 13, ["unknown layer"]),
+    ("line-separator-is-not-a-newline", "input(8) ::\u2028 dense(2) :: softmax", 1, 12,
+     ["unexpected character", "U+2028"]),
+    ("crlf-lines", "input(8) ::\r\n dnse(2) :: softmax\r\n", 2, 2, ["unknown layer"]),
     ("garbage-after-program", NET + "\n\x1b[31m", 2, 1, ["unexpected character", "\\x1b"]),
 ]
 
@@ -165,9 +169,9 @@ def test_error_points_at_the_problem(source, line, column, words):
     text = str(err)
     assert text == err.render()
     assert text.startswith(f"m.flow:{line}:{column}: error: "), text
-    shown = text.splitlines()
+    shown = text.split("\n")
     # the offending line, then a caret under the column
-    src_line = source.splitlines()[line - 1]
+    src_line = source.split("\n")[line - 1].rstrip("\r")  # only '\n' ends a line
     if len(src_line) <= 200:
         assert shown[1] == "    " + src_line
         assert shown[2] == "    " + " " * (column - 1) + "^"

@@ -12,6 +12,8 @@ CALL_ALIASES: dict = {} # alias that applies only when written with arguments, e
 
 def register(kind: str, aliases=(), call_aliases=()):
     def deco(cls):
+        global _activations
+        _activations = None
         cls.kind = kind
         REGISTRY[kind] = cls
         for a in aliases:
@@ -52,12 +54,18 @@ def all_names():
     return set(REGISTRY) | set(ALIASES) | set(CALL_ALIASES)
 
 
+_activations = None  # activation_table(), rebuilt after any register()
+
+
 def activation_table():
     """{name: params} of every activation kind (for act=...)."""
+    global _activations
     load_all()
-    out = {}
-    for n in all_names():
-        cls = lookup(n, False)
-        if cls is not None and cls.role == "activation":
-            out[n] = cls.params
-    return out
+    if _activations is None:
+        out = {}
+        for n in all_names():
+            cls = lookup(n, False)
+            if cls is not None and cls.role == "activation":
+                out[n] = cls.params
+        _activations = out
+    return _activations

@@ -1,0 +1,179 @@
+"""`flowdsl check`: the layout table for a good file; for a bad one, exit 1 and one positioned
+message with no traceback (unless --debug); exit 2 for usage errors; and it stays light (no
+numba) and fast."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowdsl import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+GLASSES = ROOT / "examples" / "glasses.flow"
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+ENV.pop("FLOWDSL_DEBUG", None)
+
+
+def flowdsl(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "flowdsl", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    p = tmp_path / "bad.flow"
+    p.write_text("c0 = conv(28x28x1, filters=4)\nnetwork = c0 :: dnse(2) :: softmax\n")
+    return p
+
+
+def test_check_good_file_prints_the_layout():
+    r = flowdsl("check", GLASSES)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    out = r.stdout
+    assert out.startswith(f"{GLASSES}: ok\n")
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:1].isalnum()}
+    for name, shape, params in [("c0", "400x400x1", "28"), ("c1", "400x400x1", "10"),
+                                ("c2", "200x200x1", "17"), ("c3", "200x200x1", "10"),
+                                ("dense1", "2", "80,002"), ("softmax1", "2", "0")]:
+        assert name in rows, out
+        cols = rows[name].split()
+        assert cols[-2:] == [shape, params], rows[name]
+    assert "conv(400x400x3, filters=1, field=3, stride=1, pad=1, act=relu)" in rows["c0"]
+    assert "Total: 80,067 weights" in out
+    assert "MB" in out
+
+
+@pytest.mark.parametrize("example", ["seed.flow", "letters.flow", "nielsen.flow"])
+def test_check_every_example(example, capsys):
+    assert cli.main(["check", str(ROOT / "examples" / example)]) == 0
+    out, err = capsys.readouterr()
+    assert "Total:" in out and err == ""
+
+
+def test_check_bad_file_is_one_message(bad_file):
+    r = flowdsl("check", bad_file)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines == [
+        f"{bad_file}:2:17: error: unknown layer 'dnse'; did you mean 'dense'?",
+        "    network = c0 :: dnse(2) :: softmax",
+        "                    ^",
+    ]
+
+
+@pytest.mark.parametrize("source,words", [
+    ("conv(4x4x1, field=5) :: dense(2) :: softmax", ":1:19: error: conv conv1: field 5 does not fit"),
+    ("input(8) :: dense(2) ::", ":1:24: error: dangling '::'"),
+    ("", ": error: the file is empty"),
+    ("input(8) :: dense(2) :: softmax\ntrain { epochs = 0 }", ":2:18: error: train: epochs must be >= 1"),
+])
+def test_check_errors_exit_1(tmp_path, capsys, source, words):
+    p = tmp_path / "m.flow"
+    p.write_text(source)
+    assert cli.main(["check", str(p)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"{p}{words}"), err
+    assert "Traceback" not in err
+
+
+def test_check_missing_file_is_exit_1(tmp_path, capsys):
+    assert cli.main(["check", str(tmp_path / "nope.flow")]) == 1
+    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.flow'}: error: no such file"
+
+
+def test_check_binary_file_is_exit_1(tmp_path, capsys):
+    p = tmp_path / "garbage.flow"
+    p.write_bytes(bytes(range(255, -1, -1)) * 4)
+    assert cli.main(["check", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{p}:1:1: error: not a UTF-8 text file")
+    assert "Traceback" not in err
+
+
+def test_no_verb_exits_2():
+    r = flowdsl()
+    assert r.returncode == 2
+    assert "usage" in r.stderr and "check" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["check"], "the following arguments are required: file"),
+    (["frobnicate", "x.flow"], "invalid choice: 'frobnicate'"),
+    (["check", "a.flow", "b.flow"], "unrecognized arguments: b.flow"),
+    (["--no-such-option", "check", "a.flow"], "unrecognized arguments"),
+])
+def test_usage_errors_exit_2(args, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "usage: flowdsl" in err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(bad_file):
+    r = flowdsl("check", bad_file, "--debug")
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr
+    assert "FlowError" in r.stderr and "unknown layer 'dnse'" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--debug", "check"], ["check", "--debug"]])
+def test_debug_raises_in_process(bad_file, args):
+    from flowdsl.errors import FlowError
+    with pytest.raises(FlowError):
+        cli.main(args + [str(bad_file)])
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "check" in capsys.readouterr().out
+
+
+def test_check_does_not_import_numba():
+    code = ("import flowdsl.cli, sys; flowdsl.cli.main(['check', 'examples/glasses.flow']); "
+            "print('numba' in sys.modules, 'numpy' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    numba_loaded, numpy_loaded = r.stdout.splitlines()[-1].split()
+    print(f"after check: numba imported {numba_loaded}, numpy imported {numpy_loaded}")
+    assert numba_loaded == "False"
+
+
+def test_check_is_fast():
+    flowdsl("check", GLASSES)  # warm the file system cache
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        r = flowdsl("check", GLASSES)
+        best = min(best, time.perf_counter() - t)
+        assert r.returncode == 0
+    print(f"flowdsl check examples/glasses.flow: {best:.2f} s wall, interpreter start included")
+    assert best < 3  # the target is 1 s; the bound leaves room for a loaded machine
+
+
+def test_broken_parser_cache_is_rebuilt(tmp_path):
+    """The built parser is cached under $XDG_CACHE_HOME/flowdsl; a corrupt file is rebuilt."""
+    env = dict(ENV, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("FLOWDSL_NO_USER_CACHE", None)
+    cmd = [sys.executable, "-m", "flowdsl", "check", str(GLASSES)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (cache,) = (tmp_path / "flowdsl").iterdir()
+    good = cache.read_bytes()
+    cache.write_bytes(good[: len(good) // 2])  # a half-written file
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Total: 80,067" in r.stdout and r.stderr == ""
+    assert len(cache.read_bytes()) > len(good) // 2  # rewritten whole
