@@ -381,7 +381,11 @@ def _init_settings(block, program, layers, aliases):
             if st.key in names:
                 target = names[st.key]
             elif st.key in aliases:
+                i, j = aliases[st.key]
                 target = None
+                if not any(l.has_weights for l in layers[i:j + 1]):
+                    raise _err(f"init: {st.key} ({' :: '.join(l.kind for l in layers[i:j + 1])}) "
+                               f"has no weights to initialise", st.pos, program)
             else:
                 raise _err(f"init: no layer named '{st.key}'{did_you_mean(st.key, list(names) + list(aliases))}",
                            st.pos, program)

@@ -355,9 +355,11 @@ def _diagnose(e: UnexpectedToken, text: str):
             label = "missing '=' (write `name = value`)"
         elif fv == "::":
             label = "a chain ('::') cannot be a setting's value"
+            if tok.line > open_.line:
+                label += f" (is {opened()} closed?)"
     else:  # statement level
         before = toks[-2] if len(toks) >= 2 else None
-        if (fv == "=" and prev is not None and prev.type == "NAME" and before is not None
+        if (fv in ("=", "{") and prev is not None and prev.type == "NAME" and before is not None
                 and before.value == "::" and prev.line > before.end_line):
             # `a :: b ::` ending a line joins the next line to the chain
             label = "dangling '::' at the end of a line (a layer must follow it)"
