@@ -261,9 +261,11 @@ def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=Fals
             try:
                 model.layer(n)
             except KeyError:
-                from .errors import did_you_mean
-                raise FlowError(f"no layer named '{n}'{did_you_mean(n, names)}; the layers are: "
-                                f"{', '.join(names)}") from None
+                from .errors import closest
+                near = closest(n, names)
+                hint = f" (did you mean '{near}'?)" if near else ""
+                raise FlowError(f"no layer named '{n}'{hint}; the layers are: {', '.join(names)}",
+                                model.file) from None
             chosen.append(n)
     out = out or os.path.join("runs", model_name(model), "focus")
     paths = []

@@ -1,0 +1,148 @@
+"""Focus (flowdsl/focus.py, Net.focus, `flowdsl focus`): scaling edge cases, file names and sizes,
+unknown names, --all, --kernels, dense bar strips."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import flowdsl
+from flowdsl.errors import FlowError
+from flowdsl.focus import MIN_SIDE, bars, grid, to_uint8, upscale_factor
+
+NET = """c1 = conv(12x10x3, filters=4, field=3, pad=1, act=relu)
+p1 = maxpool
+c2 = conv(filters=2, field=3, act=tanh)
+network = c1 :: p1 :: c2 :: flatten :: dense(5, act=relu) :: dense(2) :: softmax
+"""
+
+
+def test_scaling_min_to_0_max_to_255():
+    a = np.array([[-3.0, -1.0], [1.0, 5.0]], np.float32)
+    u = to_uint8(a)
+    assert u.dtype == np.uint8 and u.min() == 0 and u.max() == 255
+    assert u[0, 1] == round((-1 + 3) / 8 * 255)
+
+
+def test_scaling_constant_map_is_mid_gray_and_no_wraparound():
+    assert (to_uint8(np.full((3, 3), 7.5)) == 128).all()
+    assert (to_uint8(np.zeros((2, 2))) == 128).all()
+    big = to_uint8(np.array([0.0, 1e30, 2e30]))   # no overflow or wrap-around
+    assert list(big) == [0, 128, 255]
+
+
+def test_scaling_nan_and_inf_free():
+    a = np.array([np.nan, 1.0, np.inf, -np.inf, 3.0])
+    u = to_uint8(a)
+    assert u.dtype == np.uint8
+    assert u[1] < u[4] and u[2] == 255 and u[3] == 0 and u[0] == 0
+    assert (to_uint8(np.array([np.nan, np.nan])) == 128).all()
+
+
+def test_grid_and_bars_geometry():
+    maps = [np.full((3, 5), i * 40, np.uint8) for i in range(5)]
+    g = grid(maps)  # 3 columns, 2 rows, 1-pixel gaps
+    assert g.shape == (2 * 3 + 1, 3 * 5 + 2)
+    assert (g[3, :] == 255).all() and (g[:, 5] == 255).all()
+    assert (g[0:3, 0:5] == 0).all() and (g[4:7, 6:11] == 160).all()
+    b = bars(np.array([1.0, -1.0, 0.5]), height=40, unit=10)
+    assert b.shape == (40, 30) and b.max() == 255
+    assert bars(np.array([np.nan, 2.0])).max() == 255
+
+
+def test_net_focus_writes_pngs_per_channel_and_grid(tmp_path):
+    net = flowdsl.parse(NET)
+    x = np.random.default_rng(0).random((2, 10, 12, 3), dtype=np.float32)
+    acts = net.focus("c1", x, png_dir=str(tmp_path), names=["a", "b"])
+    assert acts.shape == (2, 10, 12, 4) and acts.dtype == np.float32
+    k = upscale_factor(10, 12)
+    assert k == -(-MIN_SIDE // 10)
+    for ch in range(4):
+        for nm in ("a", "b"):
+            im = Image.open(tmp_path / f"c1-{ch}-{nm}.png")
+            assert im.mode == "L" and im.size == (12 * k, 10 * k)
+            arr = np.asarray(im)
+            assert arr.min() < arr.max() or (arr == 128).all()
+    g = Image.open(tmp_path / "c1-grid-a.png")
+    assert g.size == (2 * 12 * k + 1, 2 * 10 * k + 1)
+    # the per-channel PNG is the activation, scaled and enlarged
+    a0 = to_uint8(acts[0, :, :, 0])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "c1-0-a.png"))[::k, ::k], a0)
+
+
+def test_large_maps_keep_their_size(tmp_path):
+    net = flowdsl.parse("conv(40x33x1, filters=2, field=3, pad=1) :: dense(2) :: softmax")
+    net.focus("conv1", np.ones((1, 33, 40, 1), np.float32), png_dir=str(tmp_path))
+    assert Image.open(tmp_path / "conv1-0-0.png").size == (40, 33)
+
+
+def test_dense_layers_are_bar_strips(tmp_path):
+    net = flowdsl.parse(NET)
+    acts = net.focus("dense1", np.ones((1, 10, 12, 3), np.float32), png_dir=str(tmp_path))
+    assert acts.shape == (1, 5)
+    im = Image.open(tmp_path / "dense1-grid-0.png")
+    assert im.mode == "L" and im.size[0] >= 5
+    assert not list(tmp_path.glob("dense1-0-*.png"))
+
+
+def test_unknown_layer_lists_the_names():
+    net = flowdsl.parse(NET)
+    with pytest.raises(FlowError) as e:
+        net.focus("c9", np.ones((1, 10, 12, 3), np.float32))
+    for name in ("c1", "p1", "c2", "dense1"):
+        assert name in e.value.message
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "flowdsl", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture()
+def model_and_image(tmp_path):
+    f = tmp_path / "m.flow"
+    f.write_text(NET)
+    rng = np.random.default_rng(1)
+    img = tmp_path / "face.png"
+    Image.fromarray((rng.random((10, 12, 3)) * 255).astype(np.uint8), "RGB").save(img)
+    return f, img
+
+
+def test_cli_focus_layers_all_and_kernels(model_and_image, tmp_path):
+    f, img = model_and_image
+    out = tmp_path / "f1"
+    r = _cli("focus", str(f), "--layer", "c2", "--input", str(img), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["c2-0-face.png", "c2-1-face.png", "c2-grid-face.png"]
+    out = tmp_path / "f2"
+    r = _cli("focus", str(f), "--all", "--kernels", "--input", str(img), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in out.glob("*.png")}
+    for layer in ("c1", "p1", "c2", "flatten1", "dense1", "dense2"):
+        assert f"{layer}-grid-face.png" in names, layer
+    assert {"c1-kernels.png", "c2-kernels.png"} <= names
+    k = Image.open(out / "c1-kernels.png")
+    assert k.size == (3 * 48 + 2, 4 * 48 + 3)  # 3 input channels x 4 filters, 16x enlarged 3x3 tiles
+    for p in out.glob("*.png"):
+        Image.open(p).load()
+
+
+def test_cli_unknown_layer_exits_1_listing_names(model_and_image, tmp_path):
+    f, img = model_and_image
+    r = _cli("focus", str(f), "--layer", "c3", "--input", str(img), cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "did you mean 'c" in r.stderr and r.stderr.startswith(str(f)) and "c1" in r.stderr and "dense1" in r.stderr
+
+
+def test_trained_focus_is_not_blank(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 128)
+    x = rng.random((128, 10, 12, 3), dtype=np.float32) * 0.2
+    x[y == 1, 2:5, 3:9, :] += 0.7
+    net = flowdsl.parse(NET + "train { optimizer = adam(lr=0.01) batch = 16 }")
+    h = net.fit(x, y, epochs=4)
+    assert h["train_acc"][-1] > 0.9
+    net.focus("c2", x[y == 1][:1], png_dir=str(tmp_path), names=["pos"])
+    arrs = [np.asarray(Image.open(p)) for p in tmp_path.glob("c2-*-pos.png") if "grid" not in p.name]
+    assert any(a.std() > 10 for a in arrs)
