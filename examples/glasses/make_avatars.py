@@ -37,7 +37,7 @@ SIZE = 400          # output is SIZE x SIZE
 SS = 2              # drawn at SS x SIZE, then box-reduced: smooth edges, still flat colours
 CLASSES = ("glasses", "noglasses")
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_COUNT = 100
+DEFAULT_COUNT = 200
 DEFAULT_SEED = 1
 
 BACKGROUNDS = [(198, 226, 255), (255, 236, 179), (200, 230, 201), (248, 200, 215), (225, 212, 245),
@@ -73,8 +73,8 @@ def sample_person(rng):
     p["bg"] = jitter(rng, rng.choice(BACKGROUNDS), 8)
     p["bg2"] = mix(p["bg"], DARK, rng.uniform(0.05, 0.15)) if rng.random() < 0.5 else p["bg"]
     s = rng.uniform(0.9, 1.1)                                  # face size +-10%
-    p["cx"] = 200 + rng.uniform(-30, 30)                       # face position +-30 px
-    p["cy"] = 195 + rng.uniform(-30, 30)
+    p["cx"] = 200 + rng.uniform(-12, 12)                       # face position +-12 px
+    p["cy"] = 195 + rng.uniform(-12, 12)
     p["b"] = 118 * s                                           # face half-height
     p["a"] = p["b"] * rng.uniform(0.76, 0.86)                  # face half-width
     p["skin"] = jitter(rng, rng.choice(SKINS), 6)
