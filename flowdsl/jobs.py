@@ -272,6 +272,8 @@ def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=Fals
     if inputs:
         x = load_image_files(inputs, model.input_shape)
         stems = [Path(p).stem for p in inputs]
+        if len(set(stems)) < len(stems):  # same file names in different folders: add the folder
+            stems = [f"{Path(p).parent.name}-{Path(p).stem}" for p in inputs]
         if len(set(stems)) < len(stems):
             stems = [f"{i}-{s}" for i, s in enumerate(stems)]
         for n in chosen:
