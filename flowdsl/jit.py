@@ -3,8 +3,8 @@ first use, so importing flowdsl (and `flowdsl check`) never imports numba.
 
 Threads: numba's OpenMP workers and OpenBLAS's workers must not fight over the cores (measured
 here: 10-40x slower steps). Numba runs the elementwise/gather kernels; numpy's BLAS the matrix
-products. We set OMP_WAIT_POLICY=passive before numba loads, so numba's idle workers sleep
-instead of spinning while BLAS runs, and `threads()` sets both pools to the same count.
+products, single-threaded, split across flowdsl's own sleeping threads (flowdsl/blas.py). We set
+OMP_WAIT_POLICY=passive before numba loads, so numba's idle workers sleep instead of spinning.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def numba():
         _setup_env()
         import numba as nb
         _numba = nb
+        threads(None)
     return _numba
 
 
@@ -107,14 +108,11 @@ _threads = None
 def threads(n: int | None = None) -> int:
     """Use n threads for numba kernels and BLAS (default: all cores). Returns the count."""
     global _threads
-    nb = numba()
+    nb = numba() if _numba is None else _numba
     cap = nb.config.NUMBA_NUM_THREADS
     n = cap if n is None else max(1, min(int(n), cap))
     nb.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(n, user_api="blas")
-    except ImportError:
-        pass
+    from .blas import set_threads
+    set_threads(n)
     _threads = n
     return n

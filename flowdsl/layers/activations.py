@@ -95,6 +95,26 @@ def act_spec(layer):
 
 
 # ------------------------------------------------------------------------------ kernels
+@kernel(parallel=False)
+def _tanh(x):
+    """tanh as a clamped rational polynomial (Eigen's float32 fast tanh, error ~1e-7): unlike
+    libm's tanhf it vectorises, which made gelu 20x faster here."""
+    x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return x * p / q
+
+
 @kernel
 def _fwd(z, y, code, alpha):
     n = z.shape[0]
@@ -107,7 +127,7 @@ def _fwd(z, y, code, alpha):
     elif code == 2:
         for i in prange(n):
             v = z[i]
-            y[i] = half * v * (one + np.tanh(k * (v + c * v * v * v)))
+            y[i] = half * v * (one + _tanh(k * (v + c * v * v * v)))
     elif code == 3:
         for i in prange(n):
             v = z[i]
@@ -118,7 +138,7 @@ def _fwd(z, y, code, alpha):
                 y[i] = e / (one + e)
     elif code == 4:
         for i in prange(n):
-            y[i] = np.tanh(z[i])
+            y[i] = _tanh(z[i])
     elif code == 5:
         for i in prange(n):
             v = z[i]
@@ -148,7 +168,7 @@ def _bwd(z, y, dy, dz, code, alpha):
     elif code == 2:
         for i in prange(n):
             v = z[i]
-            t = np.tanh(k * (v + c * v * v * v))
+            t = _tanh(k * (v + c * v * v * v))
             d = half * (one + t) + half * v * (one - t * t) * k * (one + three * c * v * v)
             dz[i] = dy[i] * d
     elif code == 3:

@@ -12,6 +12,7 @@ Two algorithms, chosen by measurement (bench/README):
 """
 import numpy as np
 
+from ..blas import mm
 from ..jit import kernel, prange
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
@@ -93,7 +94,7 @@ class Conv(Layer):
         else:
             cols = np.empty((n * oh * ow, f * f * x.shape[3]), np.float32)
             _im2col(x, cols, f, s, pad, oh, ow)
-            z = cols @ w.reshape(-1, k)
+            z = mm(cols, w.reshape(-1, k))
             z += b
             z = z.reshape(n, oh, ow, k)
             if training:
@@ -123,10 +124,10 @@ class Conv(Layer):
             _direct_dx(dz, p["w"], _wrep(p["w"], ow), dxp.reshape(n, xp.shape[1], -1), s)
             return np.ascontiguousarray(dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :]) if pad else dxp
         cols = ctx["cols"]
-        g["w"].reshape(-1, k)[...] = cols.T @ dz2  # not matmul(out=): that skips BLAS
+        g["w"].reshape(-1, k)[...] = mm(cols.T, dz2)
         if not need_dx:
             return None
-        dcols = dz2 @ p["w"].reshape(-1, k).T
+        dcols = mm(dz2, p["w"].reshape(-1, k).T)
         dx = np.empty_like(x)
         _col2im(dcols, dx, f, s, pad, dz.shape[1], dz.shape[2])
         return dx
@@ -135,46 +136,47 @@ class Conv(Layer):
 # ------------------------------------------------------------------------------------ kernels
 @kernel
 def _im2col(x, cols, f, s, pad, oh, ow):
-    """cols[(n, i, j), (a, b, c)] = x[n, i*s + a - pad, j*s + b - pad, c] (0 outside)."""
+    """cols[(n, i, j), (a, b, c)] = x[n, i*s + a - pad, j*s + b - pad, c] (0 outside).
+    With channels last, the f*C values of one window row are contiguous: one slice copy."""
     n_, h, w, c = x.shape
+    fc = f * c
     zero = np.float32(0.0)
     for row in prange(n_ * oh):
         n = row // oh
         i = row % oh
-        for j in range(ow):
-            r = (n * oh + i) * ow + j
-            for a in range(f):
-                y = i * s + a - pad
-                base = a * f * c
-                if y < 0 or y >= h:
-                    for q in range(f * c):
-                        cols[r, base + q] = zero
-                    continue
+        for a in range(f):
+            y = i * s + a - pad
+            base = a * fc
+            if y < 0 or y >= h:
+                for j in range(ow):
+                    cols[(n * oh + i) * ow + j, base:base + fc] = zero
+                continue
+            xr = x[n, y].reshape(w * c)
+            for j in range(ow):
+                r = (n * oh + i) * ow + j
                 x0 = j * s - pad
                 if x0 >= 0 and x0 + f <= w:
-                    for q in range(f * c):
-                        cols[r, base + q] = x[n, y, x0 + q // c, q % c]
+                    cols[r, base:base + fc] = xr[x0 * c:x0 * c + fc]
                 else:
                     for bb in range(f):
                         xx = x0 + bb
                         if xx < 0 or xx >= w:
-                            for cc in range(c):
-                                cols[r, base + bb * c + cc] = zero
+                            cols[r, base + bb * c:base + bb * c + c] = zero
                         else:
-                            for cc in range(c):
-                                cols[r, base + bb * c + cc] = x[n, y, xx, cc]
+                            cols[r, base + bb * c:base + bb * c + c] = xr[xx * c:xx * c + c]
 
 
 @kernel
 def _col2im(dcols, dx, f, s, pad, oh, ow):
     """The adjoint of _im2col, as a gather: each input row is written by one iteration."""
     n_, h, w, c = dx.shape
+    fc = f * c
     zero = np.float32(0.0)
     for row in prange(n_ * h):
         n = row // h
         y = row % h
-        for q in range(w * c):
-            dx[n, y, q // c, q % c] = zero
+        dr = dx[n, y].reshape(w * c)
+        dr[:] = zero
         for a in range(f):
             t = y + pad - a
             if t < 0 or t % s != 0:
@@ -182,16 +184,21 @@ def _col2im(dcols, dx, f, s, pad, oh, ow):
             i = t // s
             if i >= oh:
                 continue
+            base = a * fc
             for j in range(ow):
                 r = (n * oh + i) * ow + j
                 x0 = j * s - pad
-                for bb in range(f):
-                    xx = x0 + bb
-                    if xx < 0 or xx >= w:
-                        continue
-                    base = (a * f + bb) * c
-                    for cc in range(c):
-                        dx[n, y, xx, cc] += dcols[r, base + cc]
+                src = dcols[r, base:base + fc]
+                if x0 >= 0 and x0 + f <= w:
+                    d = dr[x0 * c:x0 * c + fc]
+                    for q in range(fc):
+                        d[q] += src[q]
+                else:
+                    for bb in range(f):
+                        xx = x0 + bb
+                        if 0 <= xx < w:
+                            for cc in range(c):
+                                dr[xx * c + cc] += src[bb * c + cc]
 
 
 def _pad(x, pad):

@@ -1,0 +1,63 @@
+"""Matrix products for the kernels: numpy's BLAS, single-threaded, split across our own threads.
+
+OpenBLAS's worker threads spin after each call and fight numba's workers (and any other busy
+process) for the cores: measured here, a 2 ms product sometimes took 100-250 ms. So BLAS is
+capped at one thread and `mm` splits a large product into row blocks (or, for a long inner
+dimension, into partial sums) computed by a small pool of Python threads; numpy releases the
+GIL inside BLAS, so the blocks run in parallel, and idle pool threads sleep instead of spinning.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+_pool = None
+_threads = 1
+_lock = threading.Lock()
+MIN_WORK = 1 << 18  # multiply-adds below which one thread is faster than splitting
+
+
+def set_threads(n: int):
+    """Use n threads for products (and cap BLAS's own pool at one)."""
+    global _pool, _threads
+    with _lock:
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(1, user_api="blas")
+        except ImportError:  # threadpoolctl is a dependency; without it BLAS keeps its threads
+            pass
+        if n != _threads or (_pool is None and n > 1):
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="flowdsl-mm") if n > 1 else None
+            _threads = n
+
+
+def mm(a, b):
+    """a @ b for 2-D float32 arrays (either may be a transposed view)."""
+    m, k = a.shape
+    n = b.shape[1]
+    t = _threads
+    if t <= 1 or _pool is None or m * k * n < MIN_WORK:
+        return a @ b
+    if m >= 8 * t:
+        out = np.empty((m, n), np.float32)
+        cuts = [m * i // t for i in range(t + 1)]
+
+        def block(i):
+            out[cuts[i]:cuts[i + 1]] = a[cuts[i]:cuts[i + 1]] @ b
+
+        futs = [_pool.submit(block, i) for i in range(1, t)]
+        block(0)
+        for f in futs:
+            f.result()
+        return out
+    # few rows, long inner dimension (weight gradients): partial sums over k
+    cuts = [k * i // t for i in range(t + 1)]
+    futs = [_pool.submit(np.matmul, a[:, cuts[i]:cuts[i + 1]], b[cuts[i]:cuts[i + 1]]) for i in range(1, t)]
+    out = a[:, :cuts[1]] @ b[:cuts[1]]
+    for f in futs:
+        out += f.result()
+    return out
