@@ -307,8 +307,11 @@ def test_kernels_match_their_python_versions(kind, text, shape, batch, monkeypat
             found += 1
     assert found, f"no kernels found in {[m.__name__ for m in mods]}"
     python = run()
-    for a, b in zip(compiled, python):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # fastmath (reassociation, fused multiply-add) changes the last bits; chained through the
+    # activation's derivative and a conv sum that can reach ~1e-4 of the array's scale
+    for i, (a, b) in enumerate(zip(compiled, python)):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4 * scale, err_msg=f"output {i} (y, dx, grads...)")
 
 
 # ------------------------------------------------------------------------------ whole networks
