@@ -1,11 +1,12 @@
 """flowdsl vs PyTorch (CPU) on the issue's three nets, interleaved in one run.
 
     pip install torch==2.13.0        # CPU build; never a flowdsl dependency
-    python bench/compare_torch.py [--threads 2] [--repeats 7] [--nets A,B,C]
+    python bench/compare_torch.py [--threads 2] [--repeats 5] [--nets A,B,C] [--modes train,infer]
 
 For each net: training images/s (forward + backward + optimizer step on random data) and
-inference images/s at batch 256, flowdsl and PyTorch alternating run by run so that both see
-the same machine state. Prints medians and the ratio flowdsl / PyTorch."""
+inference images/s at batch 256. flowdsl and PyTorch alternate, each in a fresh process (their
+OpenMP runtimes would otherwise share one wait policy and spin against each other), so both
+see the same machine state. Prints medians and the ratio flowdsl / PyTorch."""
 from __future__ import annotations
 
 import argparse
@@ -43,83 +44,99 @@ def torch_net(name):
 NETS = {"A": ("a_hellodl.flow", 64, "adam"), "B": ("b_nielsen.flow", 64, "adam"), "C": ("c_glasses.flow", 20, "momentum")}
 
 
+def worker(fw, key, mode, threads, infer_batch, batch, runs):
+    """Time one framework on one net in this (fresh) process; print images/s of each run."""
+    import numpy as np
+    fname, default_batch, optname = NETS[key]
+    batch = batch or default_batch
+    n = batch if mode == "train" else infer_batch
+    rng = np.random.default_rng(0)
+    if fw == "flowdsl":
+        import flowdsl
+        from flowdsl import jit
+        from flowdsl.optim import Optimizer
+        jit.threads(threads)
+        net = flowdsl.load(HERE / "nets" / fname)
+        c, h, w = net.model.input_shape
+        x = rng.random((n, h, w, c), dtype=np.float32)
+        y = rng.integers(0, net.loss_layer.out[0], n)
+        if mode == "train":
+            opt = Optimizer(net, net.model.train["optimizer"], 0.0)
+
+            def step():
+                net.loss_grad(x, y)
+                opt.step()
+        else:
+            def step():
+                net.predict(x, batch=n)
+    else:
+        import torch
+        torch.set_num_threads(threads)
+        tnet, (c, h, w), ncls = torch_net(key)
+        tx = torch.from_numpy(rng.random((n, c, h, w), dtype=np.float32))
+        ty = torch.from_numpy(rng.integers(0, ncls, n))
+        if mode == "train":
+            topt = (torch.optim.Adam(tnet.parameters(), lr=1e-3) if optname == "adam"
+                    else torch.optim.SGD(tnet.parameters(), lr=1e-3, momentum=0.8))
+            lossf = torch.nn.CrossEntropyLoss()
+
+            def step():
+                topt.zero_grad(set_to_none=True)
+                lossf(tnet(tx), ty).backward()
+                topt.step()
+        else:
+            tnet.eval()
+
+            def step():
+                with torch.inference_mode():
+                    tnet(tx)
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    step()
+    k = max(1, int(0.5 / max(time.perf_counter() - t0, 1e-6)))
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            step()
+        out.append(k * n / (time.perf_counter() - t0))
+    print(" ".join(f"{v:.1f}" for v in out))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5, help="alternations of the two frameworks")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs inside each process")
     ap.add_argument("--nets", default="A,B,C")
+    ap.add_argument("--modes", default="train,infer")
     ap.add_argument("--infer-batch", type=int, default=256)
     ap.add_argument("--batch", type=int, default=None, help="override every net's training batch")
+    ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "NET", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-
-    import numpy as np
-    import torch
-
-    import flowdsl
-    from flowdsl import jit
-    from flowdsl.optim import Optimizer
-
-    torch.set_num_threads(a.threads)
-    jit.threads(a.threads)
-    print(f"threads={a.threads}  torch {torch.__version__}  repeats={a.repeats}  (medians; ratio = flowdsl / torch)")
+    if a.worker:
+        worker(*a.worker, a.threads, a.infer_batch, a.batch, a.runs)
+        return 0
+    import subprocess
+    print(f"threads={a.threads}  repeats={a.repeats} alternations x {a.runs} runs  "
+          f"(each framework in its own process; medians; ratio = flowdsl / torch)", flush=True)
     rows = []
     for key in a.nets.split(","):
-        fname, batch, optname = NETS[key]
-        batch = a.batch or batch
-        net = flowdsl.load(HERE / "nets" / fname)
-        opt = Optimizer(net, net.model.train["optimizer"], 0.0)
-        tnet, ishape, ncls = torch_net(key)
-        topt = (torch.optim.Adam(tnet.parameters(), lr=1e-3) if optname == "adam"
-                else torch.optim.SGD(tnet.parameters(), lr=1e-3, momentum=0.8))
-        lossf = torch.nn.CrossEntropyLoss()
-        rng = np.random.default_rng(0)
-        c, h, w = ishape
-        x = rng.random((batch, h, w, c), dtype=np.float32)
-        y = rng.integers(0, ncls, batch)
-        tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        ty = torch.from_numpy(y)
-        xi = rng.random((a.infer_batch, h, w, c), dtype=np.float32)
-        txi = torch.from_numpy(np.ascontiguousarray(xi.transpose(0, 3, 1, 2)))
-
-        def f_train():
-            net.loss_grad(x, y)
-            opt.step()
-
-        def t_train():
-            topt.zero_grad(set_to_none=True)
-            lossf(tnet(tx), ty).backward()
-            topt.step()
-
-        def f_infer():
-            net.predict(xi, batch=a.infer_batch)
-
-        def t_infer():
-            with torch.inference_mode():
-                tnet(txi)
-
-        res = {}
-        for label, fns, n in (("train", (f_train, t_train), batch), ("infer", (f_infer, t_infer), a.infer_batch)):
-            for fn in fns:  # warm-up (and numba compile / cache load)
-                for _ in range(3):
-                    fn()
-            steps = []
-            for fn in fns:
-                t0 = time.perf_counter()
-                fn()
-                steps.append(max(1, int(0.4 / max(time.perf_counter() - t0, 1e-6))))
-            k = min(steps)
-            ours, theirs = [], []
+        for mode in a.modes.split(","):
+            res = {"flowdsl": [], "torch": []}
             for _ in range(a.repeats):
-                for fn, out in ((fns[0], ours), (fns[1], theirs)):
-                    t0 = time.perf_counter()
-                    for _ in range(k):
-                        fn()
-                    out.append(k * n / (time.perf_counter() - t0))
-            res[label] = (statistics.median(ours), statistics.median(theirs))
-        for label in ("train", "infer"):
-            o, t = res[label]
-            rows.append((key, label, batch if label == "train" else a.infer_batch, o, t, o / t))
-            print(f"net {key} {label:5s} batch {rows[-1][2]:4d}: flowdsl {o:9,.0f} img/s   torch {t:9,.0f} img/s   "
+                for fw in ("flowdsl", "torch"):
+                    cmd = [sys.executable, __file__, "--worker", fw, key, mode, "--threads", str(a.threads),
+                           "--infer-batch", str(a.infer_batch), "--runs", str(a.runs)]
+                    if a.batch:
+                        cmd += ["--batch", str(a.batch)]
+                    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    res[fw] += [float(v) for v in r.stdout.split()]
+            o, t = statistics.median(res["flowdsl"]), statistics.median(res["torch"])
+            b = (a.batch or NETS[key][1]) if mode == "train" else a.infer_batch
+            rows.append((key, mode, b, o, t, o / t))
+            print(f"net {key} {mode:5s} batch {b:4d}: flowdsl {o:9,.0f} img/s   torch {t:9,.0f} img/s   "
                   f"ratio {o / t:5.2f}", flush=True)
     return rows
 

@@ -5,10 +5,14 @@ Shape rule: W' = (W + 2*pad - field) / stride + 1, which must be whole; same for
 
 Weights are stored (field, field, C_in, filters) so that, with channels-last activations, a
 convolution is one matrix product: im2col rows of length field*field*C_in times the weights.
-Two algorithms, chosen by measurement (bench/README):
-- many filters: numba im2col + one BLAS matmul (and the transposed products in backward);
-- few filters (NeuroFlow's 1-filter convs on 400x400 images): direct loops, branch-free inner
-  loop along the output row, no im2col buffer.
+Two algorithms, chosen by the number of filters (measured: bench/ and README):
+- "rows", few filters (NeuroFlow's 1-filter convs on 400x400 images): direct loops on a
+  pre-padded input, a unit-stride multiply-add along each output row; no im2col buffer.
+  (Direct loops vectorised across the filters were also tried for first layers with few
+  input taps; im2col + BLAS beat them forward and backward, so they are gone.)
+- "gemm", otherwise: numba im2col with a trailing column of ones (so the bias rides in the
+  product, and its gradient comes out of the weight-gradient product) and one BLAS product;
+  in evaluation the batch is cut into chunks whose im2col buffer stays in cache.
 """
 import numpy as np
 
@@ -18,7 +22,8 @@ from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
 from .base import Layer, LayerError, P, need_map, show_shape
 
-DIRECT_MAX_FILTERS = 4   # at or below this many filters the direct kernels win (bench/conv_algos.py)
+DIRECT_MAX_FILTERS = 4   # at or below this many filters: "rows"
+CHUNK_FLOATS = 1 << 20   # evaluation: im2col buffers of about this many floats (4 MB)
 
 
 def _fix_pad(field, pad):
@@ -74,8 +79,8 @@ class Conv(Layer):
         return (f * f * c, f * f * k)
 
     @property
-    def direct(self):
-        return self.args["filters"] <= DIRECT_MAX_FILTERS
+    def algo(self):
+        return "rows" if self.args["filters"] <= DIRECT_MAX_FILTERS else "gemm"
 
     # --- engine -----------------------------------------------------------------------------
     def forward(self, x, p, ctx, training):
@@ -83,20 +88,24 @@ class Conv(Layer):
         f, s, pad = self.args["field"], self.args["stride"], self.padding
         k, oh, ow = self.out
         w, b = p["w"], p["b"]
-        if self.direct:
+        algo = self.algo
+        if algo == "rows":
             xp = _pad(x, pad)
             z = np.empty((n, oh, ow, k), np.float32)
             c = x.shape[3]
-            wrep = _wrep(w, ow)
-            _direct_fwd(xp.reshape(n, xp.shape[1], -1), wrep, w, b, z.reshape(n, oh, ow * k), s, c)
+            _direct_fwd(xp.reshape(n, xp.shape[1], -1), _wrep(w, ow), w, b, z.reshape(n, oh, ow * k), s, c)
             if training:
                 ctx["xp"] = xp
         else:
-            cols = np.empty((n * oh * ow, f * f * x.shape[3]), np.float32)
-            _im2col(x, cols, f, s, pad, oh, ow)
-            z = mm(cols, w.reshape(-1, k))
-            z += b
-            z = z.reshape(n, oh, ow, k)
+            wb = np.concatenate([w.reshape(-1, k), b[None, :]])
+            width = wb.shape[0]
+            z = np.empty((n, oh, ow, k), np.float32)
+            step = n if training else max(1, min(n, CHUNK_FLOATS // max(1, oh * ow * width)))
+            for i in range(0, n, step):
+                xi = x[i:i + step]
+                cols = np.empty((xi.shape[0] * oh * ow, width), np.float32)
+                _im2col(xi, cols, f, s, pad, oh, ow)
+                z[i:i + step] = mm(cols, wb).reshape(xi.shape[0], oh, ow, k)
             if training:
                 ctx["cols"] = cols
         kind, alpha = act_spec(self)
@@ -111,26 +120,28 @@ class Conv(Layer):
         kind, alpha = act_spec(self)
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         x = ctx["x"]
-        dz2 = dz.reshape(-1, k)
-        np.sum(dz2, axis=0, out=g["b"])
-        if self.direct:
-            xp = ctx["xp"]
-            n, oh, ow, _ = dz.shape
-            c = x.shape[3]
-            _direct_dw(xp.reshape(n, xp.shape[1], -1), dz, g["w"], s, c, 32)
+        n, oh, ow, _ = dz.shape
+        algo = self.algo
+        if algo == "gemm":
+            cols = ctx["cols"]
+            dz2 = dz.reshape(-1, k)
+            gwb = mm(cols.T, dz2)          # the ones column gives the bias gradient
+            g["w"].reshape(-1, k)[...] = gwb[:-1]
+            g["b"][...] = gwb[-1]
             if not need_dx:
                 return None
-            dxp = np.empty_like(xp)
-            _direct_dx(dz, p["w"], _wrep(p["w"], ow), dxp.reshape(n, xp.shape[1], -1), s)
-            return np.ascontiguousarray(dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :]) if pad else dxp
-        cols = ctx["cols"]
-        g["w"].reshape(-1, k)[...] = mm(cols.T, dz2)
+            dcols = mm(dz2, p["w"].reshape(-1, k).T)
+            dx = np.empty_like(x)
+            _col2im(dcols, dx, f, s, pad, oh, ow)
+            return dx
+        xp = ctx["xp"]
+        np.sum(dz.reshape(-1, k), axis=0, out=g["b"])
+        _direct_dw(xp.reshape(n, xp.shape[1], -1), dz, g["w"], s, x.shape[3], 32)
         if not need_dx:
             return None
-        dcols = mm(dz2, p["w"].reshape(-1, k).T)
-        dx = np.empty_like(x)
-        _col2im(dcols, dx, f, s, pad, dz.shape[1], dz.shape[2])
-        return dx
+        dxp = np.empty_like(xp)
+        _direct_dx(dz, p["w"], _wrep(p["w"], ow), dxp.reshape(n, xp.shape[1], -1), s)
+        return np.ascontiguousarray(dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :]) if pad else dxp
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -141,9 +152,13 @@ def _im2col(x, cols, f, s, pad, oh, ow):
     n_, h, w, c = x.shape
     fc = f * c
     zero = np.float32(0.0)
+    ones = cols.shape[1] > f * fc  # a trailing column of ones carries the bias
     for row in prange(n_ * oh):
         n = row // oh
         i = row % oh
+        if ones:
+            for j in range(ow):
+                cols[(n * oh + i) * ow + j, f * fc] = np.float32(1.0)
         for a in range(f):
             y = i * s + a - pad
             base = a * fc
