@@ -1,0 +1,67 @@
+"""Does c3 look at the eyes? Compare the glasses net's focus maps before and after training.
+
+    python examples/glasses/measure_focus.py runs/glasses/best.npz [--layer c3]
+
+For every avatar in eyes.csv (the eye region and face box drawn by make_avatars.py), the layer's
+activation map is averaged inside the eye region, over the rest of the face, and over the whole
+map. Printed for the initialised net (the "before" picture of `flowdsl focus` without weights)
+and for the trained one:
+  eye/face   mean inside the eye region over the mean on the rest of the face
+  eye/map    mean inside the eye region over the mean of the whole map
+  glasses/no mean eye-region activation of avatars with glasses over those without
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def measures(net, layer, x, rows):
+    acts = net.focus(layer, x)[..., 0]
+    scale = 400 // acts.shape[1]
+    eye_m, face_m, map_m, cls = [], [], [], []
+    yy, xx = np.mgrid[:acts.shape[1], :acts.shape[2]]
+    for r, m in zip(rows, acts):
+        x0, y0, x1, y1 = (int(r[k]) // scale for k in ("x0", "y0", "x1", "y1"))
+        fx0, fy0, fx1, fy1 = (int(r[k]) / scale for k in ("fx0", "fy0", "fx1", "fy1"))
+        face = (((yy - (fy0 + fy1) / 2) / ((fy1 - fy0) / 2)) ** 2
+                + ((xx - (fx0 + fx1) / 2) / ((fx1 - fx0) / 2)) ** 2) <= 1
+        eye = np.zeros(m.shape, bool)
+        eye[y0:y1, x0:x1] = True
+        eye_m.append(m[eye].mean())
+        face_m.append(m[face & ~eye].mean())
+        map_m.append(m.mean())
+        cls.append(r["class"] == "glasses")
+    eye_m, face_m, map_m, cls = map(np.asarray, (eye_m, face_m, map_m, cls))
+    tiny = 1e-12
+    return {"eye/face": eye_m.mean() / max(face_m.mean(), tiny),
+            "eye/map": eye_m.mean() / max(map_m.mean(), tiny),
+            "glasses/no": eye_m[cls].mean() / max(eye_m[~cls].mean(), tiny)}
+
+
+def main(argv=None):
+    import flowdsl
+    from flowdsl.data import load_image_files
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("weights")
+    ap.add_argument("--layer", default="c3")
+    ap.add_argument("--every", type=int, default=5, help="use every n-th avatar (speed)")
+    a = ap.parse_args(argv)
+    rows = list(csv.DictReader(open(HERE / "eyes.csv")))[:: a.every]
+    x = load_image_files([HERE / r["file"] for r in rows], (3, 400, 400))
+    flow = HERE.parent / "glasses.flow"
+    before = measures(flowdsl.load(flow), a.layer, x, rows)
+    after = measures(flowdsl.load(flow, weights=a.weights), a.layer, x, rows)
+    print(f"{a.layer} on {len(rows)} avatars      before   after")
+    for k in before:
+        print(f"  {k:10s}              {before[k]:7.2f} {after[k]:7.2f}")
+    return before, after
+
+
+if __name__ == "__main__":
+    main()
