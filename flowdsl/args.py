@@ -144,7 +144,10 @@ def convert(p: P, node, what: str):
             if abs(v) > MAX_INT and (p.hi is None or p.hi > MAX_INT):
                 raise ArgError(f"{p.name} must be at most {MAX_INT}")
         else:
-            v = float(v) + 0.0  # -0.0 -> 0.0: one value, one spelling
+            try:
+                v = float(v) + 0.0  # -0.0 -> 0.0: one value, one spelling
+            except OverflowError:  # an integer literal beyond float range (1000...0)
+                raise ArgError(f"{p.name} must be a finite number") from None
             if not math.isfinite(v):
                 raise ArgError(f"{p.name} must be a finite number")
         if (p.lo is not None and (v < p.lo or (p.lo_open and v == p.lo))) or \
@@ -180,7 +183,9 @@ def convert(p: P, node, what: str):
     if k == "pad":
         if isinstance(node, Name) and node.name == "same":
             return "same"
-        if isinstance(node, Number) and float(node.value) == int(node.value) and node.value >= 0:
+        if isinstance(node, Number) and node.value == int(node.value) and node.value >= 0:
+            if node.value > MAX_INT:
+                raise ArgError(f"{p.name} must be at most {MAX_INT}")
             return int(node.value)
         raise ArgError(f"{p.name} must be a whole number >= 0 or same")
     if k == "call":

@@ -428,6 +428,8 @@ def parse_text(text: str, file: str | None = None) -> Program:
     """Parse .flow source into a Program. Raises FlowError, never anything else."""
     if not isinstance(text, str):
         raise FlowError(f"expected .flow source text, got {type(text).__name__}", file)
+    if text.startswith("\ufeff"):  # a byte-order mark, as read_source() drops it from files
+        text = text[1:]
     _check_depth(text, file)
     try:
         tree = _parser().parse(text)
