@@ -52,8 +52,10 @@ def _cmd_train(a):
     m = load_model(a.file)
     over = {p.name: getattr(a, p.name, None) for p in TRAIN}
     over["lr"] = a.lr
-    run_train(m, out=a.out, resume=a.resume, overrides=over, verbose=2 if a.quiet_bar else 1)
-    return 0
+    hist = run_train(m, out=a.out, resume=a.resume, overrides=over, verbose=2 if a.quiet_bar else 1)
+    # stopped by Ctrl-C or SIGTERM (after saving): exit as a shell reports a signal, 130 or 143,
+    # so that a script can tell an interrupted run from a finished one
+    return 128 + hist.signal if hist.signal else 0
 
 
 def _cmd_eval(a):

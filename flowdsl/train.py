@@ -28,6 +28,7 @@ class History:
     confusion: object = None                   # last test confusion matrix
     classes: list = field(default_factory=list)
     stopped: str = ""                          # why training ended early, if it did
+    signal: int = 0                            # the signal (SIGINT, SIGTERM) that stopped it, if one did
 
     def __getitem__(self, key):
         return [r[key] for r in self.rows]
@@ -67,6 +68,7 @@ class _Stop:
 
     def __init__(self):
         self.flag = None
+        self.signum = 0
         self.old = {}
 
     def __enter__(self):
@@ -79,6 +81,7 @@ class _Stop:
         if self.flag is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.flag = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, h in self.old.items():
@@ -127,7 +130,10 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     if resume is not None:
         step, best, bad, running = _restore(net, opt, hist, resume)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise FlowError(f"cannot create the output folder {out_dir}: {e.strerror or e}") from None
         if resume is None:
             _save(net, opt, hist, os.path.join(out_dir, "last.npz"), 0, best, bad, seed)
 
@@ -145,7 +151,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         try:
             while step < total:
                 if stop.flag:
-                    hist.stopped = stop.flag
+                    hist.stopped, hist.signal = stop.flag, stop.signum
                     break
                 epoch, i = divmod(step, per_epoch)
                 if epoch != perm_epoch:
@@ -273,11 +279,19 @@ def _restore(net, opt, hist, path):
 
 def write_log(hist, path):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(",".join(HISTORY_COLS) + "\n")
-        for r in hist.rows:
-            f.write(",".join(_csv(r[c]) for c in HISTORY_COLS) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(",".join(HISTORY_COLS) + "\n")
+            for r in hist.rows:
+                f.write(",".join(_csv(r[c]) for c in HISTORY_COLS) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise FlowError(f"cannot write {path}: {e.strerror or e}; training stopped "
+                        f"(last.npz holds the last completed epoch)") from None
 
 
 def _csv(v):
