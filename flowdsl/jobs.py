@@ -91,10 +91,10 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1):
     out = out or (settings["checkpoint"] and os.path.join(base_dir(model), settings["checkpoint"])) or \
         os.path.join("runs", model_name(model))
     _check_writable(out)
+    _check_memory(model, 1)  # before loading anything: a model that cannot train one sample
     threads = jit.threads(settings["threads"])
     train, test = load_data(model, settings)
-    mem = model.memory_estimate(settings["batch"])
-    _check_memory(model, settings["batch"], mem)
+    _check_memory(model, max(1, min(settings["batch"], len(train.x))))  # with the data loaded
     net = Net(model, seed=settings["seed"])
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say(f"{model_name(model)}: {model.n_params():,} weights; train {len(train.x):,} images "
@@ -106,11 +106,15 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1):
                seed=settings["seed"], augment=settings["augment"], patience=settings["patience"],
                out_dir=out, resume=resume, classes=train.classes, verbose=verbose, log=say,
                checkpoint_every=None)
-    write_report(hist, os.path.join(out, "report.png"), title=f"{model_name(model)}: {model.n_params():,} weights")
+    try:
+        write_report(hist, os.path.join(out, "report.png"), title=f"{model_name(model)}: {model.n_params():,} weights")
+    except OSError as e:
+        raise FlowError(f"cannot write {os.path.join(out, 'report.png')}: {e.strerror or e} "
+                        f"(the checkpoints and log.csv are written)") from None
     if hist.rows:
         r = hist.rows[-1]
         best = max((x["test_acc"] for x in hist.rows if math.isfinite(x["test_acc"])), default=float("nan"))
-        say(f"done: {hist.step} steps; last train_loss {r['train_loss']:.4f}"
+        say(f"{'stopped' if hist.signal else 'done'}: {hist.step} steps; last train_loss {r['train_loss']:.4f}"
             + (f"; best test_acc {best:.4f}" if math.isfinite(best) else "")
             + f". Wrote {out}/last.npz, best.npz, log.csv, report.png")
     return hist
@@ -127,23 +131,78 @@ def _check_writable(out):
         raise FlowError(f"cannot write to the output folder {out}: {e.strerror or e}; choose another with --out") from None
 
 
-def _check_memory(model, batch, need):
-    avail = _available_memory()
-    if avail and need > avail:
-        per = max(1, need // max(batch, 1))
-        fit_batch = max(1, int(avail * 0.8 // per))
-        raise FlowError(f"training at batch {batch} needs about {need / 2**30:.1f} GB but only "
-                        f"{avail / 2**30:.1f} GB is available; try --batch {fit_batch}")
+def _check_memory(model, batch):
+    """Refuse, before allocating anything, a batch whose estimated training memory exceeds the
+    memory available, suggesting a batch that fits (or saying that none does)."""
+    need = model.memory_estimate(batch)
+    avail = available_memory()
+    if not avail or need <= avail:
+        return
+    fixed = model.memory_estimate(0)          # parameters, gradients, optimizer state
+    per = max(1, (need - fixed) // batch)     # per sample
+    fit_batch = int((avail * 0.8 - fixed) // per)
+    if fit_batch >= 1:
+        raise FlowError(f"training at batch {batch} needs about {gb(need)} (estimated) but only {gb(avail)} "
+                        f"of memory is available; try --batch {fit_batch}", model.file)
+    raise FlowError(f"this model needs about {gb(fixed + per)} to train even at batch 1 ({model.n_params():,} "
+                    f"weights: {gb(fixed)} with their gradients and optimizer state; {gb(per)} per sample), but "
+                    f"only {gb(avail)} of memory is available; make the input or the layers smaller", model.file)
 
 
-def _available_memory():
+def gb(b):
+    return f"{b / 2**30:,.1f} GB" if b >= 2**28 else f"{b / 2**20:,.0f} MB"
+
+
+def available_memory():
+    """Bytes of memory a new allocation can get, or None if unknown: Linux's MemAvailable, or
+    less where a cgroup (a container) limits the process. FLOWDSL_MEM_AVAILABLE (bytes)
+    overrides it (tests, or a limit the system does not show)."""
+    env = os.environ.get("FLOWDSL_MEM_AVAILABLE", "").strip()
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise FlowError(f"FLOWDSL_MEM_AVAILABLE must be a number of bytes. Received: {env}") from None
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
         return None
+    room = _cgroup_room()
+    if room is not None and (avail is None or room < avail):
+        avail = room
+    return avail
+
+
+def _cgroup_room():
+    """Limit minus usage (less reclaimable file cache) of this process's memory cgroup, v2 or v1;
+    None when there is no limit or it cannot be read."""
+    for limit_f, usage_f, stat_f, cache_key in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+             "inactive_file"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+             "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file")):
+        try:
+            with open(limit_f) as f:
+                text = f.read().strip()
+            if text == "max" or int(text) >= 2**60:  # no limit
+                return None
+            limit = int(text)
+            with open(usage_f) as f:
+                usage = int(f.read().strip())
+            cache = 0
+            with open(stat_f) as f:
+                for line in f:
+                    k, _, v = line.partition(" ")
+                    if k == cache_key:
+                        cache = int(v)
+            return max(0, limit - usage + cache)
+        except (OSError, ValueError):
+            continue
     return None
 
 

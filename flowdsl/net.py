@@ -27,6 +27,7 @@ class Net:
             for pname, shape in l.param_shapes(l.in_shape).items():
                 self._spec.append((l, pname, tuple(shape), off))
                 off += math.prod(shape)
+        _check_room(model, self._spec, off)
         self.flat = np.zeros(off, np.float32)
         self.gflat = np.zeros(off, np.float32)
         self.params = {l.name: {} for l in self.layers}
@@ -197,6 +198,22 @@ class Net:
     def load_weights(self, path):
         from .checkpoint import load_into
         return load_into(self, path)
+
+
+def _check_room(model, spec, n):
+    """Refuse, before allocating, parameters that cannot fit in memory: a dense layer after a
+    large map can hold billions of weights. Needs the parameter and gradient buffers (float32)
+    and, while initialising, the largest parameter in float64."""
+    from .jobs import available_memory, gb
+    largest = max(spec, key=lambda t: math.prod(t[2]), default=None)
+    need = 8 * n + (8 * math.prod(largest[2]) if largest else 0)
+    avail = available_memory()
+    if avail and need > avail:
+        l, pname = largest[0], largest[1]
+        raise FlowError(f"the model has {n:,} weights: its parameters and gradients need {gb(8 * n)} "
+                        f"({gb(need)} while initialising), but only {gb(avail)} of memory is available. "
+                        f"The largest is {l.name}.{pname} with {math.prod(largest[2]):,} weights "
+                        f"({l.describe()} after {show_shape(l.in_shape)}); make it smaller", model.file)
 
 
 def _before_relu(layers, i):
