@@ -39,7 +39,8 @@ def save(net, path, extra: dict):
             os.remove(tmp)
         except OSError:
             pass
-        raise FlowError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        kept = "; the previous checkpoint there is kept" if os.path.exists(path) else ""
+        raise FlowError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
     except BaseException:
         try:
             os.remove(tmp)
@@ -50,6 +51,22 @@ def save(net, path, extra: dict):
 
 def read(path) -> dict:
     """All arrays of a checkpoint, refusing pickled content; FlowError on any problem."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except FileNotFoundError:
+        raise FlowError(f"no such checkpoint: {path}") from None
+    except IsADirectoryError:
+        raise FlowError(f"{path} is a directory, not a checkpoint") from None
+    except OSError as e:
+        raise FlowError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if head[:1] == b"\x80":
+        raise FlowError(f"{path}: refusing a checkpoint with pickled content (a Python pickle)")
+    if head == b"\x93NUMPY":
+        raise FlowError(f"{path}: a single array (.npy), not a flowdsl checkpoint (.npz)")
+    if head[:2] != b"PK":
+        raise FlowError(f"{path}: not a flowdsl checkpoint (not an .npz archive)"
+                        + (" (the file is empty)" if not head else ""))
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
