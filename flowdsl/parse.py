@@ -386,6 +386,17 @@ def _diagnose(e: UnexpectedToken, text: str):
     return msg, line, col
 
 
+def _visible_column(text: str, line, col):
+    """A column at most one past the line's last character: an end of line found after a
+    '\r' (Windows line endings) is shown just after the text, not past the invisible '\r'."""
+    if line is None or col is None:
+        return col
+    lines = text.split("\n")
+    if 1 <= line <= len(lines):
+        return min(col, len(lines[line - 1].rstrip("\r")) + 1)
+    return col
+
+
 def _end_position(text: str) -> Pos:
     lines = [l.rstrip("\r") for l in text.split("\n")]  # only '\n' ends a line, as for lark
     # the last line that holds something other than blanks or a comment
@@ -445,7 +456,7 @@ def parse_text(text: str, file: str | None = None) -> Program:
             if e.token.type == "$END":
                 p = _end_position(text)
                 line, col = p.line, p.column
-        raise FlowError(msg, file, line, col, text) from None
+        raise FlowError(msg, file, line, _visible_column(text, line, col), text) from None
     except UnexpectedInput as e:
         raise FlowError("syntax error", file, getattr(e, "line", None), getattr(e, "column", None), text) from None
     try:
