@@ -167,6 +167,12 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the environment, not flowdsl: a full disk, a path that cannot exist, ...
+        if debug:
+            raise
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"flowdsl: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except MemoryError:
         if debug:
             raise

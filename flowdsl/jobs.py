@@ -131,7 +131,7 @@ def _check_writable(out):
         raise FlowError(f"cannot write to the output folder {out}: {e.strerror or e}; choose another with --out") from None
 
 
-def _check_memory(model, batch):
+def _check_memory(model, batch, option="--batch "):
     """Refuse, before allocating anything, a batch whose estimated training memory exceeds the
     memory available, suggesting a batch that fits (or saying that none does)."""
     need = model.memory_estimate(batch)
@@ -143,7 +143,7 @@ def _check_memory(model, batch):
     fit_batch = int((avail * 0.8 - fixed) // per)
     if fit_batch >= 1:
         raise FlowError(f"training at batch {batch} needs about {gb(need)} (estimated) but only {gb(avail)} "
-                        f"of memory is available; try --batch {fit_batch}", model.file)
+                        f"of memory is available; try {option}{fit_batch}", model.file)
     raise FlowError(f"this model needs about {gb(fixed + per)} to train even at batch 1 ({model.n_params():,} "
                     f"weights: {gb(fixed)} with their gradients and optimizer state; {gb(per)} per sample), but "
                     f"only {gb(avail)} of memory is available; make the input or the layers smaller", model.file)
@@ -233,6 +233,8 @@ def parse_source(text, model):
 def run_eval(model, weights, data=None, perturb=None, out=None):
     from .data import check_labels, load_source
     from .train import evaluate
+    if out:
+        _check_writable(out)
     net, classes = load_trained(model, weights)
     settings = dict(model.train)
     if data is not None:
@@ -260,7 +262,7 @@ def run_eval(model, weights, data=None, perturb=None, out=None):
     if out:
         from .report import write_report
         from .train import History
-        os.makedirs(out, exist_ok=True)
+        _check_writable(out)
         h = History(confusion=res["confusion"], classes=classes)
         write_report(h, os.path.join(out, "eval.png"), title=f"eval {weights} on {dsname}: accuracy {res['acc']:.4f}")
     return res
@@ -327,6 +329,7 @@ def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=Fals
                                 model.file) from None
             chosen.append(n)
     out = out or os.path.join("runs", model_name(model), "focus")
+    _check_writable(out)
     paths = []
     if inputs:
         x = load_image_files(inputs, model.input_shape)

@@ -177,7 +177,10 @@ class Net:
         defaults.update(kw)
         if epochs is None and defaults["iterations"] is None:
             epochs = t["epochs"] or 1
-        return fit(self, x, y, test, epochs=epochs, batch=batch or t["batch"], **defaults)
+        batch = batch or t["batch"]
+        from .jobs import _check_memory
+        _check_memory(self.model, max(1, min(int(batch), len(x))), option="batch=")
+        return fit(self, x, y, test, epochs=epochs, batch=batch, **defaults)
 
     def evaluate(self, x, y, batch=256):
         """{'loss', 'acc', 'confusion'} on arrays."""

@@ -140,6 +140,31 @@ def test_out_in_proc_is_refused(work):
     assert_error(r, "cannot write to the output folder", "/proc/flowdsl-cannot-be-here")
 
 
+@pytest.mark.parametrize("verb", ["focus", "eval"])
+def test_focus_and_eval_out_under_a_regular_file(work, images, tmp_path, verb):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    if verb == "focus":
+        r = flowdsl_cli("focus", work / "m.flow", "--layer", "conv1", "--input", images / "gray.png",
+                        "--out", blocker / "sub")
+    else:
+        r = flowdsl_cli("eval", work / "m.flow", "--weights", work / "w.npz", "--data",
+                        f'npz("{work / "train.npz"}")', "--out", blocker / "sub")
+    assert_error(r, "cannot write to the output folder", str(blocker / "sub"))
+
+
+def test_an_os_error_anywhere_is_one_message(monkeypatch, capsys, work):
+    import flowdsl.jobs
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/some/where.png")
+
+    monkeypatch.setattr(flowdsl.jobs, "run_predict", denied)
+    assert cli.main(["predict", str(work / "m.flow"), "--weights", str(work / "w.npz"), "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err == "flowdsl: error: cannot access /some/where.png: Permission denied\n"
+
+
 def _disk_fills_after(monkeypatch, saves_ok):
     """np.savez writes `saves_ok` checkpoints, then fails half-way with ENOSPC."""
     real = np.savez
@@ -379,6 +404,15 @@ def test_train_suggests_a_batch_that_fits(tmp_path):
     assert 1 <= suggested < 32 and m.memory_estimate(suggested) <= avail
     assert rss < 400 * 2**20 + x.nbytes * 6, rss
     assert not (tmp_path / "run" / "last.npz").exists()
+
+
+def test_fit_refuses_a_batch_that_cannot_fit(monkeypatch):
+    net = flowdsl.parse(MODEL)
+    x, y = bars(64)
+    monkeypatch.setenv("FLOWDSL_MEM_AVAILABLE", str(net.model.memory_estimate(8)))
+    with pytest.raises(FlowError, match=r"training at batch 64 needs about .* try batch=\d"):
+        net.fit(x, y, epochs=1, batch=64)
+    net.fit(x, y, epochs=1, batch=4)
 
 
 def test_check_prints_the_memory_estimate(tmp_path):
