@@ -445,49 +445,15 @@ def outcome(text):
         signal.signal(signal.SIGALRM, old)
 
 
-# Known bug, not fixed here (flowdsl/layers/conv.py is being reworked by someone else): the
-# "pad=N would fit" hint of a stride that does not tile loops over range(field), so a field of
-# 10**9 that fits a huge pad takes minutes. Such programs (a conv with field >= 10**6) are
-# left out of the random ones until
-# test_conv_stride_hint_is_fast (strict xfail) starts passing; then remove this and the marker.
-def _conv_hint_bug(text):
-    try:
-        prog = parse_text(text)
-    except FlowError:
-        return False
-    calls = []
-
-    def walk(node):
-        if isinstance(node, Call):
-            calls.append(node)
-        for child in getattr(node, "elements", ()) or getattr(node, "args", ()):
-            walk(child.value if hasattr(child, "key") else child)
-
-    for stmt in prog.statements:
-        walk(getattr(stmt, "chain", stmt))
-    conv = registry.REGISTRY["conv"]
-    for c in calls:
-        if registry.lookup(c.name, True) is conv:
-            try:
-                values = bind("conv", conv.params, c.args, c.pos)
-            except FlowError:
-                continue
-            if values["field"] >= 10**6:
-                return True
-    return False
-
-
 @FUZZ
 @given(programs())
 def test_grammatical_programs(text):
-    assume(not _conv_hint_bug(text))
     outcome(text)
 
 
 @FUZZ
 @given(corrupted())
 def test_corrupted_programs(text):
-    assume(not _conv_hint_bug(text))
     outcome(text)
 
 
@@ -529,7 +495,6 @@ def test_extreme_shapes_build_without_allocating(text):
         assert m.n_params() >= 0
 
 
-@pytest.mark.xfail(strict=True, reason="conv.py: the stride hint loops over range(field) (see _conv_hint_bug)")
 def test_conv_stride_hint_is_fast():
     text = "conv(4x4x1, field=1000000000, pad=600000000, stride=7) :: dense(2) :: softmax"
     old = signal.signal(signal.SIGALRM, _alarm)
@@ -558,8 +523,6 @@ def test_generators_reach_models():
     collect()
     models, kinds = 0, set()
     for t in texts:
-        if _conv_hint_bug(t):
-            continue
         try:
             m = build_text(t)
         except FlowError:

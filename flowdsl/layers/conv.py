@@ -62,7 +62,7 @@ class Conv(Layer):
         outs = []
         for size in (h, w):
             if (size + 2 * p - f) % st:
-                fits = [q for q in range(0, f) if (size + 2 * q - f) % st == 0]
+                fits = [q for q in range(0, min(f, st)) if (size + 2 * q - f) % st == 0]
                 hint = f"; pad={fits[0]} would fit" if fits else ""
                 raise LayerError(
                     f"({size} + 2*{p} - {f})/{st} + 1 is not a whole number, so stride {st} "
