@@ -60,10 +60,8 @@ def _show(shape) -> str:
 
 def _show_input(input_shape) -> str:
     """The model's input (C, H, W) or (N,) in DSL order."""
-    if len(input_shape) == 3:
-        c, h, w = input_shape
-        return f"{w}x{h}x{c}"
-    return "x".join(str(d) for d in input_shape)
+    from .layers.base import show_shape
+    return show_shape(input_shape)
 
 
 def _resolve(path, base_dir) -> Path:
