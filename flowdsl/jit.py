@@ -18,7 +18,26 @@ FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_
 _numba = None
 
 
+def _keep_freed_memory():
+    """Ask glibc to serve large blocks from its heap and keep freed memory, instead of a fresh
+    mmap per array: every training step allocates the same big buffers (im2col columns,
+    activations), and a fresh mapping costs a page fault per 4 KB on first touch. Measured on
+    net B (batch 64, 2 threads): 29.4 -> 21.7 ms per step. FLOWDSL_SYSTEM_MALLOC=1 opts out."""
+    if os.environ.get("FLOWDSL_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 or mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and ok)
+
+
 def _setup_env():
+    _keep_freed_memory()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     if "NUMBA_CACHE_DIR" not in os.environ and os.environ.get("FLOWDSL_NO_USER_CACHE") != "1":
