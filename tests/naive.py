@@ -197,6 +197,11 @@ EXAMPLES = {
         ("conv(filters=2, field=2, stride=3)", "8x5x1"),             # stride > field: gaps
         ("conv(filters=5, field=1, stride=2, pad=1)", "5x3x2"),      # border outputs see only pad
         ("conv(filters=5, field=3)", "3x3x2"),                       # field = input: 1x1 output
+        ("conv(filters=6, field=3, pad=same, act=relu)", "5x4x9"),  # NHWC im2col; dx by flipped conv
+        ("conv(filters=9, field=2)", "5x4x9"),                       # even field, flipped-conv dx
+        ("conv(filters=5, field=3, pad=1)", "6x5x9"),                # dx flipped conv, K < TALL_BELOW_C
+        ("conv(filters=5, field=2, pad=2)", "4x3x8"),                # pad > field-1: col2im dx
+        ("conv(filters=6, field=5, pad=1)", "7x6x1"),                # tall columns, dx by col2im (K > C)
     ],
     "dense": [
         ("dense(4)", "3x2x2"),                      # flattens a map in NHWC order
