@@ -69,7 +69,8 @@ def test_letters_total():
 def test_nielsen_builds():
     m = load_model(ROOT / "examples" / "nielsen.flow")
     assert m.layers[-2].out == (10,)
-    assert m.n_params() == 520 + 20_040 + 64_100 + 1_010
+    assert m.n_params() == 520 + 20_040 + 641_000 + 1_001_000 + 10_010
+    assert [l.kind for l in m.layers].count("dropout") == 2
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
