@@ -101,19 +101,25 @@ class Conv(Layer):
         else:
             wb = np.concatenate([w.reshape(-1, k), b[None, :]])
             width = wb.shape[0]
-            z = np.empty((n, oh, ow, k), np.float32)
             step = n if training else max(1, min(n, CHUNK_FLOATS // max(1, oh * ow * width)))
             tall = x.shape[3] < TALL_BELOW_C
+            z = np.empty((n, oh, ow, k), np.float32) if step < n else None
             for i in range(0, n, step):
                 xi = x[i:i + step]
                 if tall:   # columns as rows: few channels make short NHWC segments
                     cols = np.empty((width, xi.shape[0] * oh * ow), np.float32)
                     _im2col_t(xi, cols, f, s, pad, oh, ow)
-                    z[i:i + step] = mm(cols.T, wb).reshape(xi.shape[0], oh, ow, k)
+                    if step >= n:
+                        z = mm(cols.T, wb).reshape(n, oh, ow, k)
+                    else:
+                        z[i:i + step] = mm(cols.T, wb).reshape(xi.shape[0], oh, ow, k)
                 else:
                     cols = np.empty((xi.shape[0] * oh * ow, width), np.float32)
                     _im2col(xi, cols, f, s, pad, oh, ow)
-                    z[i:i + step] = mm(cols, wb).reshape(xi.shape[0], oh, ow, k)
+                    if step >= n:  # one chunk: the product is z (no copy)
+                        z = mm(cols, wb).reshape(n, oh, ow, k)
+                    else:
+                        z[i:i + step] = mm(cols, wb).reshape(xi.shape[0], oh, ow, k)
             if training:
                 ctx["cols"], ctx["tall"] = cols, tall
         kind, alpha = act_spec(self)
