@@ -123,7 +123,7 @@ class Conv(Layer):
             if training:
                 ctx["cols"], ctx["tall"] = cols, tall
         kind, alpha = act_spec(self)
-        y = act_forward(kind, alpha, z)
+        y = act_forward(kind, alpha, z, out=None if training else z)  # z is ours: in place
         if training:
             ctx["x"], ctx["z"], ctx["y"] = x, z, y
         return y

@@ -34,8 +34,9 @@ class Dense(Layer):
         z = mm(x2, p["w"])
         z += p["b"]
         kind, alpha = act_spec(self)
-        y = act_forward(kind, alpha, z)
-        ctx["x"], ctx["z"], ctx["y"] = x2, z, y
+        y = act_forward(kind, alpha, z, out=None if training else z)  # z is ours: in place
+        if training:
+            ctx["x"], ctx["z"], ctx["y"] = x2, z, y
         return y
 
     def backward(self, dy, p, g, ctx, need_dx):

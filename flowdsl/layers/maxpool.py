@@ -57,10 +57,12 @@ class MaxPool(Pool):
     def forward(self, x, p, ctx, training):
         c, oh, ow = self.out
         y = np.empty((x.shape[0], oh, ow, c), np.float32)
+        if not training:  # no winners to record
+            _max_eval(x, y, self.size, self.stride)
+            return y
         arg = np.empty((x.shape[0], oh, ow, c), np.int32)
         _max_fwd(x, y, arg, self.size, self.stride)
-        if training:
-            ctx["arg"], ctx["in"] = arg, x.shape
+        ctx["arg"], ctx["in"] = arg, x.shape
         return y
 
     def backward(self, dy, p, g, ctx, need_dx):
@@ -105,6 +107,31 @@ def _max_fwd(x, y, arg, k, s):
             for cc in range(c):
                 y[n, i, j, cc] = best[cc]
                 arg[n, i, j, cc] = where[cc]
+
+
+@kernel
+def _max_eval(x, y, k, s):
+    """_max_fwd without the winners (evaluation): y[n,i,j,c] = the window's maximum."""
+    n_, h, w, c = x.shape
+    _, oh, ow, _ = y.shape
+    for row in prange(n_ * oh):
+        n = row // oh
+        i = row % oh
+        y0 = i * s
+        y1 = min(y0 + k, h)
+        best = np.empty(c, np.float32)
+        for j in range(ow):
+            x0 = j * s
+            x1 = min(x0 + k, w)
+            for cc in range(c):
+                best[cc] = x[n, y0, x0, cc]
+            for yy in range(y0, y1):
+                for xx in range(x0, x1):
+                    for cc in range(c):
+                        v = x[n, yy, xx, cc]
+                        best[cc] = v if v > best[cc] else best[cc]
+            for cc in range(c):
+                y[n, i, j, cc] = best[cc]
 
 
 @kernel
