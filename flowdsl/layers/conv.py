@@ -158,7 +158,7 @@ class Conv(Layer):
                 dcols = np.empty((n * h * wd, f * f * k), np.float32)
                 _im2col(dz, dcols, f, 1, f - 1 - pad, h, wd)
                 return mm(dcols, wf).reshape(x.shape)
-            dcols = mm(dz2, p["w"].reshape(-1, k).T)
+            dcols = mm(dz2, np.ascontiguousarray(p["w"].reshape(-1, k).T))  # (a transposed view: 10-25% slower)
             dx = np.empty_like(x)
             _col2im(dcols, dx, f, s, pad, oh, ow)
             return dx
