@@ -353,3 +353,24 @@ def test_network_gradient(name, src):
             def f(v, ln=ln, pn=pn):
                 return naive.network_loss(model, x64, {**p64, ln: {**p64[ln], pn: v}}, t)
             fd_check(f"{name}: {ln}.{pn}", net.grads[ln][pn], f, p64[ln][pn], rng)
+
+
+def test_maxpool_then_relu_is_relu_then_maxpool():
+    """examples/fashion.flow pools before its relus (4x less activation work): the same network,
+    outputs and gradients, because relu is monotonic. Checked on a batchnormed conv stack."""
+    head = "network = input(9x9x2) :: conv(filters=3, field=3, pad=same) :: batchnorm :: "
+    tail = " :: dense(4) :: softmax\ntrain { seed = 3 }"
+    nets = [Net(build_text(head + mid + tail, "<t>"), seed=3)
+            for mid in ("relu :: maxpool(2, ceil=true)", "maxpool(2, ceil=true) :: relu")]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 9, 9, 2)).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    outs = []
+    for net in nets:
+        loss, _ = net.loss_grad(x, y)
+        outs.append((loss, net.gflat.copy(), net.predict(x)))
+    assert nets[0].flat.shape == nets[1].flat.shape and np.array_equal(nets[0].flat, nets[1].flat)
+    assert abs(outs[0][2].std()) > 0 and np.abs(outs[0][1]).max() > 0
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(outs[0][2], outs[1][2], rtol=1e-6, atol=1e-7)

@@ -1,6 +1,6 @@
 """Does c3 look at the eyes? Compare the glasses net's focus maps before and after training.
 
-    python examples/glasses/measure_focus.py runs/glasses/best.npz [--layer c3]
+    python examples/glasses/measure_focus.py runs/glasses/best.npz [--layer c3] [--flow FILE]
 
 For every avatar in eyes.csv (the eye region and face box drawn by make_avatars.py), the layer's
 activation map is averaged inside the eye region, over the rest of the face, and over the whole
@@ -50,11 +50,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("weights")
     ap.add_argument("--layer", default="c3")
+    ap.add_argument("--flow", default=str(HERE.parent / "glasses.flow"),
+                    help="the .flow file the weights belong to (default: examples/glasses.flow)")
     ap.add_argument("--every", type=int, default=5, help="use every n-th avatar (speed)")
     a = ap.parse_args(argv)
     rows = list(csv.DictReader(open(HERE / "eyes.csv")))[:: a.every]
     x = load_image_files([HERE / r["file"] for r in rows], (3, 400, 400))
-    flow = HERE.parent / "glasses.flow"
+    flow = a.flow
     before = measures(flowdsl.load(flow), a.layer, x, rows)
     after = measures(flowdsl.load(flow, weights=a.weights), a.layer, x, rows)
     print(f"{a.layer} on {len(rows)} avatars      before   after")
