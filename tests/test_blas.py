@@ -1,0 +1,32 @@
+"""flowdsl.blas.mm: the split products (row blocks, partial sums over the inner dimension, one
+call when small) give a @ b for any thread count and for transposed views."""
+import numpy as np
+import pytest
+
+from flowdsl import blas, jit
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,k,n", [
+    (9000, 13, 7),      # many rows: row blocks (more than one per thread, uneven cuts)
+    (26, 20000, 20),    # few rows, long inner dimension: partial sums over k
+    (501, 4096, 40),    # inner dimension >= 4x the rows: partial sums
+    (700, 90, 33),      # row blocks, one per thread
+    (5, 7, 3),          # below MIN_WORK: one call
+])
+def test_mm_matches_float64_product(threads, m, k, n):
+    jit.numba()
+    rng = np.random.default_rng(m + k + n)
+    old = blas._threads
+    try:
+        blas.set_threads(threads)
+        for ta in (False, True):
+            a = (rng.standard_normal((k, m)).astype(np.float32).T if ta
+                 else rng.standard_normal((m, k)).astype(np.float32))
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            want = a.astype(np.float64) @ b.astype(np.float64)
+            got = blas.mm(a, b)
+            assert got.shape == (m, n) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    finally:
+        blas.set_threads(old)
