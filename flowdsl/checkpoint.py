@@ -13,6 +13,33 @@ from .errors import FlowError
 META = "__meta__."
 
 
+def sweep_temp(d):
+    """Remove the temporary files that killed runs left in folder d (".tmp-<pid>-*.npz" whose
+    process is gone). Files of a live process, and anything else, are left alone."""
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if not (name.startswith(".tmp-") and name.endswith(".npz") and len(parts) >= 3 and parts[1].isdigit()):
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue          # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue
+        try:
+            os.remove(os.path.join(d, name))
+        except OSError:
+            pass
+
+
 def save(net, path, extra: dict):
     arrays = {f"param.{k}": np.asarray(v) for k, v in net.named_params().items()}
     arrays.update({f"state.{k}": np.asarray(v) for k, v in net.named_state().items()})
@@ -22,7 +49,7 @@ def save(net, path, extra: dict):
     d = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".npz", dir=d)
     except OSError as e:
         raise FlowError(f"cannot write a checkpoint in {d}: {e.strerror or e}") from None
     try:

@@ -90,7 +90,7 @@ class Model:
         out.append(line)
         n = self.n_params()
         batch = self.train["batch"]
-        out.append(f"Input: {show_shape(self.input_shape)}   Total: {n:,} weights ({n * 4 / 2**20:.2f} MB float32)")
+        out.append(f"Input: {show_shape(self.input_shape)}   Total: {n:,} weights ({_size(n * 4)} float32)")
         out.append(f"Training memory at batch {batch}: about {_mb(self.memory_estimate(batch))} (estimated, not allocated)")
         for a, (i, j) in self.aliases.items():
             if i != j:
@@ -195,7 +195,18 @@ def _train_floats(l):
     return extra, dz, dx
 
 
+def _size(b):
+    """A weight buffer's size: MB with two decimals, GB (or TB) once it is that large."""
+    if b >= 2**40:
+        return f"{b / 2**40:,.2f} TB"
+    if b >= 2**30:
+        return f"{b / 2**30:,.2f} GB"
+    return f"{b / 2**20:,.2f} MB"
+
+
 def _mb(b):
+    if b >= 2**40:
+        return f"{b / 2**40:,.1f} TB"
     if b >= 2**30:
         return f"{b / 2**30:,.1f} GB"
     return f"{b / 2**20:,.1f} MB"

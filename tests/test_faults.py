@@ -126,6 +126,26 @@ def test_kill_9_while_writing_checkpoints_never_leaves_a_broken_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------- output folder, disk full
+def test_a_new_run_sweeps_temporary_files_of_dead_runs(tmp_path):
+    """kill -9 during a save leaves .tmp-<pid>-*.npz behind; the next run into that folder
+    removes those of dead processes and keeps a live process's file and unrelated files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".tmp-{dead.pid}-abc.npz"
+    live = out / f".tmp-{os.getppid()}-def.npz"     # the pytest runner's parent: alive
+    other = out / ".tmp-notes.npz"
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    x, y = bars(32)
+    flowdsl.parse(MODEL).fit(x, y, epochs=1, batch=16, out_dir=str(out), verbose=0)
+    left = set(os.listdir(out))
+    assert stale.name not in left
+    assert live.name in left and other.name in left
+    assert {"last.npz", "best.npz", "log.csv"} <= left
+
+
 def test_out_under_a_regular_file_is_refused_before_training(work, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")

@@ -360,3 +360,12 @@ def test_utf8_bom_and_unicode_comment(tmp_path):
 def test_non_text_argument_is_a_flow_error():
     with pytest.raises(FlowError):
         build_text(b"input(8) :: dense(2) :: softmax")  # bytes, not str
+
+
+def test_summary_sizes_in_readable_units():
+    small = build_text("network = input(4x4x1) :: dense(10) :: softmax").summary()
+    assert "170 weights (0.00 MB float32)" in small
+    big = build_text("network = input(1000x1000x1) :: dense(300) :: softmax").summary()
+    assert "300,000,300 weights (1.12 GB float32)" in big
+    huge = build_text("network = input(100000x100000x3) :: dense(4000) :: softmax").summary()
+    assert "(436.56 TB float32)" in huge and "TB (estimated" in huge
