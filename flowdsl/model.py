@@ -91,7 +91,7 @@ class Model:
         n = self.n_params()
         batch = self.train["batch"]
         out.append(f"Input: {show_shape(self.input_shape)}   Total: {n:,} weights ({_size(n * 4)} float32)")
-        out.append(f"Training memory at batch {batch}: about {_mb(self.memory_estimate(batch))} (estimated, not allocated)")
+        out.append(f"Training memory at batch {batch}: about {_size(self.memory_estimate(batch), 1)} (estimated, not allocated)")
         for a, (i, j) in self.aliases.items():
             if i != j:
                 out.append(f"{a} = {' :: '.join(l.name for l in self.layers[i:j + 1])}")
@@ -195,21 +195,12 @@ def _train_floats(l):
     return extra, dz, dx
 
 
-def _size(b):
-    """A weight buffer's size: MB with two decimals, GB (or TB) once it is that large."""
-    if b >= 2**40:
-        return f"{b / 2**40:,.2f} TB"
-    if b >= 2**30:
-        return f"{b / 2**30:,.2f} GB"
-    return f"{b / 2**20:,.2f} MB"
-
-
-def _mb(b):
-    if b >= 2**40:
-        return f"{b / 2**40:,.1f} TB"
-    if b >= 2**30:
-        return f"{b / 2**30:,.1f} GB"
-    return f"{b / 2**20:,.1f} MB"
+def _size(b, digits=2):
+    """A byte count in MB, or in GB or TB once it is that large."""
+    for unit, scale in (("TB", 2**40), ("GB", 2**30)):
+        if b >= scale:
+            return f"{b / scale:,.{digits}f} {unit}"
+    return f"{b / 2**20:,.{digits}f} MB"
 
 
 # ------------------------------------------------------------------------------------ building
