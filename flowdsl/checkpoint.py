@@ -15,7 +15,7 @@ META = "__meta__."
 
 def sweep_temp(d):
     """Remove the temporary files that killed runs left in folder d (".tmp-<pid>-*.npz" whose
-    process is gone). Files of a live process, and anything else, are left alone."""
+    process is gone). Files of a live process (this one included), and anything else, stay."""
     try:
         names = os.listdir(d)
     except OSError:
@@ -24,15 +24,12 @@ def sweep_temp(d):
         parts = name.split("-")
         if not (name.startswith(".tmp-") and name.endswith(".npz") and len(parts) >= 3 and parts[1].isdigit()):
             continue
-        pid = int(parts[1])
-        if pid == os.getpid():
-            continue
         try:
-            os.kill(pid, 0)
+            os.kill(int(parts[1]), 0)
             continue          # alive (or not ours to signal): keep
         except ProcessLookupError:
             pass
-        except (PermissionError, OverflowError, OSError):
+        except (OverflowError, OSError):
             continue
         try:
             os.remove(os.path.join(d, name))

@@ -103,6 +103,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     called after every step; returning True stops training as Ctrl-C does (saving last.npz)."""
     from .args import CallValue
     from .augment import Augmenter
+    from .checkpoint import sweep_temp
     from .optim import Optimizer, lr_at
     from .settings import OPTIMIZERS
 
@@ -134,7 +135,6 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
             raise FlowError(f"cannot create the output folder {out_dir}: {e.strerror or e}") from None
-        from .checkpoint import sweep_temp
         sweep_temp(out_dir)  # leftovers of runs killed while saving
         if resume is None:
             _save(net, opt, hist, os.path.join(out_dir, "last.npz"), 0, best, bad, seed)
