@@ -1,4 +1,4 @@
-"""Training-time augmentation (`augment = [shift(2), hflip, noise(0.05), flip_pixels(5)]`) and the
+"""Training-time augmentation (`augment = [shift(2), hflip, cutout(8), noise(0.05), flip_pixels(5)]`) and the
 perturbations of `eval --perturb shift=2,flip=5`. Vectorised numpy on NHWC float32 batches in
 [0, 1]; every function returns a new array and never modifies its input."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import FlowError
 
-IMAGE_ONLY = ("shift", "hflip")
+IMAGE_ONLY = ("shift", "hflip", "cutout")
 
 
 def _rng(rng):
@@ -61,6 +61,35 @@ def random_hflip(x, rng):
     flip = rng.random(len(x)) < 0.5
     out = x.copy()
     out[flip] = x[flip, :, ::-1]
+    return out
+
+
+def cutout_at(x, cy, cx, size):
+    """Zero a size x size square centred at (cy[n], cx[n]) in image n, in all channels; the part
+    of the square outside the image is dropped. out[n, i, j] = 0 where
+    cy - size//2 <= i < cy - size//2 + size (and likewise for j), else x[n, i, j]."""
+    n, h, w = x.shape[:3]
+    y0 = np.asarray(cy, np.int64)[:, None] - size // 2
+    x0 = np.asarray(cx, np.int64)[:, None] - size // 2
+    ii = np.arange(h)[None, :]
+    jj = np.arange(w)[None, :]
+    rows = (ii >= y0) & (ii < y0 + size)              # (N, H)
+    cols = (jj >= x0) & (jj < x0 + size)              # (N, W)
+    keep = ~(rows[:, :, None] & cols[:, None, :])     # (N, H, W)
+    return x * keep[..., None].astype(x.dtype)
+
+
+def random_cutout(x, size, p, rng):
+    """With probability p per image, zero a size x size square whose centre is uniform over the
+    image (DeVries & Taylor 2017, "cutout"); squares near the border are clipped."""
+    _need_images(x, "cutout")
+    n, h, w = x.shape[:3]
+    cy = rng.integers(0, h, size=n)
+    cx = rng.integers(0, w, size=n)
+    hit = rng.random(n) < p
+    out = cutout_at(x, cy, cx, size)
+    if not hit.all():
+        out[~hit] = x[~hit]
     return out
 
 
@@ -129,12 +158,14 @@ class Augmenter:
                 self.ops.append(("shift", int(c.get("px", 2))))
             elif c.name == "hflip":
                 self.ops.append(("hflip", None))
+            elif c.name == "cutout":
+                self.ops.append(("cutout", (int(c.get("size", 8)), float(c.get("p", 1.0)))))
             elif c.name == "noise":
                 self.ops.append(("noise", float(c.get("std", 0.05))))
             elif c.name == "flip_pixels":
                 self.ops.append(("flip_pixels", int(c.get("n", 5))))
             else:
-                raise FlowError(f"unknown augmentation '{c.name}' (choose from flip_pixels, hflip, noise, shift)")
+                raise FlowError(f"unknown augmentation '{c.name}' (choose from cutout, flip_pixels, hflip, noise, shift)")
         self.calls = tuple(calls or ())
         self.rng = np.random.default_rng(seed)
 
@@ -150,6 +181,9 @@ class Augmenter:
             if name in IMAGE_ONLY and len(input_shape) != 3:
                 raise FlowError(f"augment {name} needs image input; the model input is a vector of "
                                 f"{input_shape[0]}", file)
+            if name == "cutout" and arg[0] > max(input_shape[1], input_shape[2]):
+                raise FlowError(f"augment cutout({arg[0]}): larger than the {input_shape[2]}x"
+                                f"{input_shape[1]} input", file)
             if name == "flip_pixels":
                 npix = input_shape[1] * input_shape[2] if len(input_shape) == 3 else input_shape[0]
                 if arg > npix:
@@ -166,6 +200,8 @@ class Augmenter:
                 out = random_shift(out, arg, rng)
             elif name == "hflip":
                 out = random_hflip(out, rng)
+            elif name == "cutout":
+                out = random_cutout(out, arg[0], arg[1], rng)
             elif name == "noise":
                 out = add_noise(out, arg, rng)
             else:
@@ -189,4 +225,4 @@ def perturb(x, shift=0, flip=0, rng=None):
 
 
 __all__ = ["Augmenter", "perturb", "shift_images", "flip_pixels_at", "flip_positions", "random_shift",
-           "random_hflip", "add_noise", "random_flip_pixels"]
+           "random_hflip", "cutout_at", "random_cutout", "add_noise", "random_flip_pixels"]

@@ -361,6 +361,15 @@ def _build(program: Program) -> Model:
         l.out = s
 
     train, written = _train_settings(blocks.get("train"), program)
+    if train.get("augment"):
+        # augmentations that cannot apply to this input (hflip on vectors, a cutout larger than
+        # the image) are errors here, so `flowdsl check` reports them before a run starts
+        from .augment import Augmenter
+        try:
+            Augmenter(train["augment"]).check(shape)
+        except FlowError as e:
+            st = next(s for s in blocks["train"].settings if s.key == "augment")
+            raise _err(e.message, st.pos, program) from None
     init = _init_settings(blocks.get("init"), program, layers, aliases)
     return Model(layers, aliases, train, init, program.source, program.file, written)
 

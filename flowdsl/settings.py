@@ -32,6 +32,7 @@ SCHEDULES = {
 AUGMENTS = {
     "shift": (P("px", "int", 2, lo=1),),
     "hflip": (),
+    "cutout": (P("size", "int", 8, lo=1), P("p", "float", 1.0, lo=0.0, hi=1.0)),
     "noise": (P("std", "float", 0.05, lo=0.0, lo_open=True),),
     "flip_pixels": (P("n", "int", 5, lo=1),),
 }

@@ -3,8 +3,8 @@ input batch is never modified."""
 import numpy as np
 import pytest
 
-from flowdsl.augment import (Augmenter, add_noise, flip_pixels_at, perturb, random_flip_pixels,
-                             random_hflip, random_shift, shift_images)
+from flowdsl.augment import (Augmenter, add_noise, cutout_at, flip_pixels_at, perturb, random_cutout,
+                             random_flip_pixels, random_hflip, random_shift, shift_images)
 from flowdsl.errors import FlowError
 from flowdsl.model import build_text
 
@@ -126,6 +126,61 @@ def test_flip_pixels_vectors_and_limits():
         random_flip_pixels(np.zeros((1, 2, 2, 1), np.float32), 5, np.random.default_rng(0))
 
 
+# --------------------------------------------------------------------------------------- cutout
+def expected_cutout(img, cy, cx, size):
+    out = img.copy()
+    for i in range(img.shape[0]):
+        for j in range(img.shape[1]):
+            if cy - size // 2 <= i < cy - size // 2 + size and cx - size // 2 <= j < cx - size // 2 + size:
+                out[i, j] = 0
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
+def test_cutout_at_matches_reference(size):
+    x = batch(n=6, h=6, w=7, c=2) + 0.5                  # no zeros of its own
+    cy = np.array([0, 5, 2, 3, 0, 5])
+    cx = np.array([0, 6, 3, 0, 6, 2])
+    out = cutout_at(x, cy, cx, size)
+    assert out.dtype == np.float32
+    for k in range(len(x)):
+        np.testing.assert_array_equal(out[k], expected_cutout(x[k], cy[k], cx[k], size))
+
+
+def test_random_cutout_probability_and_input_untouched():
+    x = batch(n=400, h=8, w=8) + 0.5
+    before = x.copy()
+    out = random_cutout(x, 4, 1.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(x, before)
+    zeros = (out == 0).sum(axis=(1, 2, 3))
+    assert (zeros >= 4).all() and (zeros <= 16).all()    # a clipped corner keeps >= 2x2 of a 4x4
+    assert (zeros == 16).mean() > 0.3
+    half = random_cutout(x, 4, 0.5, np.random.default_rng(1))
+    hit = ((half == 0).sum(axis=(1, 2, 3)) > 0).mean()
+    assert 0.4 < hit < 0.6
+    np.testing.assert_array_equal(random_cutout(x, 4, 0.0, np.random.default_rng(2)), x)
+    with pytest.raises(FlowError, match="cutout needs image input"):
+        random_cutout(np.zeros((2, 64), np.float32), 4, 1.0, np.random.default_rng(0))
+
+
+def test_cutout_in_the_train_block(tmp_path):
+    calls, shape = augment_calls(tmp_path, "[cutout(4, p=0.5), hflip]")
+    aug = Augmenter(calls, 0)
+    aug.check(shape)
+    assert aug.ops[0] == ("cutout", (4, 0.5))
+    calls, _ = augment_calls(tmp_path, "cutout")
+    assert Augmenter(calls, 0).ops == [("cutout", (8, 1.0))]
+    calls, _ = augment_calls(tmp_path, "cutout(9)", shape="9x9x1")
+    with pytest.raises(FlowError, match="larger than the 8x8 input"):
+        Augmenter(calls, 0).check((1, 8, 8))
+    with pytest.raises(FlowError, match="larger than the 8x8 input"):
+        augment_calls(tmp_path, "cutout(9)")
+    with pytest.raises(FlowError, match="p must be"):
+        augment_calls(tmp_path, "cutout(4, p=1.5)")
+    with pytest.raises(FlowError, match="cutout needs image input"):
+        augment_calls(tmp_path, "cutout(2)", shape="64")
+
+
 # ------------------------------------------------------------------------------------ Augmenter
 def test_augmenter_from_the_train_block(tmp_path):
     calls, shape = augment_calls(tmp_path, "[shift(2), hflip, noise(0.1), flip_pixels(3)]")
@@ -163,19 +218,21 @@ def test_augmenter_empty_returns_a_copy():
 
 
 def test_augmenter_refuses_image_ops_on_vectors(tmp_path):
-    calls, shape = augment_calls(tmp_path, "[hflip, noise(0.1)]", shape="64")
+    calls, _ = augment_calls(tmp_path, "[hflip, noise(0.1)]")       # (a vector model refuses it at build)
     aug = Augmenter(calls, 0)
     with pytest.raises(FlowError, match="hflip needs image input"):
-        aug.check(shape)
+        aug.check((64,))
     with pytest.raises(FlowError):
         aug.apply(np.zeros((2, 64), np.float32))
     calls, shape = augment_calls(tmp_path, "[noise(0.1), flip_pixels(2)]", shape="64")
     aug = Augmenter(calls, 0)
     aug.check(shape)
     assert aug.apply(np.zeros((2, 64), np.float32)).shape == (2, 64)
-    calls, shape = augment_calls(tmp_path, "flip_pixels(100)", shape="8x8x1")
+    calls, _ = augment_calls(tmp_path, "flip_pixels(100)", shape="10x10x1")
     with pytest.raises(FlowError, match="only 64 pixels"):
-        Augmenter(calls, 0).check(shape)
+        Augmenter(calls, 0).check((1, 8, 8))
+    with pytest.raises(FlowError, match="only 64 pixels"):
+        augment_calls(tmp_path, "flip_pixels(100)", shape="8x8x1")   # the model build checks it too
 
 
 # -------------------------------------------------------------------------------------- perturb
