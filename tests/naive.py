@@ -202,6 +202,7 @@ EXAMPLES = {
         ("conv(filters=5, field=3, pad=1)", "6x5x9"),                # dx flipped conv, K < TALL_BELOW_C
         ("conv(filters=5, field=2, pad=2)", "4x3x8"),                # pad > field-1: col2im dx
         ("conv(filters=6, field=5, pad=1)", "7x6x1"),                # tall columns, dx by col2im (K > C)
+        ("conv(filters=5, field=3, stride=2, pad=1)", "7x5x1"),      # one-channel tall columns, strided
     ],
     "dense": [
         ("dense(4)", "3x2x2"),                      # flattens a map in NHWC order

@@ -279,6 +279,7 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=6, field=3, stride=2, pad=1)", "11x9x2", 8),
     ("conv", "conv(filters=6, field=3, pad=same)", "9x7x9", 8),
     ("conv", "conv(filters=7, field=3)", "9x7x1", 8),
+    ("conv", "conv(filters=7, field=4, stride=2, pad=2)", "8x10x1", 8),
 ]
 
 

@@ -108,7 +108,7 @@ class Conv(Layer):
                 xi = x[i:i + step]
                 if tall:   # columns as rows: few channels make short NHWC segments
                     cols = np.empty((width, xi.shape[0] * oh * ow), np.float32)
-                    _im2col_t(xi, cols, f, s, pad, oh, ow)
+                    im2col_t(xi, cols, f, s, pad, oh, ow)
                     if step >= n:
                         z = mm(cols.T, wb).reshape(n, oh, ow, k)
                     else:
@@ -153,7 +153,7 @@ class Conv(Layer):
                 h, wd = x.shape[1], x.shape[2]
                 if k < TALL_BELOW_C:
                     dcols = np.empty((f * f * k, n * h * wd), np.float32)
-                    _im2col_t(dz, dcols, f, 1, f - 1 - pad, h, wd)
+                    im2col_t(dz, dcols, f, 1, f - 1 - pad, h, wd)
                     return mm(dcols.T, wf).reshape(x.shape)
                 dcols = np.empty((n * h * wd, f * f * k), np.float32)
                 _im2col(dz, dcols, f, 1, f - 1 - pad, h, wd)
@@ -248,6 +248,53 @@ def _im2col_t(x, cols, f, s, pad, oh, ow):
                 dst[j] = xr[j * s + bb - pad, cc]
             for j in range(j1, ow):
                 dst[j] = zero
+
+
+@kernel
+def _im2col_t1(x, cols, f, s, pad, oh, ow):
+    """_im2col_t for one channel, x: (N, H, W) contiguous. Each output row's worth of a tap is
+    a contiguous run of an input row at stride 1: a block copy instead of _im2col_t's per-value
+    gather across the channel stride (net B's first layer at batch 256: 5.1 -> 3.4 ms)."""
+    n_, h, w = x.shape
+    taps = f * f
+    m = oh * ow
+    zero = np.float32(0.0)
+    if cols.shape[0] > taps:
+        for n in prange(n_):
+            cols[taps, n * m:(n + 1) * m] = np.float32(1.0)
+    for task in prange(taps * n_):
+        t = task // n_
+        n = task % n_
+        a = t // f
+        bb = t % f
+        j0 = 0
+        while j0 < ow and j0 * s + bb - pad < 0:
+            j0 += 1
+        j1 = ow
+        while j1 > j0 and (j1 - 1) * s + bb - pad >= w:
+            j1 -= 1
+        for i in range(oh):
+            base = n * m + i * ow
+            y = i * s + a - pad
+            if y < 0 or y >= h:
+                cols[t, base:base + ow] = zero
+                continue
+            xr = x[n, y]
+            cols[t, base:base + j0] = zero
+            if s == 1:
+                cols[t, base + j0:base + j1] = xr[j0 + bb - pad:j1 + bb - pad]
+            else:
+                for j in range(j0, j1):
+                    cols[t, base + j] = xr[j * s + bb - pad]
+            cols[t, base + j1:base + ow] = zero
+
+
+def im2col_t(x, cols, f, s, pad, oh, ow):
+    """_im2col_t, through the one-channel kernel when x has one channel."""
+    if x.shape[3] == 1:
+        _im2col_t1(x.reshape(x.shape[:3]), cols, f, s, pad, oh, ow)
+    else:
+        _im2col_t(x, cols, f, s, pad, oh, ow)
 
 
 @kernel
