@@ -37,6 +37,7 @@ class Net:
             self.params[l.name][pname] = self.flat[o:o + n].reshape(shape)
             self.grads[l.name][pname] = self.gflat[o:o + n].reshape(shape)
         self.state = {l.name: l.new_state() for l in self.layers}
+        self._defer = _deferred_acts(self.layers)
         self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
         self.timer = None  # {layer name: [forward seconds, backward seconds]} when profiling
         self.initialise(model.train["seed"] if seed is None else seed)
@@ -95,8 +96,13 @@ class Net:
         x = self.as_input(x)
         self._ctx = []
         kept = {}
-        for l in self.layers[:-1]:
+        post = None
+        for i, l in enumerate(self.layers[:-1]):
             ctx = {"state": self.state[l.name], "rng": self.rng}
+            if post is not None:      # this maxpool applies the conv's deferred activation
+                ctx["post_act"], post = post, None
+            if i in self._defer and not (keep and l.name in keep):
+                ctx["act"], post = ("linear", 0.0), self._defer[i]
             if self.timer is not None:
                 t0 = time.perf_counter()
                 x = l.forward(x, self.params[l.name], ctx, training)
@@ -217,6 +223,23 @@ def _check_room(model, spec, n):
                         f"({gb(need)} while initialising), but only {gb(avail)} of memory is available. "
                         f"The largest is {l.name}.{pname} with {math.prod(largest[2]):,} weights "
                         f"({l.describe()} after {show_shape(l.in_shape)}); make it smaller", model.file)
+
+
+def _deferred_acts(layers):
+    """{i: (kind, alpha)} for conv layers whose relu (or leakyrelu with alpha >= 0) can run after
+    the maxpool that follows them: max commutes with a non-decreasing function, so the output is
+    the same and the gradient reaches the same inputs (a window whose maximum is <= 0 passes no
+    gradient either way), with the activation on a quarter of the values. Measured on net B.
+    The conv's own output is then pre-activation, so forward(keep=...) keeps kept layers whole."""
+    from .layers.activations import act_spec
+    out = {}
+    for i, l in enumerate(layers[:-1]):
+        if l.kind != "conv" or layers[i + 1].kind != "maxpool":
+            continue
+        kind, alpha = act_spec(l)
+        if kind == "relu" or (kind == "leakyrelu" and alpha >= 0):
+            out[i] = (kind, alpha)
+    return out
 
 
 def _before_relu(layers, i):

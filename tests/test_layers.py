@@ -375,3 +375,31 @@ def test_maxpool_then_relu_is_relu_then_maxpool():
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(outs[0][2], outs[1][2], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("act,deferred", [("relu", True), ("leakyrelu(alpha=0.1)", True),
+                                          ("elu", False), ("tanh", False)])
+def test_conv_activation_moved_after_maxpool(act, deferred):
+    """The net runs a conv's relu after the maxpool that follows it (Net._defer): outputs and
+    gradients equal those of the activation in place, and focus on the conv still shows its
+    activated output. Only relu and leakyrelu: exactly monotonic in float32 too."""
+    text = (f"network = input(10x10x2) :: conv(filters=6, field=3, pad=same, act={act}) "
+            f":: maxpool(2) :: conv(filters=5, field=3, act={act}) :: maxpool(2, ceil=true) "
+            f":: dense(4) :: softmax\ntrain {{ seed = 5 }}")
+    nets = [Net(build_text(text, "<t>"), seed=5) for _ in range(2)]
+    assert bool(nets[0]._defer) == deferred and len(nets[0]._defer) in (0, 2)
+    nets[1]._defer = {}                                  # the reference: activation in place
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 10, 10, 2)).astype(np.float32)
+    y = rng.integers(0, 4, 6)
+    outs = []
+    for net in nets:
+        loss, correct = net.loss_grad(x, y)
+        outs.append((loss, correct, net.gflat.copy(), net.predict(x), net.focus("conv1", x)))
+    assert np.abs(outs[1][2]).max() > 0
+    assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
+    np.testing.assert_array_equal(outs[0][2], outs[1][2])
+    np.testing.assert_array_equal(outs[0][3], outs[1][3])
+    np.testing.assert_array_equal(outs[0][4], outs[1][4])
+    if act == "relu":
+        assert outs[0][4].min() == 0 and (outs[0][4] < 0).sum() == 0   # the conv's activated output

@@ -122,7 +122,7 @@ class Conv(Layer):
                         z[i:i + step] = mm(cols, wb).reshape(xi.shape[0], oh, ow, k)
             if training:
                 ctx["cols"], ctx["tall"] = cols, tall
-        kind, alpha = act_spec(self)
+        kind, alpha = ctx.get("act") or act_spec(self)   # ctx["act"]: the net moved it after a maxpool
         y = act_forward(kind, alpha, z, out=None if training else z)  # z is ours: in place
         if training:
             ctx["x"], ctx["z"], ctx["y"] = x, z, y
@@ -131,7 +131,7 @@ class Conv(Layer):
     def backward(self, dy, p, g, ctx, need_dx):
         f, s, pad = self.args["field"], self.args["stride"], self.padding
         k = self.args["filters"]
-        kind, alpha = act_spec(self)
+        kind, alpha = ctx.get("act") or act_spec(self)
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         x = ctx["x"]
         n, oh, ow, _ = dz.shape

@@ -11,6 +11,7 @@ import numpy as np
 from ..jit import kernel, prange
 from ..layers import register
 from .base import Layer, LayerError, P, need_map, show_shape
+from .activations import act_backward, act_forward
 
 
 def pooled(layer, s):
@@ -57,17 +58,25 @@ class MaxPool(Pool):
     def forward(self, x, p, ctx, training):
         c, oh, ow = self.out
         y = np.empty((x.shape[0], oh, ow, c), np.float32)
+        post = ctx.get("post_act")  # the previous conv's activation, moved here by the net
         if not training:  # no winners to record
             _max_eval(x, y, self.size, self.stride)
-            return y
+            return y if post is None else act_forward(post[0], post[1], y, out=y)
         arg = np.empty((x.shape[0], oh, ow, c), np.int32)
         _max_fwd(x, y, arg, self.size, self.stride)
         ctx["arg"], ctx["in"] = arg, x.shape
-        return y
+        if post is None:
+            return y
+        ctx["pz"] = y
+        ctx["py"] = act_forward(post[0], post[1], y)
+        return ctx["py"]
 
     def backward(self, dy, p, g, ctx, need_dx):
         if not need_dx:
             return None
+        post = ctx.get("post_act")
+        if post is not None:
+            dy = act_backward(post[0], post[1], ctx["pz"], ctx["py"], dy)
         n, h, w, c = ctx["in"]
         dx = np.empty((n, h * w, c), np.float32)
         _max_bwd(dy, ctx["arg"], dx, h, self.size, self.stride)
