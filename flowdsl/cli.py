@@ -62,7 +62,8 @@ def _cmd_eval(a):
     from .jobs import run_eval
     from .model import load_model
     m = load_model(a.file)
-    run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out)
+    run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out,
+             tta=a.tta)
     return 0
 
 
@@ -81,7 +82,7 @@ def _cmd_predict(a):
     from .jobs import run_predict
     from .model import load_model
     m = load_model(a.file)
-    run_predict(m, a.weights, a.images, top=a.top)
+    run_predict(m, a.weights, a.images, top=a.top, tta=a.tta)
     return 0
 
 
@@ -116,11 +117,13 @@ def make_parser():
     e.add_argument("--data", metavar="SRC", help='a data source, e.g. \'fashion_mnist("test")\' (default: the test set)')
     e.add_argument("--perturb", metavar="shift=N,flip=N", help="also evaluate on shifted inputs with flipped pixels")
     e.add_argument("--out", help="write eval.png (confusion matrix) here")
+    e.add_argument("--tta", metavar="hflip", help="test-time augmentation: also average each image's mirror image")
     e.set_defaults(run=_cmd_eval)
     pr = sub.add_parser("predict", help="top classes with probabilities for each image")
     pr.add_argument("file")
     pr.add_argument("--weights", required=True, metavar="CKPT")
     pr.add_argument("--top", type=_positive, default=3)
+    pr.add_argument("--tta", metavar="hflip", help="test-time augmentation: also average each image's mirror image")
     pr.add_argument("images", nargs="+", metavar="IMG")
     pr.set_defaults(run=_cmd_predict)
     fo = sub.add_parser("focus", help="write a layer's activations as PNGs")

@@ -230,9 +230,11 @@ def parse_source(text, model):
         raise FlowError(f"--data: {e.message}. Received: {text}") from None
 
 
-def run_eval(model, weights, data=None, perturb=None, out=None):
+def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
     from .data import check_labels, load_source
+    from .net import check_tta
     from .train import evaluate
+    check_tta(tta, model.input_shape)
     if out:
         _check_writable(out)
     net, classes = load_trained(model, weights)
@@ -249,11 +251,16 @@ def run_eval(model, weights, data=None, perturb=None, out=None):
     classes = classes or ds.classes
     res = evaluate(net, ds.x, ds.y)
     lines = [f"{dsname}: {len(ds.x):,} images", f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}"]
+    if tta:
+        plain = res
+        res = evaluate(net, ds.x, ds.y, tta=tta)
+        lines.append(f"with test-time augmentation ({tta}: each image and its mirror, mean probabilities): "
+                     f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}   (without: {plain['acc']:.4f})")
     if perturb:
         from .augment import perturb as do_perturb
         shift, flip = perturb
         xp = do_perturb(ds.x, shift, flip, np.random.default_rng(0))
-        pres = evaluate(net, xp, ds.y)
+        pres = evaluate(net, xp, ds.y, tta=tta)
         lines.append(f"perturbed (shift up to {shift}px, {flip} pixels flipped): accuracy {pres['acc']:.4f}   "
                      f"(clean {res['acc']:.4f})")
     lines.append(_per_class(res["confusion"], classes))
@@ -289,11 +296,13 @@ def _conf_text(conf, classes):
     return head + "\n" + "\n".join(rows)
 
 
-def run_predict(model, weights, images, top=3):
+def run_predict(model, weights, images, top=3, tta=None):
     from .data import load_image_files
+    from .net import check_tta
+    check_tta(tta, model.input_shape)
     net, classes = load_trained(model, weights)
     x = load_image_files(images, model.input_shape)
-    probs = net.predict(x)
+    probs = net.predict(x, tta=tta)
     k = probs.shape[1]
     names = classes if len(classes) == k else [str(i) for i in range(k)]
     for path, p in zip(images, probs):

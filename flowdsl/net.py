@@ -131,13 +131,19 @@ class Net:
         self._ctx = []
         return loss, correct
 
-    def predict(self, x, batch=256):
-        """Probabilities (softmax) or outputs (squared) for every sample, in evaluation mode."""
+    def predict(self, x, batch=256, tta=None):
+        """Probabilities (softmax) or outputs (squared) for every sample, in evaluation mode.
+        tta="hflip": test-time augmentation, the mean of the outputs for each image and its
+        mirror image."""
+        check_tta(tta, self.model.input_shape)
         x = self.as_input(x)
         outs = []
         for i in range(0, x.shape[0], batch):
-            z = self.forward(x[i:i + batch])
-            outs.append(self.loss_layer.forward(z, None, {}, False))
+            xb = x[i:i + batch]
+            out = self.loss_layer.forward(self.forward(xb), None, {}, False)
+            if tta == "hflip":
+                out = (out + self.loss_layer.forward(self.forward(xb[:, :, ::-1]), None, {}, False)) / np.float32(2)
+            outs.append(out)
         return np.concatenate(outs) if outs else np.zeros((0,) + self.loss_layer.out, np.float32)
 
     def focus(self, name, x, png_dir=None, names=None):
@@ -223,6 +229,20 @@ def _check_room(model, spec, n):
                         f"({gb(need)} while initialising), but only {gb(avail)} of memory is available. "
                         f"The largest is {l.name}.{pname} with {math.prod(largest[2]):,} weights "
                         f"({l.describe()} after {show_shape(l.in_shape)}); make it smaller", model.file)
+
+
+TTA = ("hflip",)
+
+
+def check_tta(tta, input_shape):
+    """Refuse an unknown test-time augmentation, or hflip for vector input."""
+    if tta is None:
+        return
+    if tta not in TTA:
+        raise FlowError(f"unknown test-time augmentation '{tta}' (choose from {', '.join(TTA)})")
+    if len(input_shape) != 3:
+        raise FlowError(f"test-time augmentation {tta} needs image input; the model input is a vector "
+                        f"of {input_shape[0]}")
 
 
 def _deferred_acts(layers):

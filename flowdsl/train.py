@@ -37,12 +37,24 @@ class History:
         return np.array([[r[c] for c in HISTORY_COLS] for r in self.rows], np.float64).reshape(-1, len(HISTORY_COLS))
 
 
-def evaluate(net, x, y, batch=256):
-    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
+def evaluate(net, x, y, batch=256, tta=None):
+    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted).
+    tta="hflip": classify by the mean probabilities of each image and its mirror image (the
+    loss is then the cross-entropy of those mean probabilities)."""
     loss_layer = net.loss_layer
     n = len(x)
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "confusion": None}
+    if tta is not None:
+        p = net.predict(x, batch=batch, tta=tta)
+        if getattr(loss_layer, "targets", "labels") != "labels":
+            d = p.astype(np.float64) - np.asarray(y, np.float64).reshape(p.shape)
+            return {"loss": float((d * d).sum() / (2 * n)), "acc": float("nan"), "confusion": None}
+        k = loss_layer.out[0]
+        conf = np.zeros((k, k), np.int64)
+        np.add.at(conf, (y, p.argmax(axis=1)), 1)
+        py = np.maximum(p[np.arange(n), y].astype(np.float64), 1e-30)
+        return {"loss": float(-np.log(py).mean()), "acc": float(np.trace(conf) / n), "confusion": conf}
     if getattr(loss_layer, "targets", "labels") != "labels":
         tot = 0.0
         for i in range(0, n, batch):

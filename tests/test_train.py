@@ -260,6 +260,40 @@ def test_train_eval_predict_cli(npz_model, tmp_path):
     r = _cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--top", "2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{img}: 0 ")  # class 0 (bright left) first
+    # test-time augmentation: the bars' classes are mirror images of each other, so averaging each
+    # image with its mirror must cost accuracy here (a user's choice, never a default)
+    r = _cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--tta", "hflip")
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("with test-time augmentation (hflip"))
+    assert float(line.split("accuracy ")[1].split()[0]) < acc - 0.2
+    r = _cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--tta", "hflip")
+    assert r.returncode == 0, r.stderr
+    probs = [float(v) for v in r.stdout.split()[2::2]]
+    assert abs(probs[0] - 0.5) < 0.2            # the mirror of a left bar is a right bar
+    r = _cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--tta", "vflip")
+    assert r.returncode == 1 and "unknown test-time augmentation 'vflip'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_tta_hflip_averages_each_image_and_its_mirror():
+    from flowdsl.train import evaluate
+    net = flowdsl.parse("conv(7x5x2, filters=6, field=3, act=relu) :: maxpool(2, ceil=true) :: dense(4) :: softmax")
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 5, 7, 2), dtype=np.float32)
+    y = rng.integers(0, 4, 300)
+    want = (net.predict(x) + net.predict(x[:, :, ::-1])) / 2
+    got = net.predict(x, batch=64, tta="hflip")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(got, net.predict(x), atol=1e-3)
+    res = evaluate(net, x, y, batch=128, tta="hflip")
+    assert res["acc"] == (want.argmax(1) == y).mean()
+    assert res["confusion"].sum() == 300
+    assert abs(res["loss"] + np.log(want[np.arange(300), y]).mean()) < 1e-5
+    with pytest.raises(FlowError, match="unknown test-time augmentation 'shift'"):
+        net.predict(x, tta="shift")
+    vec = flowdsl.parse("input(6) :: dense(3) :: softmax")
+    with pytest.raises(FlowError, match="needs image input"):
+        vec.predict(np.zeros((2, 6), np.float32), tta="hflip")
 
 
 def test_cli_overrides_and_bad_values(npz_model, tmp_path):
