@@ -156,14 +156,21 @@ def reference(layer, x, params, training, state=None):
 
 
 # --------------------------------------------------------------------------- losses
-def loss_softmax(z, labels):
-    """Mean cross-entropy of softmax(z) against integer labels."""
+def loss_softmax(layer, z, labels):
+    """Mean cross-entropy of softmax(z) against integer labels, each smoothed to the target
+    distribution (1 - s) * one_hot + s / classes (s = the layer's smoothing)."""
+    s = layer.args["smoothing"]
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -logp[np.arange(len(labels)), labels].mean()
+    total = 0.0
+    for r in range(len(labels)):
+        for k in range(z.shape[1]):
+            q = (1 - s) * (k == labels[r]) + s / z.shape[1]
+            total -= q * logp[r, k]
+    return total / len(labels)
 
 
-def loss_squared(z, targets):
+def loss_squared(layer, z, targets):
     return 0.5 * np.sum((z - targets.reshape(z.shape)) ** 2) / z.shape[0]
 
 
@@ -176,7 +183,7 @@ def network_loss(model, x, params, targets, training=True, states=None):
     layers = [l for l in model.layers if l.role != "input"]
     for l in layers[:-1]:
         x = reference(l, x, params.get(l.name, {}), training, (states or {}).get(l.name))
-    return LOSSES[layers[-1].kind](x, targets)
+    return LOSSES[layers[-1].kind](layers[-1], x, targets)
 
 
 # --------------------------------------------------------------------------- examples
@@ -233,7 +240,8 @@ EXAMPLES = {
         ("batchnorm(momentum=0.5, eps=0.001)", "5"),
         ("bn", "2x2x1"),
     ],
-    "softmax": [("softmax", "4"), ("crossentropy", "2")],
+    "softmax": [("softmax", "4"), ("crossentropy", "2"), ("softmax(smoothing=0.1)", "5"),
+                ("softmax(0.9)", "3")],
     "squared": [("squared", "3"), ("mse", "1")],
     "relu": [("relu", "5x4x2"), ("relu", "6")],
     "gelu": [("gelu", "5x4x2")],

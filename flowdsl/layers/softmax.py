@@ -1,16 +1,19 @@
-"""softmax (aliases logsoftmax, crossentropy): the classification loss, softmax followed by
-cross-entropy against integer labels, averaged over the batch. Last layer only; its input is a
-vector of class scores. forward() gives probabilities; loss() the loss and its gradient."""
+"""softmax(smoothing=0) (aliases logsoftmax, crossentropy): the classification loss, softmax
+followed by cross-entropy against integer labels, averaged over the batch. Last layer only; its
+input is a vector of class scores. forward() gives probabilities; loss() the loss and its
+gradient. smoothing s (label smoothing, as Keras' and PyTorch's label_smoothing) trains toward
+the target distribution (1 - s) * one_hot(label) + s / classes instead of one_hot(label)."""
 import numpy as np
 
 from ..layers import register
-from .base import Layer, LayerError, show_shape
+from .base import Layer, LayerError, P, show_shape
 
 
 @register("softmax", aliases=("logsoftmax", "crossentropy", "softmaxlogentropy"))
 class Softmax(Layer):
     role = "loss"
     targets = "labels"
+    params = (P("smoothing", "float", 0.0, lo=0.0, hi=1.0, hi_open=True),)
 
     def out_shape(self, s):
         if len(s) != 1:
@@ -34,9 +37,17 @@ class Softmax(Layer):
         lse = np.log(np.exp(sh).sum(axis=1, keepdims=True))
         logp = sh - lse
         rows = np.arange(n)
+        s = self.args["smoothing"]
         loss = float(-logp[rows, y].astype(np.float64).mean())
+        if s:
+            k = z.shape[1]
+            loss = (1.0 - s) * loss - s / k * float(logp.sum(dtype=np.float64)) / n
         dz = np.exp(logp)
         correct = int((dz.argmax(axis=1) == y).sum())
-        dz[rows, y] -= np.float32(1.0)
+        if s:
+            dz -= np.float32(s / z.shape[1])
+            dz[rows, y] -= np.float32(1.0 - s)
+        else:
+            dz[rows, y] -= np.float32(1.0)
         dz *= np.float32(1.0 / n)
         return loss, dz, correct
