@@ -53,8 +53,7 @@ def evaluate(net, x, y, batch=256, tta=None):
         k = loss_layer.out[0]
         conf = np.zeros((k, k), np.int64)
         np.add.at(conf, (y, p.argmax(axis=1)), 1)
-        py = np.maximum(p[np.arange(n), y].astype(np.float64), 1e-30)
-        return {"loss": float(-np.log(py).mean()), "acc": float(np.trace(conf) / n), "confusion": conf}
+        return {"loss": loss_layer.prob_loss(p, y), "acc": float(np.trace(conf) / n), "confusion": conf}
     if getattr(loss_layer, "targets", "labels") != "labels":
         tot = 0.0
         for i in range(0, n, batch):

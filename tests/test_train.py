@@ -289,6 +289,13 @@ def test_tta_hflip_averages_each_image_and_its_mirror():
     assert res["acc"] == (want.argmax(1) == y).mean()
     assert res["confusion"].sum() == 300
     assert abs(res["loss"] + np.log(want[np.arange(300), y]).mean()) < 1e-5
+    # without augmentation the probability loss is the loss (smoothed too)
+    for head in ("softmax", "softmax(smoothing=0.2)"):
+        m = flowdsl.parse(f"input(5x4x1) :: dense(3) :: {head}")
+        xs = rng.random((50, 4, 5, 1), dtype=np.float32)
+        ys = rng.integers(0, 3, 50)
+        z = m.forward(xs)
+        assert abs(m.loss_layer.prob_loss(m.predict(xs), ys) - m.loss_layer.loss(z, ys)[0]) < 1e-5
     with pytest.raises(FlowError, match="unknown test-time augmentation 'shift'"):
         net.predict(x, tta="shift")
     vec = flowdsl.parse("input(6) :: dense(3) :: softmax")

@@ -29,6 +29,15 @@ class Softmax(Layer):
         e /= e.sum(axis=1, keepdims=True)
         return e
 
+    def prob_loss(self, p, y):
+        """The loss of given probabilities p (N, classes), e.g. averaged over test-time views:
+        the mean cross-entropy, smoothed as loss() is."""
+        n, k = p.shape
+        logp = np.log(np.maximum(p.astype(np.float64), 1e-30))
+        loss = -logp[np.arange(n), y].mean()
+        s = self.args["smoothing"]
+        return float((1.0 - s) * loss - s / k * logp.sum() / n) if s else float(loss)
+
     def loss(self, z, y):
         """(mean cross-entropy, d loss / d z, number of correct predictions)."""
         n = z.shape[0]
