@@ -261,7 +261,8 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
         shift, flip = perturb
         xp = do_perturb(ds.x, shift, flip, np.random.default_rng(0))
         pres = evaluate(net, xp, ds.y, tta=tta)
-        lines.append(f"perturbed (shift up to {shift}px, {flip} pixels flipped): accuracy {pres['acc']:.4f}   "
+        how = f", with test-time augmentation ({tta})" if tta else ""
+        lines.append(f"perturbed (shift up to {shift}px, {flip} pixels flipped{how}): accuracy {pres['acc']:.4f}   "
                      f"(clean {res['acc']:.4f})")
     lines.append(_per_class(res["confusion"], classes))
     lines.append(_conf_text(res["confusion"], classes))
