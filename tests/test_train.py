@@ -289,6 +289,13 @@ def test_tta_hflip_averages_each_image_and_its_mirror():
     assert res["acc"] == (want.argmax(1) == y).mean()
     assert res["confusion"].sum() == 300
     assert abs(res["loss"] + np.log(want[np.arange(300), y]).mean()) < 1e-5
+    reg = flowdsl.parse("input(4x3x1) :: dense(2) :: squared")
+    xr = rng.random((40, 3, 4, 1), dtype=np.float32)
+    t = rng.random((40, 2)).astype(np.float32)
+    mean = (reg.predict(xr) + reg.predict(xr[:, :, ::-1])) / 2
+    got = evaluate(reg, xr, t, tta="hflip")["loss"]
+    assert abs(got - 0.5 * ((mean - t) ** 2).sum() / 40) < 1e-5
+    assert abs(got - evaluate(reg, xr, t)["loss"]) > 1e-4
     # without augmentation the probability loss is the loss (smoothed too)
     for head in ("softmax", "softmax(smoothing=0.2)"):
         m = flowdsl.parse(f"input(5x4x1) :: dense(3) :: {head}")
