@@ -356,6 +356,20 @@ def test_network_gradient(name, src):
             fd_check(f"{name}: {ln}.{pn}", net.grads[ln][pn], f, p64[ln][pn], rng)
 
 
+def _step_outputs(nets, shape, seed, focus=None):
+    """One training step and a prediction of each net on the same random batch (N, H, W, C) with
+    4 classes: [{loss, correct, grads, probs, focus}]."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.integers(0, 4, shape[0])
+    outs = []
+    for net in nets:
+        loss, correct = net.loss_grad(x, y)
+        outs.append({"loss": loss, "correct": correct, "grads": net.gflat.copy(), "probs": net.predict(x),
+                     "focus": net.focus(focus, x) if focus else None})
+    return outs
+
+
 def test_maxpool_then_relu_is_relu_then_maxpool():
     """examples/fashion.flow pools before its relus (4x less activation work): the same network,
     outputs and gradients, because relu is monotonic. Checked on a batchnormed conv stack."""
@@ -363,18 +377,12 @@ def test_maxpool_then_relu_is_relu_then_maxpool():
     tail = " :: dense(4) :: softmax\ntrain { seed = 3 }"
     nets = [Net(build_text(head + mid + tail, "<t>"), seed=3)
             for mid in ("relu :: maxpool(2, ceil=true)", "maxpool(2, ceil=true) :: relu")]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 9, 9, 2)).astype(np.float32)
-    y = rng.integers(0, 4, 5)
-    outs = []
-    for net in nets:
-        loss, _ = net.loss_grad(x, y)
-        outs.append((loss, net.gflat.copy(), net.predict(x)))
+    a, b = _step_outputs(nets, (5, 9, 9, 2), 0)
     assert nets[0].flat.shape == nets[1].flat.shape and np.array_equal(nets[0].flat, nets[1].flat)
-    assert abs(outs[0][2].std()) > 0 and np.abs(outs[0][1]).max() > 0
-    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
-    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(outs[0][2], outs[1][2], rtol=1e-6, atol=1e-7)
+    assert abs(a["probs"].std()) > 0 and np.abs(a["grads"]).max() > 0
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    np.testing.assert_allclose(a["grads"], b["grads"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a["probs"], b["probs"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("act,deferred", [("relu", True), ("leakyrelu(alpha=0.1)", True),
@@ -389,17 +397,10 @@ def test_conv_activation_moved_after_maxpool(act, deferred):
     nets = [Net(build_text(text, "<t>"), seed=5) for _ in range(2)]
     assert bool(nets[0]._defer) == deferred and len(nets[0]._defer) in (0, 2)
     nets[1]._defer = {}                                  # the reference: activation in place
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((6, 10, 10, 2)).astype(np.float32)
-    y = rng.integers(0, 4, 6)
-    outs = []
-    for net in nets:
-        loss, correct = net.loss_grad(x, y)
-        outs.append((loss, correct, net.gflat.copy(), net.predict(x), net.focus("conv1", x)))
-    assert np.abs(outs[1][2]).max() > 0
-    assert outs[0][0] == outs[1][0] and outs[0][1] == outs[1][1]
-    np.testing.assert_array_equal(outs[0][2], outs[1][2])
-    np.testing.assert_array_equal(outs[0][3], outs[1][3])
-    np.testing.assert_array_equal(outs[0][4], outs[1][4])
+    a, b = _step_outputs(nets, (6, 10, 10, 2), 1, focus="conv1")
+    assert np.abs(b["grads"]).max() > 0
+    assert a["loss"] == b["loss"] and a["correct"] == b["correct"]
+    for key in ("grads", "probs", "focus"):
+        np.testing.assert_array_equal(a[key], b[key])
     if act == "relu":
-        assert outs[0][4].min() == 0 and (outs[0][4] < 0).sum() == 0   # the conv's activated output
+        assert a["focus"].min() == 0 and (a["focus"] < 0).sum() == 0   # the conv's activated output

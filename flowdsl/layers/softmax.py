@@ -29,14 +29,19 @@ class Softmax(Layer):
         e /= e.sum(axis=1, keepdims=True)
         return e
 
-    def prob_loss(self, p, y):
-        """The loss of given probabilities p (N, classes), e.g. averaged over test-time views:
-        the mean cross-entropy, smoothed as loss() is."""
-        n, k = p.shape
-        logp = np.log(np.maximum(p.astype(np.float64), 1e-30))
-        loss = -logp[np.arange(n), y].mean()
+    def _cross_entropy(self, logp, y):
+        """Mean cross-entropy (in float64) of log-probabilities logp (N, classes) against the
+        labels, smoothed toward s / classes when smoothing s > 0."""
+        n, k = logp.shape
+        loss = float(-logp[np.arange(n), y].astype(np.float64).mean())
         s = self.args["smoothing"]
-        return float((1.0 - s) * loss - s / k * logp.sum() / n) if s else float(loss)
+        if s:
+            loss = (1.0 - s) * loss - s / k * float(logp.sum(dtype=np.float64)) / n
+        return loss
+
+    def prob_loss(self, p, y):
+        """The loss of given probabilities p (N, classes), e.g. averaged over test-time views."""
+        return self._cross_entropy(np.log(np.maximum(p.astype(np.float64), 1e-30)), y)
 
     def loss(self, z, y):
         """(mean cross-entropy, d loss / d z, number of correct predictions)."""
@@ -47,10 +52,7 @@ class Softmax(Layer):
         logp = sh - lse
         rows = np.arange(n)
         s = self.args["smoothing"]
-        loss = float(-logp[rows, y].astype(np.float64).mean())
-        if s:
-            k = z.shape[1]
-            loss = (1.0 - s) * loss - s / k * float(logp.sum(dtype=np.float64)) / n
+        loss = self._cross_entropy(logp, y)
         dz = np.exp(logp)
         correct = int((dz.argmax(axis=1) == y).sum())
         if s:
