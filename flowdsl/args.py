@@ -22,7 +22,8 @@ class ArgError(Exception):
 
 @dataclass(frozen=True)
 class P:
-    """One parameter. kind: int, float, bool, shape, str, name, pad, act, call, calls, any."""
+    """One parameter. kind: int, float, bool, shape, str, name, layer, pad, act, call, calls, any.
+    'layer' is a reference to a layer of the network by name (resolved when the model is built)."""
     name: str
     kind: str
     default: object = REQUIRED
@@ -180,6 +181,12 @@ def convert(p: P, node, what: str):
             return got
         hint = did_you_mean(got, p.choices) if got else ""
         raise ArgError(f"{p.name} must be one of {', '.join(p.choices)}{hint}")
+    if k == "layer":  # a layer's name, written bare (or quoted); the model resolves it
+        if isinstance(node, Name) and node.name not in ("true", "false", "same"):
+            return node.name
+        if isinstance(node, String) and _NAME.fullmatch(node.value):
+            return node.value
+        raise ArgError(f"{p.name} must be the name of an earlier layer, such as a bound name")
     if k == "pad":
         if isinstance(node, Name) and node.name == "same":
             return "same"

@@ -320,6 +320,8 @@ def _build(program: Program) -> Model:
             l.name, l.auto_name = cand, True
             taken.add(cand)
 
+    _resolve_refs(layers, aliases, program)
+
     # input shape
     first = layers[0]
     body = layers
@@ -372,6 +374,27 @@ def _build(program: Program) -> Model:
             raise _err(e.message, st.pos, program) from None
     init = _init_settings(blocks.get("init"), program, layers, aliases)
     return Model(layers, aliases, train, init, program.source, program.file, written)
+
+
+def _resolve_refs(layers, aliases, program):
+    """Point each layer argument that names another layer (add(from=stem)) at that layer: a
+    layer's own name or a sub-chain's name (its last layer), which must come earlier."""
+    index = {l.name: i for i, l in enumerate(layers)}
+    for i, l in enumerate(layers):
+        for p in l.params:
+            if p.kind != "layer":
+                continue
+            ref = l.args[p.name]
+            pos = l.where.get(p.name, l.pos)
+            j = index.get(ref, aliases[ref][1] if ref in aliases else None)
+            if j is None:
+                earlier = [m.name for m in layers[:i]] + [a for a, (_, e) in aliases.items() if e < i]
+                raise _err(f"{l.kind} {l.name}: no layer named '{ref}'{did_you_mean(ref, earlier)}", pos, program)
+            if j >= i:
+                what = ("is this layer itself" if ref == l.name else "contains this layer" if
+                        ref in aliases and aliases[ref][0] <= i else "comes after it")
+                raise _err(f"{l.kind} {l.name}: '{ref}' {what}; {p.name}= names an earlier layer", pos, program)
+            l.src = layers[j]
 
 
 def _check_shape_dims(first, program):

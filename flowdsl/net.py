@@ -37,7 +37,13 @@ class Net:
             self.params[l.name][pname] = self.flat[o:o + n].reshape(shape)
             self.grads[l.name][pname] = self.gflat[o:o + n].reshape(shape)
         self.state = {l.name: l.new_state() for l in self.layers}
-        self._defer = _deferred_acts(self.layers)
+        # skip connections (add): layer index -> index of the layer whose output it adds (-1: the
+        # network input); the forward pass keeps those outputs
+        index = {id(l): k for k, l in enumerate(self.layers)}
+        self._src = {k: (-1 if l.src.role == "input" else index[id(l.src)])
+                     for k, l in enumerate(self.layers) if getattr(l, "src", None) is not None}
+        self._tapped = set(self._src.values())
+        self._defer = _deferred_acts(self.layers, self._tapped)
         self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
         self.timer = None  # {layer name: [forward seconds, backward seconds]} when profiling
         self.initialise(model.train["seed"] if seed is None else seed)
@@ -96,9 +102,12 @@ class Net:
         x = self.as_input(x)
         self._ctx = []
         kept = {}
+        saved = {-1: x} if -1 in self._tapped else {}
         post = None
         for i, l in enumerate(self.layers[:-1]):
             ctx = {"state": self.state[l.name], "rng": self.rng}
+            if i in self._src:
+                ctx["skip"] = saved[self._src[i]]
             if post is not None:      # this maxpool applies the conv's deferred activation
                 ctx["post_act"], post = post, None
             if i in self._defer and not (keep and l.name in keep):
@@ -109,6 +118,8 @@ class Net:
                 self.timer.setdefault(l.name, [0.0, 0.0])[0] += time.perf_counter() - t0
             else:
                 x = l.forward(x, self.params[l.name], ctx, training)
+            if i in self._tapped:
+                saved[i] = x
             if training:
                 self._ctx.append(ctx)
             if keep and l.name in keep:
@@ -122,12 +133,19 @@ class Net:
         loss, dz, correct = self.loss_layer.loss(z, np.asarray(y))
         d = dz
         n = len(self.layers) - 1
+        pending = {}  # layer index -> gradient reaching its output through skip connections
         for i in range(n - 1, -1, -1):
             l = self.layers[i]
+            if i in pending:
+                d = d + pending.pop(i)
             t0 = time.perf_counter()
             d = l.backward(d, self.params[l.name], self.grads[l.name], self._ctx[i], need_dx=i > 0)
             if self.timer is not None:
                 self.timer.setdefault(l.name, [0.0, 0.0])[1] += time.perf_counter() - t0
+            j = self._src.get(i, -1)
+            if j >= 0:
+                ds = self._ctx[i].pop("dskip")
+                pending[j] = ds if j not in pending else pending[j] + ds
         self._ctx = []
         return loss, correct
 
@@ -245,16 +263,17 @@ def check_tta(tta, input_shape):
                         f"of {input_shape[0]}")
 
 
-def _deferred_acts(layers):
+def _deferred_acts(layers, tapped=()):
     """{i: (kind, alpha)} for conv layers whose relu (or leakyrelu with alpha >= 0) can run after
     the maxpool that follows them: max commutes with a non-decreasing function, so the output is
     the same and the gradient reaches the same inputs (a window whose maximum is <= 0 passes no
     gradient either way), with the activation on a quarter of the values. Measured on net B.
-    The conv's own output is then pre-activation, so forward(keep=...) keeps kept layers whole."""
+    The conv's own output is then pre-activation, so forward(keep=...) keeps kept layers whole,
+    and a conv whose output a skip connection adds (tapped) is left alone."""
     from .layers.activations import act_spec
     out = {}
     for i, l in enumerate(layers[:-1]):
-        if l.kind != "conv" or layers[i + 1].kind != "maxpool":
+        if l.kind != "conv" or layers[i + 1].kind != "maxpool" or i in tapped:
             continue
         kind, alpha = act_spec(l)
         if kind == "relu" or (kind == "leakyrelu" and alpha >= 0):

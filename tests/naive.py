@@ -136,6 +136,11 @@ def ref_squared(layer, x, params, training, state=None):
     return x
 
 
+def ref_add(layer, x, params, training, state=None, skip=None):
+    assert skip is not None and skip.shape == x.shape, "add needs the output of its source layer"
+    return x + skip
+
+
 REFERENCES = {
     "input": ref_input,
     "conv": ref_conv,
@@ -148,10 +153,14 @@ REFERENCES = {
     "softmax": ref_softmax,
     "squared": ref_squared,
     **{a: ref_activation for a in ACTS},
+    "add": ref_add,
 }
 
 
-def reference(layer, x, params, training, state=None):
+def reference(layer, x, params, training, state=None, skip=None):
+    """skip: for a layer with a source (add), the source layer's output."""
+    if getattr(layer, "src", None) is not None:
+        return REFERENCES[layer.kind](layer, x, params, training, state, skip=skip)
     return REFERENCES[layer.kind](layer, x, params, training, state)
 
 
@@ -180,9 +189,12 @@ LOSSES = {"softmax": loss_softmax, "squared": loss_squared}
 def network_loss(model, x, params, targets, training=True, states=None):
     """The whole model's loss in float64: every layer's reference in turn, then the loss.
     params: {layer name: {param: float64 array}}."""
+    outs = {model.layers[0].name: x}  # every layer's output, for skip connections
     layers = [l for l in model.layers if l.role != "input"]
     for l in layers[:-1]:
-        x = reference(l, x, params.get(l.name, {}), training, (states or {}).get(l.name))
+        skip = outs[l.src.name] if getattr(l, "src", None) is not None else None
+        x = reference(l, x, params.get(l.name, {}), training, (states or {}).get(l.name), skip=skip)
+        outs[l.name] = x
     return LOSSES[layers[-1].kind](layers[-1], x, targets)
 
 
@@ -251,4 +263,6 @@ EXAMPLES = {
     "leakyrelu": [("leakyrelu", "5x4x1"), ("leakyrelu(alpha=0.3)", "6")],
     "elu": [("elu", "5x4x2"), ("elu(alpha=0.4)", "6")],
     "softplus": [("softplus", "3x3x2")],
+    # the layer tests build `input(shape) :: <layer> :: squared`, so the source is the input
+    "add": [("add(input1)", "5x4x2"), ("shortcut(from=input1)", "6")],
 }

@@ -124,6 +124,9 @@ def value_text(draw, p, depth=0, ok=False):
     if k == "name":
         c = draw(st.sampled_from(p.choices + (() if ok else ("nope",))))
         return draw(st.sampled_from([c, f'"{c}"']))
+    if k == "layer":  # a reference to another layer: names that often exist, and some that do not
+        return draw(st.sampled_from(["input1", "input1", "conv1", "relu1", "dense1", "a", "block", '"input1"'] +
+                                    ([] if ok else ["nope", "softmax1", "add1"])))
     if k == "pad":
         if ok:
             return draw(st.sampled_from(["0", "1", "same", "same"]))

@@ -84,8 +84,21 @@ def params_of(net, layer):
     return net.params.get(layer.name, {})
 
 
-def ctx_of(net, layer):
-    return {"state": net.state.get(layer.name, {}), "rng": net.rng}
+def ctx_of(net, layer, x=None):
+    """The context Net.forward gives the layer. A layer with a source (add) gets the source's
+    output as ctx["skip"]: in these one-layer nets the source is the network input, x."""
+    ctx = {"state": net.state.get(layer.name, {}), "rng": net.rng}
+    if x is not None and skip_of(layer, x) is not None:
+        ctx["skip"] = x
+    return ctx
+
+
+def skip_of(layer, x):
+    """What the reference adds for a layer with a source: the network input x (see ctx_of)."""
+    if getattr(layer, "src", None) is None:
+        return None
+    assert layer.src.role == "input", "registry examples of layers with a source name the input"
+    return x
 
 
 def deterministic(layer):
@@ -129,8 +142,9 @@ def test_forward_matches_reference(kind, text, shape):
     modes = (False, True) if deterministic(layer) else (False,)
     for training in modes:
         state = f64(net.state.get(layer.name, {}))  # before a training pass moves it
-        want = naive.reference(layer, x.astype(np.float64), f64(p), training, state)
-        y = layer.forward(x, p, ctx_of(net, layer), training)
+        x64 = x.astype(np.float64)
+        want = naive.reference(layer, x64, f64(p), training, state, skip=skip_of(layer, x64))
+        y = layer.forward(x, p, ctx_of(net, layer, x), training)
         what = f"{text} on {shape}, training={training}"
         assert y.dtype == np.float32, what
         assert y.flags.c_contiguous, what
@@ -140,7 +154,7 @@ def test_forward_matches_reference(kind, text, shape):
         if layer.role not in ("input", "loss"):
             # the same through Net.forward (the layer is the last before the loss)
             state = f64(net.state.get(layer.name, {}))
-            want = naive.reference(layer, x.astype(np.float64), f64(p), training, state)
+            want = naive.reference(layer, x64, f64(p), training, state, skip=skip_of(layer, x64))
             y = net.forward(x, training=training)
             assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == want.shape, what
             np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=what)
@@ -159,26 +173,31 @@ def test_backward_matches_finite_differences(kind, text, shape):
     p = params_of(net, layer)
     for training in MODES.get(kind, (True,)):
         state = f64(net.state.get(layer.name, {}))
-        ctx = ctx_of(net, layer)
+        ctx = ctx_of(net, layer, x)
         y = layer.forward(x, p, ctx, training)
         dy = rng.normal(0.0, 1.0, y.shape).astype(np.float32)
         dy64 = dy.astype(np.float64)
+        dy_before = dy.copy()
         g = {k: np.full_like(v, np.nan) for k, v in p.items()}  # backward must overwrite
         dx = layer.backward(dy, p, g, ctx, need_dx=True)
         assert dx.dtype == np.float32 and dx.shape == x.shape, text
+        assert np.array_equal(dy, dy_before), f"{text}: backward wrote into dy"
         x64, p64 = x.astype(np.float64), f64(p)
+        skip64 = skip_of(layer, x64)  # held fixed: its gradient is ctx["dskip"]
 
-        def loss(xv, pv):
-            return np.sum(naive.reference(layer, xv, pv, training, state) * dy64)
+        def loss(xv, pv, sv=skip64):
+            return np.sum(naive.reference(layer, xv, pv, training, state, skip=sv) * dy64)
 
         fd_check(f"{text} dx", dx, lambda xv: loss(xv, p64), x64, rng)
+        if skip64 is not None:
+            fd_check(f"{text} dskip", ctx["dskip"], lambda sv: loss(x64, p64, sv), skip64, rng)
         for name in p:
             def lp(v, name=name):
                 return loss(x64, {**p64, name: v})
             fd_check(f"{text} d{name}", g[name], lp, p64[name], rng)
 
         # need_dx=False: the same parameter gradients, no dx
-        ctx = ctx_of(net, layer)
+        ctx = ctx_of(net, layer, x)
         layer.forward(x, p, ctx, training)
         g2 = {k: np.full_like(v, np.nan) for k, v in p.items()}
         assert layer.backward(dy, p, g2, ctx, need_dx=False) is None
@@ -328,6 +347,14 @@ NETS = [
         :: avgpool(3, stride=2, ceil=true) :: conv(filters=6, field=2, act=elu)
         :: flatten :: dense(5) :: batchnorm(momentum=0.5) :: tanh :: dense(3) :: softmax"""),
     ("regression", "input(6) :: dense(4, act=sigmoid) :: dropout(0) :: dense(2, act=softplus) :: squared"),
+    # skip connections: from the input (twice), two from one source, nested, adjacent (2x), and
+    # from a conv followed by maxpool (whose relu must then stay with the conv)
+    ("residual", """b = conv(filters=3, field=3, pad=same) :: batchnorm :: relu
+        c = conv(filters=3, field=3, pad=same, act=relu)
+        network = input(6x5x3) :: add(input1) :: b
+          :: conv(filters=3, field=3, pad=same, act=tanh) :: add(b) :: elu :: add(b) :: add(input1)
+          :: c :: maxpool(2, stride=1) :: conv(filters=3, field=2, pad=1) :: add(c) :: conv(filters=3, field=1) :: add(add3)
+          :: maxpool(2, ceil=true) :: dense(4) :: add(dense1) :: softmax"""),
 ]
 
 

@@ -101,13 +101,14 @@ class Layer:
         return {}
 
     def forward(self, x, p: dict, ctx: dict, training: bool):
-        """x: (N, ...) float32 -> output. Store in ctx what backward needs."""
+        """x: (N, ...) float32 -> output. Store in ctx what backward needs. Never write into x:
+        a skip connection (add) may read the same array later."""
         return x
 
     def backward(self, dy, p: dict, g: dict, ctx: dict, need_dx: bool):
         """dy: gradient of the loss w.r.t. the output. Write parameter gradients into the
         preallocated arrays g[name] (overwrite, do not accumulate); return dx (None if not
-        need_dx)."""
+        need_dx). Never write into dy: add hands the same array to two branches."""
         return dy if need_dx else None
 
     def bytes_per_sample(self, s) -> int:
