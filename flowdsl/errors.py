@@ -87,3 +87,12 @@ def _levenshtein(a: str, b: str) -> int:
 def did_you_mean(word, choices) -> str:
     c = closest(word, choices)
     return f"; did you mean '{c}'?" if c else ""
+
+
+def size_text(b, digits=1) -> str:
+    """A byte count for people: MB, or GB or TB once it is that large (summaries and memory
+    errors alike)."""
+    for unit, scale in (("TB", 2**40), ("GB", 2**30)):
+        if b >= scale:
+            return f"{b / scale:,.{digits}f} {unit}"
+    return f"{b / 2**20:,.{digits}f} MB"

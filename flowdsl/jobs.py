@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import CallValue, bind
-from .errors import FlowError
+from .errors import FlowError, size_text as gb
 from .parse import Arg, Block, parse_text
 from .settings import TRAIN
 
@@ -147,10 +147,6 @@ def _check_memory(model, batch, option="--batch "):
     raise FlowError(f"this model needs about {gb(fixed + per)} to train even at batch 1 ({model.n_params():,} "
                     f"weights: {gb(fixed)} with their gradients and optimizer state; {gb(per)} per sample), but "
                     f"only {gb(avail)} of memory is available; make the input or the layers smaller", model.file)
-
-
-def gb(b):
-    return f"{b / 2**30:,.1f} GB" if b >= 2**28 else f"{b / 2**20:,.0f} MB"
 
 
 def available_memory():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import layers as registry
 from .args import CallValue, bind, bind_call, fmt
-from .errors import FlowError, did_you_mean
+from .errors import FlowError, did_you_mean, size_text
 from .layers.base import LayerError, from_written, show_shape
 from .parse import Binding, Block, Call, Chain, Name, Program, parse_text, read_source
 from .settings import BLOCKS, INITS, TRAIN
@@ -90,8 +90,8 @@ class Model:
         out.append(line)
         n = self.n_params()
         batch = self.train["batch"]
-        out.append(f"Input: {show_shape(self.input_shape)}   Total: {n:,} weights ({_size(n * 4)} float32)")
-        out.append(f"Training memory at batch {batch}: about {_size(self.memory_estimate(batch), 1)} (estimated, not allocated)")
+        out.append(f"Input: {show_shape(self.input_shape)}   Total: {n:,} weights ({size_text(n * 4, 2)} float32)")
+        out.append(f"Training memory at batch {batch}: about {size_text(self.memory_estimate(batch))} (estimated, not allocated)")
         for a, (i, j) in self.aliases.items():
             if i != j:
                 out.append(f"{a} = {' :: '.join(l.name for l in self.layers[i:j + 1])}")
@@ -193,14 +193,6 @@ def _train_floats(l):
     elif l.kind in ("maxpool", "dropout"):   # the argmax (int32) or the scaled mask
         extra += out
     return extra, dz, dx
-
-
-def _size(b, digits=2):
-    """A byte count in MB, or in GB or TB once it is that large."""
-    for unit, scale in (("TB", 2**40), ("GB", 2**30)):
-        if b >= scale:
-            return f"{b / scale:,.{digits}f} {unit}"
-    return f"{b / 2**20:,.{digits}f} MB"
 
 
 # ------------------------------------------------------------------------------------ building

@@ -237,7 +237,8 @@ def _check_room(model, spec, n):
     """Refuse, before allocating, parameters that cannot fit in memory: a dense layer after a
     large map can hold billions of weights. Needs the parameter and gradient buffers (float32)
     and, while initialising, the largest parameter in float64."""
-    from .jobs import available_memory, gb
+    from .errors import size_text as gb
+    from .jobs import available_memory
     largest = max(spec, key=lambda t: math.prod(t[2]), default=None)
     need = 8 * n + (8 * math.prod(largest[2]) if largest else 0)
     avail = available_memory()
