@@ -187,6 +187,11 @@ def _train_floats(l):
         if algo == "gemm":                   # im2col rows kept; their gradient in backward
             extra += oh * ow * (f * f * c + 1)
             dx += oh * ow * (f * f * c + 1)
+        elif algo == "winograd":             # the transformed input tiles kept; in backward
+            t = ((oh + 1) // 2) * ((ow + 1) // 2)   # their output-side gradient and input-side one
+            extra += 16 * t * c
+            dz += 16 * t * k
+            dx += 16 * t * c
         elif pad:                            # the padded input kept; its gradient in backward
             extra += c * (h + 2 * pad) * (w + 2 * pad)
             dx += c * (h + 2 * pad) * (w + 2 * pad)

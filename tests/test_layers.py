@@ -276,12 +276,61 @@ def test_batchnorm_running_statistics(shape):
     np.testing.assert_array_equal(st["mean"], m1)
 
 
+# ------------------------------------------------------------------------------ conv algorithms
+def test_conv_examples_cover_every_algorithm():
+    algos = {}
+    for kind, text, shape in CASES:
+        if kind == "conv":
+            algos.setdefault(build(kind, text, shape)[1].algo, []).append(text)
+    assert set(algos) == {"rows", "gemm", "winograd"}, algos
+    assert len(algos["winograd"]) >= 4
+
+
+@pytest.mark.parametrize("shape,filters,pad", [("14x14x24", 64, "same"), ("13x13x32", 40, "0"), ("7x7x64", 24, "2")])
+def test_winograd_matches_im2col_at_network_sizes(shape, filters, pad, monkeypatch):
+    """Winograd against the im2col path on realistic channel counts (fashion.flow's second conv,
+    hello-dl's, a padded one), training forward and backward and chunked evaluation."""
+    import flowdsl.layers.conv as convmod
+    net, layer = build("conv", f"conv(filters={filters}, field=3, pad={pad})", shape)
+    rng = rng_for("wino", shape)
+    randomise(net, layer, rng)
+    p = params_of(net, layer)
+    x = rng.normal(0.0, 1.0, (10,) + nhwc(layer.in_shape)).astype(np.float32)
+    dy = rng.normal(0.0, 1.0, (10,) + nhwc(layer.out)).astype(np.float32)
+
+    def run():
+        ctx = ctx_of(net, layer)
+        y = layer.forward(x, p, ctx, True)
+        g = {k: np.full_like(v, np.nan) for k, v in p.items()}
+        dx = layer.backward(dy, p, g, ctx, need_dx=True)
+        chunk, convmod.CHUNK_FLOATS = convmod.CHUNK_FLOATS, 1 << 14   # several evaluation chunks
+        try:
+            ye = layer.forward(x, p, ctx_of(net, layer), False)
+        finally:
+            convmod.CHUNK_FLOATS = chunk
+        return [y, dx, g["w"], g["b"], ye]
+
+    assert layer.algo == "winograd"
+    got = run()
+    monkeypatch.setattr(convmod, "WINO_MIN_C", 10 ** 9)
+    assert layer.algo == "gemm"
+    want = run()
+    for name, a, b in zip(("y", "dx", "dw", "db", "y eval"), got, want):
+        scale = float(np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=name)
+
+
 # ------------------------------------------------------------------------------ kernels as Python
 def kernel_modules(layer):
-    """Modules holding the numba kernels a layer uses (its own, plus activations for act=)."""
+    """Modules holding the numba kernels a layer uses: its own, the layer modules it imports
+    (conv's _winograd), and activations for act=."""
+    import types
+
     import flowdsl.layers.activations as acts
     mod = sys.modules[type(layer).__module__]
-    return [mod, acts] if mod is not acts else [mod]
+    helpers = [m for m in vars(mod).values() if isinstance(m, types.ModuleType)
+               and m.__name__.startswith("flowdsl.layers.") and m is not acts]
+    return [mod] + helpers + ([acts] if mod is not acts else [])
 
 
 def kernels_in(mod):
@@ -297,6 +346,7 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=2, field=3, stride=2, pad=1)", "11x9x2", 8),
     ("conv", "conv(filters=6, field=3, stride=2, pad=1)", "11x9x2", 8),
     ("conv", "conv(filters=6, field=3, pad=same)", "9x7x9", 8),
+    ("conv", "conv(filters=6, field=3, pad=1)", "9x7x8", 8),       # Winograd (the above too)
     ("conv", "conv(filters=7, field=3)", "9x7x1", 8),
     ("conv", "conv(filters=7, field=4, stride=2, pad=2)", "8x10x1", 8),
 ]
