@@ -184,14 +184,9 @@ def _train_floats(l):
         f = l.args["field"]
         pad = l.padding
         algo = getattr(l, "algo", None) or ("rows" if getattr(l, "direct", False) else "gemm")
-        if algo == "gemm":                   # im2col rows kept; their gradient in backward
-            extra += oh * ow * (f * f * c + 1)
-            dx += oh * ow * (f * f * c + 1)
-        elif algo == "winograd":             # the transformed input tiles kept; in backward
-            t = ((oh + 1) // 2) * ((ow + 1) // 2)   # their output-side gradient and input-side one
-            extra += 16 * t * c
-            dz += 16 * t * k
-            dx += 16 * t * c
+        if algo in ("gemm", "winograd"):     # im2col rows kept; their gradient in backward
+            extra += oh * ow * (f * f * c + 1)   # (Winograd keeps less, 16 floats per 2x2 tile
+            dx += oh * ow * (f * f * c + 1)      # and channel, but small batches use im2col)
         elif pad:                            # the padded input kept; its gradient in backward
             extra += c * (h + 2 * pad) * (w + 2 * pad)
             dx += c * (h + 2 * pad) * (w + 2 * pad)

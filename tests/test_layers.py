@@ -33,6 +33,14 @@ CASES = [(k, t, s) for k in KINDS for t, s in naive.EXAMPLES.get(k, ())]
 IDS = [f"{k}:{t}@{s}" for k, t, s in CASES]
 
 
+@pytest.fixture(autouse=True)
+def winograd_at_any_batch(monkeypatch):
+    """The examples here are a few tiny images: let conv's Winograd path run on them (in use it
+    waits for WINO_MIN_TILES output tiles; test_winograd_waits_for_enough_tiles checks that)."""
+    import flowdsl.layers.conv as convmod
+    monkeypatch.setattr(convmod, "WINO_MIN_TILES", 0)
+
+
 # ------------------------------------------------------------------------------ helpers
 def nhwc(s):
     return (s[1], s[2], s[0]) if len(s) == 3 else tuple(s)
@@ -318,6 +326,28 @@ def test_winograd_matches_im2col_at_network_sizes(shape, filters, pad, monkeypat
     for name, a, b in zip(("y", "dx", "dw", "db", "y eval"), got, want):
         scale = float(np.abs(b).max())
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=name)
+
+
+def test_winograd_waits_for_enough_tiles(monkeypatch):
+    """Below WINO_MIN_TILES output tiles a Winograd layer runs im2col (faster for one image),
+    forward and backward, with the same results."""
+    import flowdsl.layers.conv as convmod
+    monkeypatch.setattr(convmod, "WINO_MIN_TILES", 100)
+    net, layer = build("conv", "conv(filters=6, field=3, pad=same)", "10x10x8")  # 25 tiles an image
+    rng = rng_for("wino-tiles")
+    randomise(net, layer, rng)
+    p = params_of(net, layer)
+    outs = {}
+    for n in (3, 4):   # 75 tiles: im2col; 100: Winograd
+        x = rng.normal(0.0, 1.0, (n, 10, 10, 8)).astype(np.float32)
+        ctx = ctx_of(net, layer)
+        y = layer.forward(x, p, ctx, True)
+        g = {k: np.full_like(v, np.nan) for k, v in p.items()}
+        dx = layer.backward(y, p, g, ctx, need_dx=True)
+        want = naive.reference(layer, x.astype(np.float64), f64(p), True)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        outs[ctx["algo"]] = (dx, g["w"])
+    assert set(outs) == {"gemm", "winograd"}
 
 
 # ------------------------------------------------------------------------------ kernels as Python

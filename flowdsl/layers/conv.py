@@ -29,7 +29,10 @@ DIRECT_MAX_FILTERS = 4   # at or below this many filters: "rows"
 CHUNK_FLOATS = 1 << 20   # evaluation: im2col buffers of about this many floats (4 MB)
 FLIP_DX = True
 TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (_im2col_t)
-WINO_MIN_C = 8           # 3x3 stride-1 convs with at least this many input channels: Winograd
+WINO_MIN_C = 8           # 3x3 stride-1 convs with at least this many input channels: Winograd,
+WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
+                         # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
+                         # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
 
 
 def _fix_pad(field, pad):
@@ -100,6 +103,9 @@ class Conv(Layer):
         k, oh, ow = self.out
         w, b = p["w"], p["b"]
         algo = self.algo
+        if algo == "winograd" and n * wino.tiles(oh, ow)[0] * wino.tiles(oh, ow)[1] < WINO_MIN_TILES:
+            algo = "gemm"
+        ctx["algo"] = algo
         if algo == "rows":
             xp = _pad(x, pad)
             z = np.empty((n, oh, ow, k), np.float32)
@@ -157,7 +163,7 @@ class Conv(Layer):
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         x = ctx["x"]
         n, oh, ow, _ = dz.shape
-        algo = self.algo
+        algo = ctx["algo"]
         if algo == "winograd":
             g["w"][...], dx = wino.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx)
             np.sum(dz.reshape(-1, k), axis=0, out=g["b"])
