@@ -73,7 +73,6 @@ def mm(a, b):
     return out
 
 
-
 def mm_stack(a, b):
     """a[e] @ b[e] for stacks of 2-D float32 matrices (either may be transposed views): the
     products are shared out among the threads whole, one single-threaded BLAS call each

@@ -5,7 +5,7 @@ Shape rule: W' = (W + 2*pad - field) / stride + 1, which must be whole; same for
 
 Weights are stored (field, field, C_in, filters) so that, with channels-last activations, a
 convolution is one matrix product: im2col rows of length field*field*C_in times the weights.
-Two algorithms, chosen by the number of filters (measured: bench/ and README):
+Three algorithms, chosen by the filters and the input channels (measured: bench/ and README):
 - "rows", few filters (NeuroFlow's 1-filter convs on 400x400 images): direct loops on a
   pre-padded input, a unit-stride multiply-add along each output row; no im2col buffer.
   (Direct loops vectorised across the filters were also tried for first layers with few
@@ -103,7 +103,8 @@ class Conv(Layer):
         k, oh, ow = self.out
         w, b = p["w"], p["b"]
         algo = self.algo
-        if algo == "winograd" and n * wino.tiles(oh, ow)[0] * wino.tiles(oh, ow)[1] < WINO_MIN_TILES:
+        th, tw = wino.tiles(oh, ow)
+        if algo == "winograd" and n * th * tw < WINO_MIN_TILES:
             algo = "gemm"
         ctx["algo"] = algo
         if algo == "rows":
@@ -117,7 +118,6 @@ class Conv(Layer):
             if training:
                 z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, keep=True)
             else:  # in chunks whose transformed tiles stay within CHUNK_FLOATS
-                th, tw = wino.tiles(oh, ow)
                 step = max(1, min(n, CHUNK_FLOATS // (16 * th * tw * max(x.shape[3], k))))
                 z = np.empty((n, oh, ow, k), np.float32) if step < n else None
                 for i in range(0, n, step):
