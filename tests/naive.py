@@ -222,8 +222,9 @@ EXAMPLES = {
         ("conv(filters=5, field=2, pad=2)", "4x3x8"),                # pad > field-1: col2im dx
         ("conv(filters=6, field=5, pad=1)", "7x6x1"),                # tall columns, dx by col2im (K > C)
         ("conv(filters=5, field=3, stride=2, pad=1)", "7x5x1"),      # one-channel tall columns, strided
-        ("conv(filters=5, field=3, act=relu)", "7x6x8"),             # Winograd: pad 0, odd output
-        ("conv(filters=6, field=3, pad=2)", "5x6x10"),               # Winograd: pad 2
+        ("conv(filters=5, field=3, act=relu)", "7x6x12"),            # Winograd: pad 0, odd output
+        ("conv(filters=6, field=3, pad=2)", "5x6x13"),               # Winograd: pad 2
+        ("conv(filters=7, field=3, pad=same)", "3x3x16"),            # Winograd: one tile row
         ("conv(filters=8, field=3, pad=same, act=gelu)", "4x7x12"),  # Winograd: even x odd tiles
     ],
     "dense": [

@@ -333,13 +333,13 @@ def test_winograd_waits_for_enough_tiles(monkeypatch):
     forward and backward, with the same results."""
     import flowdsl.layers.conv as convmod
     monkeypatch.setattr(convmod, "WINO_MIN_TILES", 100)
-    net, layer = build("conv", "conv(filters=6, field=3, pad=same)", "10x10x8")  # 25 tiles an image
+    net, layer = build("conv", "conv(filters=6, field=3, pad=same)", "10x10x12")  # 25 tiles an image
     rng = rng_for("wino-tiles")
     randomise(net, layer, rng)
     p = params_of(net, layer)
     outs = {}
     for n in (3, 4):   # 75 tiles: im2col; 100: Winograd
-        x = rng.normal(0.0, 1.0, (n, 10, 10, 8)).astype(np.float32)
+        x = rng.normal(0.0, 1.0, (n, 10, 10, 12)).astype(np.float32)
         ctx = ctx_of(net, layer)
         y = layer.forward(x, p, ctx, True)
         g = {k: np.full_like(v, np.nan) for k, v in p.items()}
@@ -376,7 +376,7 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=2, field=3, stride=2, pad=1)", "11x9x2", 8),
     ("conv", "conv(filters=6, field=3, stride=2, pad=1)", "11x9x2", 8),
     ("conv", "conv(filters=6, field=3, pad=same)", "9x7x9", 8),
-    ("conv", "conv(filters=6, field=3, pad=1)", "9x7x8", 8),       # Winograd (the above too)
+    ("conv", "conv(filters=6, field=3, pad=1)", "9x7x12", 8),      # Winograd
     ("conv", "conv(filters=7, field=3)", "9x7x1", 8),
     ("conv", "conv(filters=7, field=4, stride=2, pad=2)", "8x10x1", 8),
 ]

@@ -29,7 +29,9 @@ DIRECT_MAX_FILTERS = 4   # at or below this many filters: "rows"
 CHUNK_FLOATS = 1 << 20   # evaluation: im2col buffers of about this many floats (4 MB)
 FLIP_DX = True
 TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (_im2col_t)
-WINO_MIN_C = 8           # 3x3 stride-1 convs with at least this many input channels: Winograd,
+WINO_MIN_C = 12          # 3x3 stride-1 convs with at least this many input channels: Winograd
+                         # (a training step at batch 64, 28x28, 8 -> 16 channels: im2col 32 ms,
+                         # Winograd 35; 12 -> 12: 38 and 33; 16 -> 32: 52 and 40),
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
