@@ -97,7 +97,8 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
         b = statistics.median(b for _, b in v) * 1e3
         tot_f += f
         tot_b += b
-        rows.append((f"{l.name} ({l.kind})", f"{f:.2f}", f"{b:.2f}"))
+        kind = f"{l.kind}, {l.algo_for(batch)}" if hasattr(l, "algo_for") else l.kind
+        rows.append((f"{l.name} ({kind})", f"{f:.2f}", f"{b:.2f}"))
     rows.append(("total", f"{tot_f:.2f}", f"{tot_b:.2f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     for i, r in enumerate(rows):

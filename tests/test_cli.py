@@ -177,3 +177,23 @@ def test_broken_parser_cache_is_rebuilt(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Total: 80,067" in r.stdout and r.stderr == ""
     assert len(cache.read_bytes()) > len(good) // 2  # rewritten whole
+
+
+def test_bench_prints_rates_and_a_row_per_layer(tmp_path, capsys):
+    """`flowdsl bench`: training and inference rates, then forward/backward milliseconds for every
+    layer with each conv's algorithm (Winograd waits for enough 2x2 tiles: 16 images of 10x10
+    have 400, one image 25)."""
+    f = tmp_path / "tiny.flow"
+    f.write_text("network = input(10x10x12) :: conv(filters=6, field=3, pad=same) :: maxpool :: relu"
+                 " :: dense(3) :: softmax\ntrain { batch = 16 }\n")
+    for batch, algo in (("16", "winograd"), ("1", "gemm")):
+        assert cli.main(["bench", str(f), "--batch", batch, "--infer-batch", "8", "--repeats", "2"]) == 0
+        out = capsys.readouterr().out
+        rates = {line.split(":")[0]: float(line.split()[1].replace(",", "")) for line in out.splitlines()
+                 if line.startswith(("train:", "infer:"))}
+        assert set(rates) == {"train", "infer"} and min(rates.values()) > 0, out
+        rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
+        assert set(rows) == {"layer", "conv1", "maxpool1", "relu1", "dense1", "total"}, out
+        assert rows["conv1"][1:3] == ["(conv,", f"{algo})"], out
+        for name in ("conv1", "maxpool1", "dense1", "total"):
+            assert float(rows[name][-2]) >= 0 and float(rows[name][-1]) >= 0

@@ -98,17 +98,19 @@ class Conv(Layer):
             return "winograd"
         return "gemm"
 
+    def algo_for(self, n):
+        """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles."""
+        algo = self.algo
+        th, tw = wino.tiles(self.out[1], self.out[2])
+        return "gemm" if algo == "winograd" and n * th * tw < WINO_MIN_TILES else algo
+
     # --- engine -----------------------------------------------------------------------------
     def forward(self, x, p, ctx, training):
         n = x.shape[0]
         f, s, pad = self.args["field"], self.args["stride"], self.padding
         k, oh, ow = self.out
         w, b = p["w"], p["b"]
-        algo = self.algo
-        th, tw = wino.tiles(oh, ow)
-        if algo == "winograd" and n * th * tw < WINO_MIN_TILES:
-            algo = "gemm"
-        ctx["algo"] = algo
+        algo = ctx["algo"] = self.algo_for(n)
         if algo == "rows":
             xp = _pad(x, pad)
             z = np.empty((n, oh, ow, k), np.float32)
@@ -120,6 +122,7 @@ class Conv(Layer):
             if training:
                 z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, keep=True)
             else:  # in chunks whose transformed tiles stay within CHUNK_FLOATS
+                th, tw = wino.tiles(oh, ow)
                 step = max(1, min(n, CHUNK_FLOATS // (16 * th * tw * max(x.shape[3], k))))
                 z = np.empty((n, oh, ow, k), np.float32) if step < n else None
                 for i in range(0, n, step):
