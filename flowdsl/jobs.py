@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import CallValue, bind
-from .errors import FlowError, size_text as gb
+from .errors import FlowError, size_text
 from .parse import Arg, Block, parse_text
 from .settings import TRAIN
 
@@ -142,11 +142,11 @@ def _check_memory(model, batch, option="--batch "):
     per = max(1, (need - fixed) // batch)     # per sample
     fit_batch = int((avail * 0.8 - fixed) // per)
     if fit_batch >= 1:
-        raise FlowError(f"training at batch {batch} needs about {gb(need)} (estimated) but only {gb(avail)} "
+        raise FlowError(f"training at batch {batch} needs about {size_text(need)} (estimated) but only {size_text(avail)} "
                         f"of memory is available; try {option}{fit_batch}", model.file)
-    raise FlowError(f"this model needs about {gb(fixed + per)} to train even at batch 1 ({model.n_params():,} "
-                    f"weights: {gb(fixed)} with their gradients and optimizer state; {gb(per)} per sample), but "
-                    f"only {gb(avail)} of memory is available; make the input or the layers smaller", model.file)
+    raise FlowError(f"this model needs about {size_text(fixed + per)} to train even at batch 1 ({model.n_params():,} "
+                    f"weights: {size_text(fixed)} with their gradients and optimizer state; {size_text(per)} per sample), but "
+                    f"only {size_text(avail)} of memory is available; make the input or the layers smaller", model.file)
 
 
 def available_memory():

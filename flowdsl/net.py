@@ -237,15 +237,15 @@ def _check_room(model, spec, n):
     """Refuse, before allocating, parameters that cannot fit in memory: a dense layer after a
     large map can hold billions of weights. Needs the parameter and gradient buffers (float32)
     and, while initialising, the largest parameter in float64."""
-    from .errors import size_text as gb
+    from .errors import size_text
     from .jobs import available_memory
     largest = max(spec, key=lambda t: math.prod(t[2]), default=None)
     need = 8 * n + (8 * math.prod(largest[2]) if largest else 0)
     avail = available_memory()
     if avail and need > avail:
         l, pname = largest[0], largest[1]
-        raise FlowError(f"the model has {n:,} weights: its parameters and gradients need {gb(8 * n)} "
-                        f"({gb(need)} while initialising), but only {gb(avail)} of memory is available. "
+        raise FlowError(f"the model has {n:,} weights: its parameters and gradients need {size_text(8 * n)} "
+                        f"({size_text(need)} while initialising), but only {size_text(avail)} of memory is available. "
                         f"The largest is {l.name}.{pname} with {math.prod(largest[2]):,} weights "
                         f"({l.describe()} after {show_shape(l.in_shape)}); make it smaller", model.file)
 

@@ -422,7 +422,7 @@ def test_train_suggests_a_batch_that_fits(tmp_path):
     avail = m.memory_estimate(4)  # pretend the machine has room for about 4 samples
     env = dict(ENV, FLOWDSL_MEM_AVAILABLE=str(avail))
     r, rss, secs = _cli_maxrss("train", f, "--out", tmp_path / "run", env=env)
-    from flowdsl.jobs import gb
+    from flowdsl.errors import size_text as gb
     err = assert_error(r, "training at batch 32 needs about", gb(m.memory_estimate(32)), "try --batch")
     suggested = int(err.split("try --batch ")[1].split()[0])
     assert 1 <= suggested < 32 and m.memory_estimate(suggested) <= avail
@@ -444,7 +444,6 @@ def test_check_prints_the_memory_estimate(tmp_path):
     f.write_text(MODEL + "train { batch = 64 }\n")
     r = flowdsl_cli("check", f)
     assert r.returncode == 0, r.stderr
-    from flowdsl.jobs import gb
     from flowdsl.model import load_model
     est = load_model(f).memory_estimate(64)
     assert "Training memory at batch 64: about" in r.stdout and f"{est / 2**20:,.1f} MB" in r.stdout

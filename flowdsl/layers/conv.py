@@ -123,38 +123,29 @@ class Conv(Layer):
                 z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, keep=True)
             else:  # in chunks whose transformed tiles stay within CHUNK_FLOATS
                 th, tw = wino.tiles(oh, ow)
-                step = max(1, min(n, CHUNK_FLOATS // (16 * th * tw * max(x.shape[3], k))))
-                z = np.empty((n, oh, ow, k), np.float32) if step < n else None
-                for i in range(0, n, step):
-                    zi = wino.forward(x[i:i + step], w, b, pad, oh, ow, keep=False)
-                    if step >= n:
-                        z = zi
-                    else:
-                        z[i:i + step] = zi
+                step = max(1, CHUNK_FLOATS // (16 * th * tw * max(x.shape[3], k)))
+                z = _in_chunks(x, step, lambda xi: wino.forward(xi, w, b, pad, oh, ow, keep=False))
         else:
             wb = np.concatenate([w.reshape(-1, k), b[None, :]])
             width = wb.shape[0]
-            step = n if training else max(1, min(n, CHUNK_FLOATS // max(1, oh * ow * width)))
+            step = n if training else max(1, CHUNK_FLOATS // max(1, oh * ow * width))
             tall = x.shape[3] < TALL_BELOW_C
-            z = np.empty((n, oh, ow, k), np.float32) if step < n else None
-            for i in range(0, n, step):
-                xi = x[i:i + step]
+
+            def product(xi):
+                m = xi.shape[0] * oh * ow
                 if tall:   # columns as rows: few channels make short NHWC segments
-                    cols = np.empty((width, xi.shape[0] * oh * ow), np.float32)
+                    cols = np.empty((width, m), np.float32)
                     im2col_t(xi, cols, f, s, pad, oh, ow)
-                    if step >= n:
-                        z = mm(cols.T, wb).reshape(n, oh, ow, k)
-                    else:
-                        z[i:i + step] = mm(cols.T, wb).reshape(xi.shape[0], oh, ow, k)
+                    zi = mm(cols.T, wb)
                 else:
-                    cols = np.empty((xi.shape[0] * oh * ow, width), np.float32)
+                    cols = np.empty((m, width), np.float32)
                     _im2col(xi, cols, f, s, pad, oh, ow)
-                    if step >= n:  # one chunk: the product is z (no copy)
-                        z = mm(cols, wb).reshape(n, oh, ow, k)
-                    else:
-                        z[i:i + step] = mm(cols, wb).reshape(xi.shape[0], oh, ow, k)
-            if training:
-                ctx["cols"], ctx["tall"] = cols, tall
+                    zi = mm(cols, wb)
+                if training:
+                    ctx["cols"], ctx["tall"] = cols, tall
+                return zi.reshape(xi.shape[0], oh, ow, k)
+
+            z = _in_chunks(x, step, product)
         kind, alpha = ctx.get("act") or act_spec(self)   # ctx["act"]: the net moved it after a maxpool
         y = act_forward(kind, alpha, z, out=None if training else z)  # z is ours: in place
         if training:
@@ -207,6 +198,21 @@ class Conv(Layer):
         dxp = np.empty_like(xp)
         _direct_dx(dz, p["w"], _wrep(p["w"], ow), dxp.reshape(n, xp.shape[1], -1), s)
         return np.ascontiguousarray(dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :]) if pad else dxp
+
+
+def _in_chunks(x, step, run):
+    """run(xi) -> the (n_i, OH, OW, K) output of each chunk of `step` images of x, gathered; a
+    single chunk's output is returned as it is (no copy)."""
+    n = x.shape[0]
+    if step >= n:
+        return run(x)
+    z = None
+    for i in range(0, n, step):
+        zi = run(x[i:i + step])
+        if z is None:
+            z = np.empty((n,) + zi.shape[1:], np.float32)
+        z[i:i + step] = zi
+    return z
 
 
 # ------------------------------------------------------------------------------------ kernels
