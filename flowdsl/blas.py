@@ -90,3 +90,11 @@ def mm_stack(a, b):
     for f in futs:
         f.result()
     return out
+
+
+def colsum(a, out):
+    """out[j] = sum_i a[i, j] for a 2-D float32 array (bias gradients), as one product with a row
+    of ones: numpy's sum over axis 0 of a tall, narrow array ran 3-11x slower here (36864 x 20:
+    0.85 ms against 0.08)."""
+    out[...] = (np.ones((1, a.shape[0]), np.float32) @ a)[0]
+    return out

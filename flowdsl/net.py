@@ -44,6 +44,7 @@ class Net:
                      for k, l in enumerate(self.layers) if getattr(l, "src", None) is not None}
         self._tapped = set(self._src.values())
         self._defer = _deferred_acts(self.layers, self._tapped)
+        self._pools = _fusable_pools(self.layers, self._tapped, self._defer)
         self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
         self.timer = None  # {layer name: [forward seconds, backward seconds]} when profiling
         self.initialise(model.train["seed"] if seed is None else seed)
@@ -104,7 +105,14 @@ class Net:
         kept = {}
         saved = {-1: x} if -1 in self._tapped else {}
         post = None
+        fused = None  # the maxpool whose work the conv before it did (evaluation)
         for i, l in enumerate(self.layers[:-1]):
+            if l is fused:
+                if i in self._tapped:
+                    saved[i] = x
+                if keep and l.name in keep:
+                    kept[l.name] = x
+                continue
             ctx = {"state": self.state[l.name], "rng": self.rng}
             if i in self._src:
                 ctx["skip"] = saved[self._src[i]]
@@ -112,6 +120,10 @@ class Net:
                 ctx["post_act"], post = post, None
             if i in self._defer and not (keep and l.name in keep):
                 ctx["act"], post = ("linear", 0.0), self._defer[i]
+            if not training and i in self._pools and not (keep and l.name in keep) \
+                    and l.pools_for(x.shape[0]):
+                ctx["pool"] = self._pools[i]
+                fused, post = self.layers[i + 1], None
             if self.timer is not None:
                 t0 = time.perf_counter()
                 x = l.forward(x, self.params[l.name], ctx, training)
@@ -279,6 +291,29 @@ def _deferred_acts(layers, tapped=()):
         kind, alpha = act_spec(l)
         if kind == "relu" or (kind == "leakyrelu" and alpha >= 0):
             out[i] = (kind, alpha)
+    return out
+
+
+def _fusable_pools(layers, tapped, defer):
+    """{i: (size, stride, act, alpha, PH, PW)} for convs that can pool their own output in
+    evaluation (Conv.pools_for): the maxpool that follows runs inside the conv's kernel, then
+    the conv's activation if it is deferred (act 1: relu, 2: leakyrelu) or none; the full-size
+    output is never written. Not when something else reads the conv's output (a skip
+    connection) or the activation does not commute with max."""
+    from .layers.activations import act_spec
+    out = {}
+    for i, l in enumerate(layers[:-1]):
+        if not hasattr(l, "pools_for") or layers[i + 1].kind != "maxpool" or i in tapped:
+            continue
+        kind, alpha = act_spec(l)
+        if i in defer:
+            act = 1 if kind == "relu" else 2
+        elif kind == "linear":
+            act = 0
+        else:
+            continue
+        m = layers[i + 1]
+        out[i] = (m.size, m.stride, act, alpha, m.out[1], m.out[2])
     return out
 
 

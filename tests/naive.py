@@ -208,19 +208,23 @@ EXAMPLES = {
         ("conv(filters=3, field=3, stride=2, pad=1)", "7x5x2"),      # direct, strided, padded
         ("conv(filters=2, field=1, act=relu)", "4x3x3"),             # 1x1
         ("conv(filters=4, field=3, pad=same, act=gelu)", "5x6x2"),   # direct, largest count
-        ("conv(filters=5, field=3, pad=same, act=tanh)", "5x4x3"),   # im2col + BLAS
+        ("conv(filters=5, field=3, pad=same, act=tanh)", "5x4x3"),   # planar, three channels
         ("conv(filters=6, field=2, stride=2, act=leakyrelu(alpha=0.1))", "6x4x2"),
         ("conv(filters=7, field=5, stride=3, pad=2, act=elu(alpha=0.5))", "7x4x2"),
-        ("conv(filters=8, field=3, pad=2, act=sigmoid)", "4x3x1"),    # pad wider than needed
+        ("conv(filters=8, field=3, pad=2, act=sigmoid)", "4x3x1"),    # planar, pad wider than needed
         ("conv(filters=3, field=4, act=softplus)", "5x6x2"),          # even field
         ("conv(filters=2, field=2, stride=3)", "8x5x1"),             # stride > field: gaps
         ("conv(filters=5, field=1, stride=2, pad=1)", "5x3x2"),      # border outputs see only pad
-        ("conv(filters=5, field=3)", "3x3x2"),                       # field = input: 1x1 output
+        ("conv(filters=5, field=3)", "3x3x2"),                       # field = input: 1x1 output (planar)
         ("conv(filters=6, field=3, pad=same, act=relu)", "5x4x9"),  # NHWC im2col; dx by flipped conv
         ("conv(filters=9, field=2)", "5x4x9"),                       # even field, flipped-conv dx
         ("conv(filters=5, field=3, pad=1)", "6x5x9"),                # dx flipped conv, K < TALL_BELOW_C
         ("conv(filters=5, field=2, pad=2)", "4x3x8"),                # pad > field-1: col2im dx
-        ("conv(filters=6, field=5, pad=1)", "7x6x1"),                # tall columns, dx by col2im (K > C)
+        ("conv(filters=6, field=5, pad=1)", "7x6x1"),                # planar 5x5 rows, dx by col2im (K > C)
+        ("conv(filters=6, field=2, pad=2)", "5x4x1"),                # tall columns (pad > field-1), col2im dx
+        ("conv(filters=11, field=3, pad=same, act=relu)", "6x5x1"),  # planar: two filter groups
+        ("conv(filters=10, field=4, pad=3)", "5x6x2"),               # planar: any field, pad = field-1
+        ("conv(filters=9, field=5, pad=2, act=leakyrelu(alpha=0.1))", "7x6x8"),  # planar, most channels
         ("conv(filters=5, field=3, stride=2, pad=1)", "7x5x1"),      # one-channel tall columns, strided
         ("conv(filters=5, field=3, act=relu)", "7x6x12"),            # Winograd: pad 0, odd output
         ("conv(filters=6, field=3, pad=2)", "5x6x13"),               # Winograd: pad 2

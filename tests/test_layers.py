@@ -290,8 +290,8 @@ def test_conv_examples_cover_every_algorithm():
     for kind, text, shape in CASES:
         if kind == "conv":
             algos.setdefault(build(kind, text, shape)[1].algo, []).append(text)
-    assert set(algos) == {"rows", "gemm", "winograd"}, algos
-    assert len(algos["winograd"]) >= 4
+    assert set(algos) == {"rows", "gemm", "winograd", "planar"}, algos
+    assert len(algos["winograd"]) >= 4 and len(algos["planar"]) >= 6
 
 
 @pytest.mark.parametrize("shape,filters,pad", [("14x14x24", 64, "same"), ("13x13x32", 40, "0"), ("7x7x64", 24, "2")])
@@ -379,6 +379,7 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=6, field=3, pad=1)", "9x7x12", 8),      # Winograd
     ("conv", "conv(filters=7, field=3)", "9x7x1", 8),
     ("conv", "conv(filters=7, field=4, stride=2, pad=2)", "8x10x1", 8),
+    ("conv", "conv(filters=19, field=5, pad=2)", "9x8x2", 8),     # planar: 3 filter groups
 ]
 
 
@@ -503,7 +504,7 @@ def test_conv_activation_moved_after_maxpool(act, deferred):
             f":: dense(4) :: softmax\ntrain {{ seed = 5 }}")
     nets = [Net(build_text(text, "<t>"), seed=5) for _ in range(2)]
     assert bool(nets[0]._defer) == deferred and len(nets[0]._defer) in (0, 2)
-    nets[1]._defer = {}                                  # the reference: activation in place
+    nets[1]._defer = nets[1]._pools = {}                 # the reference: activation in place
     a, b = _step_outputs(nets, (6, 10, 10, 2), 1, focus="conv1")
     assert np.abs(b["grads"]).max() > 0
     assert a["loss"] == b["loss"] and a["correct"] == b["correct"]
@@ -511,3 +512,37 @@ def test_conv_activation_moved_after_maxpool(act, deferred):
         np.testing.assert_array_equal(a[key], b[key])
     if act == "relu":
         assert a["focus"].min() == 0 and (a["focus"] < 0).sum() == 0   # the conv's activated output
+
+
+@pytest.mark.parametrize("act,pool,fused", [("relu", "maxpool(2)", 2), ("leakyrelu(alpha=0.1)", "maxpool(2, ceil=true)", 2),
+                                            ("linear", "max2d(3, stride=2)", 2), ("gelu", "maxpool(2)", 0)])
+def test_conv_pools_its_own_output_in_evaluation(act, pool, fused):
+    """In evaluation a planar conv applies the maxpool after it, then its (deferred) relu, before
+    writing anything (Net._pools): predictions and kept pool outputs equal those of the separate
+    layers bit for bit, and the maxpool layer does not run. focus on the conv itself still gets
+    its whole output; gelu does not commute with max and is not fused."""
+    text = (f"network = input(11x10x1) :: conv(filters=6, field=5, pad=2, act={act}) :: {pool} "
+            f":: conv(filters=9, field=3, act={act}) :: maxpool(2, ceil=true) :: dense(4) :: softmax\n"
+            f"train {{ seed = 2 }}")
+    nets = [Net(build_text(text, "<t>"), seed=2) for _ in range(2)]
+    assert [l.algo for l in nets[0].layers if l.kind == "conv"] == ["planar", "planar"]
+    assert len(nets[0]._pools) == fused
+    nets[1]._pools = {}                                   # the reference: separate layers
+    x = np.random.default_rng(4).standard_normal((5, 10, 11, 1)).astype(np.float32)
+    outs = []
+    for net in nets:
+        net.timer = {}
+        probs = net.predict(x)
+        ran = set(net.timer)
+        net.timer = None
+        _, kept = net.forward(x, keep={"maxpool1", "maxpool2"})
+        outs.append((probs, kept, net.focus("conv1", x), ran))
+    (pa, ka, fa, ran_a), (pb, kb, fb, ran_b) = outs
+    assert ran_b >= {"maxpool1", "maxpool2"}
+    assert ("maxpool1" in ran_a) == (not fused) and ("maxpool2" in ran_a) == (not fused)
+    assert pa.std() > 0
+    np.testing.assert_array_equal(pa, pb)
+    for name in ka:
+        np.testing.assert_array_equal(ka[name], kb[name])
+    np.testing.assert_array_equal(fa, fb)
+    assert fa.shape == (5, 10, 11, 6)

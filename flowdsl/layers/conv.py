@@ -12,14 +12,18 @@ Three algorithms, chosen by the filters and the input channels (measured: bench/
   input taps; im2col + BLAS beat them forward and backward, so they are gone.)
 - "winograd", 3x3 stride-1 filters over at least WINO_MIN_C input channels: Winograd
   F(2x2, 3x3) (layers/_winograd.py), 2.25x fewer multiplications than im2col.
+- "planar", stride-1 filters over at most PLANAR_MAX_C input channels (first layers): direct
+  multiply-adds of shifted, padded input planes (layers/_planar.py), no im2col buffer; in
+  evaluation a maxpool that follows is applied before the output is written (Net fuses them).
 - "gemm", otherwise: numba im2col with a trailing column of ones (so the bias rides in the
   product, and its gradient comes out of the weight-gradient product) and one BLAS product;
   in evaluation the batch is cut into chunks whose im2col buffer stays in cache.
 """
 import numpy as np
 
+from . import _planar as planar
 from . import _winograd as wino
-from ..blas import mm
+from ..blas import colsum, mm
 from ..jit import kernel, prange
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
@@ -32,6 +36,10 @@ TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (
 WINO_MIN_C = 12          # 3x3 stride-1 convs with at least this many input channels: Winograd
                          # (a training step at batch 64, 28x28, 8 -> 16 channels: im2col 32 ms,
                          # Winograd 35; 12 -> 12: 38 and 33; 16 -> 32: 52 and 40),
+PLANAR_MAX_C = 8         # stride-1 convs over at most this many input channels: "planar" (a
+                         # forward and weight gradient at batch 64, 28x28: 1 -> 20 5x5 im2col
+                         # 2.0 ms, planar 1.6; 1 -> 32 3x3 2.1 and 1.8; 3 -> 16 3.0 and 1.9;
+                         # 8 -> 16 4.3 and 3.9; but 20 -> 40 5x5 at 12x12: 2.7 and 6.1)
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
@@ -96,6 +104,8 @@ class Conv(Layer):
             return "rows"
         if a["field"] == 3 and a["stride"] == 1 and self.in_shape[0] >= WINO_MIN_C:
             return "winograd"
+        if a["stride"] == 1 and self.in_shape[0] <= PLANAR_MAX_C and self.padding <= a["field"] - 1:
+            return "planar"
         return "gemm"
 
     def algo_for(self, n):
@@ -103,6 +113,10 @@ class Conv(Layer):
         algo = self.algo
         th, tw = wino.tiles(self.out[1], self.out[2])
         return "gemm" if algo == "winograd" and n * th * tw < WINO_MIN_TILES else algo
+
+    def pools_for(self, n):
+        """Whether evaluation of n images can apply a following maxpool itself (ctx["pool"])."""
+        return self.algo_for(n) == "planar"
 
     # --- engine -----------------------------------------------------------------------------
     def forward(self, x, p, ctx, training):
@@ -118,6 +132,11 @@ class Conv(Layer):
             _direct_fwd(xp.reshape(n, xp.shape[1], -1), _wrep(w, ow), w, b, z.reshape(n, oh, ow * k), s, c)
             if training:
                 ctx["xp"] = xp
+        elif algo == "planar":
+            pool = None if training else ctx.get("pool")
+            z = planar.forward(x, w, b, pad, oh, ow, pool)
+            if pool is not None:   # act(maxpool(z)) for the Net, which skips the maxpool
+                return z
         elif algo == "winograd":
             if training:
                 z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, keep=True)
@@ -162,8 +181,12 @@ class Conv(Layer):
         algo = ctx["algo"]
         if algo == "winograd":
             g["w"][...], dx = wino.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx)
-            np.sum(dz.reshape(-1, k), axis=0, out=g["b"])
+            colsum(dz.reshape(-1, k), g["b"])
             return dx
+        if algo == "planar":
+            g["w"][...] = planar.dw(dz, x, f, pad)
+            colsum(dz.reshape(-1, k), g["b"])
+            return self._dx(dz, p["w"], x.shape) if need_dx else None
         if algo == "gemm":
             cols = ctx["cols"]
             dz2 = dz.reshape(-1, k)
@@ -173,31 +196,39 @@ class Conv(Layer):
             if not need_dx:
                 return None
             del ctx["cols"], cols
-            c = x.shape[3]
-            if FLIP_DX and s == 1 and pad <= f - 1 and k <= c:
-                # dx is the convolution of dz (padded by f-1-pad) with the flipped filters, inputs
-                # and outputs swapped: one more im2col and product, no scatter of f*f*C columns
-                wf = np.ascontiguousarray(p["w"][::-1, ::-1].transpose(0, 1, 3, 2)).reshape(-1, c)
-                h, wd = x.shape[1], x.shape[2]
-                if k < TALL_BELOW_C:
-                    dcols = np.empty((f * f * k, n * h * wd), np.float32)
-                    im2col_t(dz, dcols, f, 1, f - 1 - pad, h, wd)
-                    return mm(dcols.T, wf).reshape(x.shape)
-                dcols = np.empty((n * h * wd, f * f * k), np.float32)
-                _im2col(dz, dcols, f, 1, f - 1 - pad, h, wd)
-                return mm(dcols, wf).reshape(x.shape)
-            dcols = mm(dz2, np.ascontiguousarray(p["w"].reshape(-1, k).T))  # (a transposed view: 10-25% slower)
-            dx = np.empty_like(x)
-            _col2im(dcols, dx, f, s, pad, oh, ow)
-            return dx
+            return self._dx(dz, p["w"], x.shape)
         xp = ctx["xp"]
-        np.sum(dz.reshape(-1, k), axis=0, out=g["b"])
+        colsum(dz.reshape(-1, k), g["b"])
         _direct_dw(xp.reshape(n, xp.shape[1], -1), dz, g["w"], s, x.shape[3], 32)
         if not need_dx:
             return None
         dxp = np.empty_like(xp)
         _direct_dx(dz, p["w"], _wrep(p["w"], ow), dxp.reshape(n, xp.shape[1], -1), s)
         return np.ascontiguousarray(dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :]) if pad else dxp
+
+    def _dx(self, dz, w, x_shape):
+        """The input gradient by products (gemm and planar layers)."""
+        f, s, pad = self.args["field"], self.args["stride"], self.padding
+        k = self.args["filters"]
+        n, oh, ow, _ = dz.shape
+        dz2 = dz.reshape(-1, k)
+        c = x_shape[3]
+        if FLIP_DX and s == 1 and pad <= f - 1 and k <= c:
+            # dx is the convolution of dz (padded by f-1-pad) with the flipped filters, inputs
+            # and outputs swapped: one more im2col and product, no scatter of f*f*C columns
+            wf = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(-1, c)
+            h, wd = x_shape[1], x_shape[2]
+            if k < TALL_BELOW_C:
+                dcols = np.empty((f * f * k, n * h * wd), np.float32)
+                im2col_t(dz, dcols, f, 1, f - 1 - pad, h, wd)
+                return mm(dcols.T, wf).reshape(x_shape)
+            dcols = np.empty((n * h * wd, f * f * k), np.float32)
+            _im2col(dz, dcols, f, 1, f - 1 - pad, h, wd)
+            return mm(dcols, wf).reshape(x_shape)
+        dcols = mm(dz2, np.ascontiguousarray(w.reshape(-1, k).T))  # (a transposed view: 10-25% slower)
+        dx = np.empty(x_shape, np.float32)
+        _col2im(dcols, dx, f, s, pad, oh, ow)
+        return dx
 
 
 def _in_chunks(x, step, run):

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..blas import mm
+from ..blas import colsum, mm
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
 from .base import Layer, P
@@ -43,7 +43,7 @@ class Dense(Layer):
         kind, alpha = act_spec(self)
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         g["w"][...] = mm(ctx["x"].T, dz)  # (not matmul(out=...): that path skips BLAS, 40x slower)
-        np.sum(dz, axis=0, out=g["b"])
+        colsum(dz, g["b"])
         if not need_dx:
             return None
         return mm(dz, p["w"].T).reshape(ctx["x"].shape[0], *_nhwc(self.in_shape))

@@ -1,0 +1,206 @@
+"""Direct ("planar") convolution for conv's stride-1 layers over few input channels (see
+conv.PLANAR_MAX_C): first layers such as 28x28x1 -> 20 filters, where im2col's columns are as
+large as the output and BLAS runs a product with a 26-long inner dimension at a fraction of
+its speed.
+
+Each input channel c of an image, zero-padded to Hp x Wp and flattened, is a plane P_c (with
+f - 1 floats of slack at the end). On the padded-width grid q = i*Wp + j (i < OH, j < Wp) the
+convolution is a sum of shifted planes:
+    acc_k[q] = b[k] + sum_{c, a, bb} w[a, bb, c, k] * P_c[a*Wp + bb + q]
+so a tap is one unit-stride multiply-add over OH*Wp values, and a 3x3 (or a 5-wide row of a
+5x5) filter one pass that reads each plane value from cache several times and writes acc once.
+Columns j >= OW are computed and dropped (Wp/OW more work; no buffer as large as the output).
+- forward: one parallel task per (image, filter); the task's acc is written out as z[n, :, :, k]
+  or, in evaluation, pooled at once (`pool`: a maxpool that follows the conv, then the conv's
+  deferred activation), so the conv's full-size output is never written (net B: 11 -> 4 ms).
+- weight gradient: dw[k, c, tap] = sum over images of dot(dz_k on the grid, P_c shifted),
+  per-task partial sums over disjoint image ranges, added up serially (no race).
+The input gradient (needed only when such a layer is not the first) is conv's product-based one.
+Arrays outside are NHWC, as everywhere in flowdsl."""
+import numpy as np
+
+from ..jit import kernel, prange
+
+G = 8        # filters per task: their outputs are G contiguous floats at each position
+CHUNKS = 16  # weight gradient: image ranges with their own partial sums
+
+
+def planes(x, pad, f):
+    """(P (N, C, Hp*Wp + f - 1), Wp) from x (N, H, W, C): each channel zero-padded by pad."""
+    n, h, w, c = x.shape
+    hp, wp = h + 2 * pad, w + 2 * pad
+    xf = np.zeros((n, c, hp * wp + f - 1), np.float32)
+    xf[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, pad:pad + h, pad:pad + w] = x.transpose(0, 3, 1, 2)
+    return xf, wp
+
+
+def taps(w):
+    """wt (K, C, f*f) from conv weights (f, f, C, K)."""
+    f, _, c, k = w.shape
+    return np.ascontiguousarray(w.transpose(3, 2, 0, 1).reshape(k, c, f * f))
+
+
+def forward(x, w, b, pad, oh, ow, pool=None):
+    """z (N, OH, OW, K) = conv(x, w) + b, stride 1. pool = (size, stride, act, alpha): return
+    act(maxpool(z)) instead (act 0: none, 1: relu, 2: leakyrelu with alpha >= 0), shaped
+    (N, PH, PW, K) with PH, PW from pool_out."""
+    f, k = w.shape[0], w.shape[3]
+    xf, wp = planes(x, pad, f)
+    wt = taps(w)
+    n = x.shape[0]
+    if pool is None:
+        z = np.empty((n, oh, ow, k), np.float32)
+        _fwd(xf, wt, b, z, wp, oh, ow, f, 0, 0, 0, np.float32(0.0))
+        return z
+    size, stride, act, alpha, ph, pw = pool
+    y = np.empty((n, ph, pw, k), np.float32)
+    _fwd(xf, wt, b, y, wp, oh, ow, f, size, stride, act, np.float32(alpha))
+    return y
+
+
+def dw(dz, x, f, pad):
+    """The weight gradient (f, f, C, K) from dz (N, OH, OW, K) and the layer's input x."""
+    c, k = x.shape[3], dz.shape[3]
+    xf, wp = planes(x, pad, f)
+    part = np.zeros((max(1, min(x.shape[0], CHUNKS)), k, c, f * f), np.float32)
+    _dw(xf, dz, part, wp, f)
+    return part.sum(axis=0).reshape(k, c, f, f).transpose(2, 3, 1, 0)
+
+
+# ------------------------------------------------------------------------------------ kernels
+@kernel(parallel=False)
+def _plane(x, wt, acc, wp, f, L):
+    """acc[q] += sum_{a, bb} wt[a*f + bb] * x[a*Wp + bb + q] for q < L (one channel)."""
+    if f == 3:
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = wt[0], wt[1], wt[2], wt[3], wt[4], wt[5], wt[6], wt[7], wt[8]
+        x0 = x[0:L + 2]
+        x1 = x[wp:wp + L + 2]
+        x2 = x[2 * wp:2 * wp + L + 2]
+        for q in range(L):
+            acc[q] += (w0 * x0[q] + w1 * x0[q + 1] + w2 * x0[q + 2] + w3 * x1[q] + w4 * x1[q + 1]
+                       + w5 * x1[q + 2] + w6 * x2[q] + w7 * x2[q + 1] + w8 * x2[q + 2])
+    elif f == 5:
+        for a in range(5):
+            r = a * 5
+            w0, w1, w2, w3, w4 = wt[r], wt[r + 1], wt[r + 2], wt[r + 3], wt[r + 4]
+            xr = x[a * wp:a * wp + L + 4]
+            for q in range(L):
+                acc[q] += w0 * xr[q] + w1 * xr[q + 1] + w2 * xr[q + 2] + w3 * xr[q + 3] + w4 * xr[q + 4]
+    else:
+        for a in range(f):
+            for bb in range(f):
+                wv = wt[a * f + bb]
+                xs = x[a * wp + bb:a * wp + bb + L]
+                for q in range(L):
+                    acc[q] += wv * xs[q]
+
+
+@kernel(parallel=False)
+def _rowdots(d, x, wp, f, L, out):
+    """out[a*f + bb] += dot(d[:L], x[a*Wp + bb:][:L]) for every tap: the f dots of a filter row
+    in one pass over d (each d value loaded once for f multiply-adds)."""
+    zero = np.float32(0.0)
+    for a in range(f):
+        xr = x[a * wp:a * wp + L + f - 1]
+        if f == 3:
+            s0 = s1 = s2 = zero
+            for q in range(L):
+                v = d[q]
+                s0 += v * xr[q]
+                s1 += v * xr[q + 1]
+                s2 += v * xr[q + 2]
+            out[a * 3] += s0
+            out[a * 3 + 1] += s1
+            out[a * 3 + 2] += s2
+        elif f == 5:
+            s0 = s1 = s2 = s3 = s4 = zero
+            for q in range(L):
+                v = d[q]
+                s0 += v * xr[q]
+                s1 += v * xr[q + 1]
+                s2 += v * xr[q + 2]
+                s3 += v * xr[q + 3]
+                s4 += v * xr[q + 4]
+            out[a * 5] += s0
+            out[a * 5 + 1] += s1
+            out[a * 5 + 2] += s2
+            out[a * 5 + 3] += s3
+            out[a * 5 + 4] += s4
+        else:
+            for bb in range(f):
+                s = zero
+                for q in range(L):
+                    s += d[q] * xr[bb + q]
+                out[a * f + bb] += s
+
+
+@kernel
+def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride, act, alpha):
+    """One task per (image, group of G filters): acc[g] on the padded-width grid, then either
+    out[n, :, :, k] = acc (size 0) or out[n, pi, pj, k] = act(max of acc over the pool window,
+    clipped to OH x OW). Grouping filters writes G contiguous floats per output position."""
+    n_, c_, _ = xf.shape
+    kk = wt.shape[0]
+    groups = (kk + G - 1) // G
+    L = oh * wp
+    ph = out.shape[1]
+    pw = out.shape[2]
+    zero = np.float32(0.0)
+    for task in prange(n_ * groups):
+        n = task // groups
+        k0 = task % groups * G
+        g_ = min(G, kk - k0)
+        acc = np.empty((g_, L), np.float32)
+        for g in range(g_):
+            acc[g, :] = b[k0 + g]
+            for c in range(c_):
+                _plane(xf[n, c], wt[k0 + g, c], acc[g], wp, f, L)
+        if size == 0:
+            for i in range(oh):
+                for j in range(ow):
+                    q = i * wp + j
+                    for g in range(g_):
+                        out[n, i, j, k0 + g] = acc[g, q]
+            continue
+        for i in range(ph):
+            y0 = i * stride
+            y1 = min(y0 + size, oh)
+            for j in range(pw):
+                x0 = j * stride
+                x1 = min(x0 + size, ow)
+                for g in range(g_):
+                    m = acc[g, y0 * wp + x0]
+                    for yy in range(y0, y1):
+                        for xx in range(x0, x1):
+                            v = acc[g, yy * wp + xx]
+                            m = v if v > m else m
+                    if act == 1:
+                        m = m if m > zero else zero
+                    elif act == 2:
+                        m = m if m > zero else alpha * m
+                    out[n, i, j, k0 + g] = m
+
+
+@kernel
+def _dw(xf, dz, part, wp, f):
+    """part[t, k, c, a*f + bb] = sum over chunk t's images of sum_{i, j} dz[n, i, j, k] *
+    P_c[a*Wp + bb + i*Wp + j]; one task per (chunk, group of G filters) owns its partial sums."""
+    n_, oh, ow, kk = dz.shape
+    c_ = xf.shape[1]
+    chunks = part.shape[0]
+    groups = (kk + G - 1) // G
+    L = oh * wp
+    for task in prange(chunks * groups):
+        t = task // groups
+        k0 = task % groups * G
+        g_ = min(G, kk - k0)
+        d = np.zeros((g_, L), np.float32)     # dz on the grid; columns j >= OW stay 0
+        for n in range(n_ * t // chunks, n_ * (t + 1) // chunks):
+            for i in range(oh):
+                for j in range(ow):
+                    q = i * wp + j
+                    for g in range(g_):
+                        d[g, q] = dz[n, i, j, k0 + g]
+            for g in range(g_):
+                for c in range(c_):
+                    _rowdots(d[g], xf[n, c], wp, f, L, part[t, k0 + g, c])
