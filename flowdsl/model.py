@@ -184,10 +184,11 @@ def _train_floats(l):
         f = l.args["field"]
         pad = l.padding
         algo = getattr(l, "algo", None) or ("rows" if getattr(l, "direct", False) else "gemm")
-        if algo in ("gemm", "winograd"):     # im2col rows kept; their gradient in backward
+        if algo in ("gemm", "winograd", "winograd4"):     # im2col rows kept; their gradient in backward
             extra += oh * ow * (f * f * c + 1)   # (Winograd keeps less, 16 floats per 2x2 tile
             dx += oh * ow * (f * f * c + 1)      # and channel, but small batches use im2col)
-        elif pad:                            # the padded input kept; its gradient in backward
+        elif pad:                            # rows: the padded input kept, its gradient in
+                                             # backward; planar: padded planes (transient)
             extra += c * (h + 2 * pad) * (w + 2 * pad)
             dx += c * (h + 2 * pad) * (w + 2 * pad)
     elif l.kind in ("maxpool", "dropout"):   # the argmax (int32) or the scaled mask

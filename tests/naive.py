@@ -230,6 +230,9 @@ EXAMPLES = {
         ("conv(filters=6, field=3, pad=2)", "5x6x13"),               # Winograd: pad 2
         ("conv(filters=7, field=3, pad=same)", "3x3x16"),            # Winograd: one tile row
         ("conv(filters=8, field=3, pad=same, act=gelu)", "4x7x12"),  # Winograd: even x odd tiles
+        ("conv(filters=5, field=3, act=relu)", "7x6x32"),            # F(4x4): pad 0, partial tiles
+        ("conv(filters=6, field=3, pad=1)", "9x5x33"),               # F(4x4): three tiles across
+        ("conv(filters=7, field=3, pad=2)", "4x3x32"),               # F(4x4): pad 2, one tile
     ],
     "dense": [
         ("dense(4)", "3x2x2"),                      # flattens a map in NHWC order

@@ -10,11 +10,12 @@ convolution is a sum of shifted planes:
 so a tap is one unit-stride multiply-add over OH*Wp values, and a 3x3 (or a 5-wide row of a
 5x5) filter one pass that reads each plane value from cache several times and writes acc once.
 Columns j >= OW are computed and dropped (Wp/OW more work; no buffer as large as the output).
-- forward: one parallel task per (image, filter); the task's acc is written out as z[n, :, :, k]
-  or, in evaluation, pooled at once (`pool`: a maxpool that follows the conv, then the conv's
+- forward: one parallel task per (image, group of G filters); the task's acc is written out as
+  z[n, :, :, k0:k0+G] or, in evaluation, pooled at once (`pool`: a maxpool that follows the conv, then the conv's
   deferred activation), so the conv's full-size output is never written (net B: 11 -> 4 ms).
-- weight gradient: dw[k, c, tap] = sum over images of dot(dz_k on the grid, P_c shifted),
-  per-task partial sums over disjoint image ranges, added up serially (no race).
+- weight gradient: dw[k, c, tap] = sum over images of dot(dz_k on the grid, P_c shifted), the
+  f dots of a filter row in one pass; per-task partial sums over disjoint image ranges, added
+  up serially (no race).
 The input gradient (needed only when such a layer is not the first) is conv's product-based one.
 Arrays outside are NHWC, as everywhere in flowdsl."""
 import numpy as np
@@ -41,9 +42,9 @@ def taps(w):
 
 
 def forward(x, w, b, pad, oh, ow, pool=None):
-    """z (N, OH, OW, K) = conv(x, w) + b, stride 1. pool = (size, stride, act, alpha): return
-    act(maxpool(z)) instead (act 0: none, 1: relu, 2: leakyrelu with alpha >= 0), shaped
-    (N, PH, PW, K) with PH, PW from pool_out."""
+    """z (N, OH, OW, K) = conv(x, w) + b, stride 1. pool = (size, stride, act, alpha, PH, PW):
+    return act(maxpool(z)) (N, PH, PW, K) instead, windows clipped to OH x OW (act 0: none,
+    1: relu, 2: leakyrelu with alpha >= 0)."""
     f, k = w.shape[0], w.shape[3]
     xf, wp = planes(x, pad, f)
     wt = taps(w)

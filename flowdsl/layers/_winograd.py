@@ -20,6 +20,8 @@ _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 _GG = np.kron(_G, _G)              # (16, 9): U = GG @ w, row e = (i, j), column (a, b)
 _GGT = np.ascontiguousarray(_GG.T)  # (9, 16): dw = GG^T @ dU
 
+E = 16                             # transformed values per tile
+
 
 def tiles(oh, ow):
     return (oh + 1) // 2, (ow + 1) // 2

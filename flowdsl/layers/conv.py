@@ -11,7 +11,8 @@ Three algorithms, chosen by the filters and the input channels (measured: bench/
   (Direct loops vectorised across the filters were also tried for first layers with few
   input taps; im2col + BLAS beat them forward and backward, so they are gone.)
 - "winograd", 3x3 stride-1 filters over at least WINO_MIN_C input channels: Winograd
-  F(2x2, 3x3) (layers/_winograd.py), 2.25x fewer multiplications than im2col.
+  F(2x2, 3x3) (layers/_winograd.py), 2.25x fewer multiplications than im2col; from WINO4_MIN_C
+  channels "winograd4", F(4x4, 3x3) (layers/_winograd4.py), 4x fewer.
 - "planar", stride-1 filters over at most PLANAR_MAX_C input channels (first layers): direct
   multiply-adds of shifted, padded input planes (layers/_planar.py), no im2col buffer; in
   evaluation a maxpool that follows is applied before the output is written (Net fuses them).
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import _planar as planar
 from . import _winograd as wino
+from . import _winograd4 as wino4
 from ..blas import colsum, mm
 from ..jit import kernel, prange
 from ..layers import activation_table, register
@@ -40,6 +42,9 @@ PLANAR_MAX_C = 8         # stride-1 convs over at most this many input channels:
                          # forward and weight gradient at batch 64, 28x28: 1 -> 20 5x5 im2col
                          # 2.0 ms, planar 1.6; 1 -> 32 3x3 2.1 and 1.8; 3 -> 16 3.0 and 1.9;
                          # 8 -> 16 4.3 and 3.9; but 20 -> 40 5x5 at 12x12: 2.7 and 6.1)
+WINO4_MIN_C = 32         # F(4x4, 3x3) from this many input channels (forward + backward at
+                         # batch 64, against F(2x2): 24 -> 64 at 14x14 0.84x as fast, 32 -> 64
+                         # at 13x13 1.16x, 64 -> 128 at 6x6 1.24x, 96 -> 96 at 7x7 1.45x)
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
@@ -103,7 +108,7 @@ class Conv(Layer):
         if a["filters"] <= DIRECT_MAX_FILTERS:
             return "rows"
         if a["field"] == 3 and a["stride"] == 1 and self.in_shape[0] >= WINO_MIN_C:
-            return "winograd"
+            return "winograd4" if self.in_shape[0] >= WINO4_MIN_C else "winograd"
         if a["stride"] == 1 and self.in_shape[0] <= PLANAR_MAX_C and self.padding <= a["field"] - 1:
             return "planar"
         return "gemm"
@@ -112,7 +117,7 @@ class Conv(Layer):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles."""
         algo = self.algo
         th, tw = wino.tiles(self.out[1], self.out[2])
-        return "gemm" if algo == "winograd" and n * th * tw < WINO_MIN_TILES else algo
+        return "gemm" if algo.startswith("winograd") and n * th * tw < WINO_MIN_TILES else algo
 
     def pools_for(self, n):
         """Whether evaluation of n images can apply a following maxpool itself (ctx["pool"])."""
@@ -137,13 +142,14 @@ class Conv(Layer):
             z = planar.forward(x, w, b, pad, oh, ow, pool)
             if pool is not None:   # act(maxpool(z)) for the Net, which skips the maxpool
                 return z
-        elif algo == "winograd":
+        elif algo.startswith("winograd"):
+            mod = wino4 if algo == "winograd4" else wino
             if training:
-                z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, keep=True)
+                z, ctx["V"], ctx["U"] = mod.forward(x, w, b, pad, oh, ow, keep=True)
             else:  # in chunks whose transformed tiles stay within CHUNK_FLOATS
-                th, tw = wino.tiles(oh, ow)
-                step = max(1, CHUNK_FLOATS // (16 * th * tw * max(x.shape[3], k)))
-                z = _in_chunks(x, step, lambda xi: wino.forward(xi, w, b, pad, oh, ow, keep=False))
+                th, tw = mod.tiles(oh, ow)
+                step = max(1, CHUNK_FLOATS // (mod.E * th * tw * max(x.shape[3], k)))
+                z = _in_chunks(x, step, lambda xi: mod.forward(xi, w, b, pad, oh, ow, keep=False))
         else:
             wb = np.concatenate([w.reshape(-1, k), b[None, :]])
             width = wb.shape[0]
@@ -179,8 +185,9 @@ class Conv(Layer):
         x = ctx["x"]
         n, oh, ow, _ = dz.shape
         algo = ctx["algo"]
-        if algo == "winograd":
-            g["w"][...], dx = wino.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx)
+        if algo.startswith("winograd"):
+            mod = wino4 if algo == "winograd4" else wino
+            g["w"][...], dx = mod.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx)
             colsum(dz.reshape(-1, k), g["b"])
             return dx
         if algo == "planar":
