@@ -363,15 +363,16 @@ def test_winograd_waits_for_enough_tiles(monkeypatch):
 
 # ------------------------------------------------------------------------------ kernels as Python
 def kernel_modules(layer):
-    """Modules holding the numba kernels a layer uses: its own, the layer modules it imports
-    (conv's _winograd), and activations for act=."""
+    """Modules holding the numba kernels a layer uses: its own, the layer modules it imports and
+    theirs (conv's _planar, _winograd and _winograd4), and activations for act=."""
     import types
 
     import flowdsl.layers.activations as acts
-    mod = sys.modules[type(layer).__module__]
-    helpers = [m for m in vars(mod).values() if isinstance(m, types.ModuleType)
-               and m.__name__.startswith("flowdsl.layers.") and m is not acts]
-    return [mod] + helpers + ([acts] if mod is not acts else [])
+    mods = [sys.modules[type(layer).__module__]]
+    for mod in mods:   # grows while it is walked
+        mods += [m for m in vars(mod).values() if isinstance(m, types.ModuleType) and m not in mods
+                 and m.__name__.startswith("flowdsl.layers.") and m is not acts]
+    return mods + ([acts] if mods[0] is not acts else [])
 
 
 def kernels_in(mod):

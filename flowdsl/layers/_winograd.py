@@ -10,9 +10,14 @@ Backward is the adjoint of each step, in reverse: dM = A dz A^T, then dU[e] = V[
 patches). Exact in real arithmetic; in float32 within ~1e-6 relative of im2col (tests).
 
 Arrays are NHWC; kernels run a parallel loop over (image, tile row), or over images where
-overlapping patches are summed into dx."""
+overlapping patches are summed into dx.
+F(4x4, 3x3) (_winograd4.py) has the same steps with 4x4 tiles; the wrappers below serve both
+(m: the tile size) and call the kernels of the module that holds them."""
+import sys
+
 import numpy as np
 
+from . import _winograd4
 from ..blas import mm_stack
 from ..jit import kernel, prange
 
@@ -20,46 +25,56 @@ _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 _GG = np.kron(_G, _G)              # (16, 9): U = GG @ w, row e = (i, j), column (a, b)
 _GGT = np.ascontiguousarray(_GG.T)  # (9, 16): dw = GG^T @ dU
 
-E = 16                             # transformed values per tile
+
+def _scheme(m):
+    """The module holding F(m x m, 3x3)'s matrices and kernels."""
+    return _winograd4 if m == 4 else sys.modules[__name__]
 
 
-def tiles(oh, ow):
-    return (oh + 1) // 2, (ow + 1) // 2
+def values(m):
+    """Transformed values per tile: (m + 2)^2."""
+    return (m + 2) ** 2
 
 
-def weights(w):
-    """U (16, C, K) from conv weights w (3, 3, C, K)."""
+def tiles(oh, ow, m=2):
+    return (oh + m - 1) // m, (ow + m - 1) // m
+
+
+def weights(w, m=2):
+    """U (E, C, K) from conv weights w (3, 3, C, K)."""
     c, k = w.shape[2], w.shape[3]
-    return (_GG @ w.reshape(9, c * k)).reshape(16, c, k)
+    return (_scheme(m)._GG @ w.reshape(9, c * k)).reshape(values(m), c, k)
 
 
-def forward(x, w, b, pad, oh, ow, keep):
+def forward(x, w, b, pad, oh, ow, keep, m=2):
     """z (N, OH, OW, K) = conv(x, w) + b. keep: also return (V, U) for backward."""
+    s = _scheme(m)
     n, c, k = x.shape[0], x.shape[3], w.shape[3]
-    th, tw = tiles(oh, ow)
-    U = weights(w)
-    V = np.empty((16, n * th * tw, c), np.float32)
-    _in(x, V, pad, th, tw)
+    th, tw = tiles(oh, ow, m)
+    U = weights(w, m)
+    V = np.empty((values(m), n * th * tw, c), np.float32)
+    s._in(x, V, pad, th, tw)
     M = mm_stack(V, U)
     z = np.empty((n, oh, ow, k), np.float32)
-    _out(M, b, z, th, tw)
+    s._out(M, b, z, th, tw)
     return (z, V, U) if keep else z
 
 
-def backward(dz, V, U, x_shape, pad, need_dx):
+def backward(dz, V, U, x_shape, pad, need_dx, m=2):
     """(dw (3, 3, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
+    s = _scheme(m)
     n, oh, ow, k = dz.shape
-    c = U.shape[1]
-    th, tw = tiles(oh, ow)
-    dM = np.empty((16, V.shape[1], k), np.float32)
-    _dout(dz, dM, th, tw)
+    c, e = U.shape[1], values(m)
+    th, tw = tiles(oh, ow, m)
+    dM = np.empty((e, V.shape[1], k), np.float32)
+    s._dout(dz, dM, th, tw)
     dU = mm_stack(V.transpose(0, 2, 1), dM)
-    dw = (_GGT @ dU.reshape(16, c * k)).reshape(3, 3, c, k)
+    dw = (s._GGT @ dU.reshape(e, c * k)).reshape(3, 3, c, k)
     if not need_dx:
         return dw, None
     dV = mm_stack(dM, np.ascontiguousarray(U.transpose(0, 2, 1)))
     dx = np.empty(x_shape, np.float32)
-    _din(dV, dx, pad, th, tw)
+    s._din(dV, dx, pad, th, tw)
     return dw, dx
 
 

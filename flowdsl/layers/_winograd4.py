@@ -11,59 +11,17 @@ with (Lavin & Gray 2015, interpolation points 0, +-1, +-2, infinity)
     G   = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6],
            [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]]
     A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
-Backward is the adjoint of each step, as in _winograd.py. Each 1-D transform is one helper over
-six (or four) channel-long rows, applied to the patch's columns and then its rows."""
+Backward is the adjoint of each step, as in _winograd.py, whose forward/backward wrappers run
+these kernels (m=4). Each 1-D transform is one helper over six (or four) channel-long rows,
+applied to the patch's columns and then its rows."""
 import numpy as np
 
-from ..blas import mm_stack
 from ..jit import kernel, prange
 
 _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
 _GG = np.kron(_G, _G).astype(np.float32)   # (36, 9): U = GG @ w
 _GGT = np.ascontiguousarray(_GG.T)         # (9, 36): dw = GG^T @ dU
-
-E = 36                             # transformed values per tile
-
-
-def tiles(oh, ow):
-    return (oh + 3) // 4, (ow + 3) // 4
-
-
-def weights(w):
-    """U (36, C, K) from conv weights w (3, 3, C, K)."""
-    c, k = w.shape[2], w.shape[3]
-    return (_GG @ w.reshape(9, c * k)).reshape(36, c, k)
-
-
-def forward(x, w, b, pad, oh, ow, keep):
-    """z (N, OH, OW, K) = conv(x, w) + b. keep: also return (V, U) for backward."""
-    n, c, k = x.shape[0], x.shape[3], w.shape[3]
-    th, tw = tiles(oh, ow)
-    U = weights(w)
-    V = np.empty((36, n * th * tw, c), np.float32)
-    _in(x, V, pad, th, tw)
-    M = mm_stack(V, U)
-    z = np.empty((n, oh, ow, k), np.float32)
-    _out(M, b, z, th, tw)
-    return (z, V, U) if keep else z
-
-
-def backward(dz, V, U, x_shape, pad, need_dx):
-    """(dw (3, 3, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
-    n, oh, ow, k = dz.shape
-    c = U.shape[1]
-    th, tw = tiles(oh, ow)
-    dM = np.empty((36, V.shape[1], k), np.float32)
-    _dout(dz, dM, th, tw)
-    dU = mm_stack(V.transpose(0, 2, 1), dM)
-    dw = (_GGT @ dU.reshape(36, c * k)).reshape(3, 3, c, k)
-    if not need_dx:
-        return dw, None
-    dV = mm_stack(dM, np.ascontiguousarray(U.transpose(0, 2, 1)))
-    dx = np.empty(x_shape, np.float32)
-    _din(dV, dx, pad, th, tw)
-    return dw, dx
 
 
 # ------------------------------------------------------------------------------------ kernels

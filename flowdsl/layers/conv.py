@@ -24,7 +24,6 @@ import numpy as np
 
 from . import _planar as planar
 from . import _winograd as wino
-from . import _winograd4 as wino4
 from ..blas import colsum, mm
 from ..jit import kernel, prange
 from ..layers import activation_table, register
@@ -143,13 +142,13 @@ class Conv(Layer):
             if pool is not None:   # act(maxpool(z)) for the Net, which skips the maxpool
                 return z
         elif algo.startswith("winograd"):
-            mod = wino4 if algo == "winograd4" else wino
+            m = 4 if algo == "winograd4" else 2   # the tile size
             if training:
-                z, ctx["V"], ctx["U"] = mod.forward(x, w, b, pad, oh, ow, keep=True)
+                z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, True, m)
             else:  # in chunks whose transformed tiles stay within CHUNK_FLOATS
-                th, tw = mod.tiles(oh, ow)
-                step = max(1, CHUNK_FLOATS // (mod.E * th * tw * max(x.shape[3], k)))
-                z = _in_chunks(x, step, lambda xi: mod.forward(xi, w, b, pad, oh, ow, keep=False))
+                th, tw = wino.tiles(oh, ow, m)
+                step = max(1, CHUNK_FLOATS // (wino.values(m) * th * tw * max(x.shape[3], k)))
+                z = _in_chunks(x, step, lambda xi: wino.forward(xi, w, b, pad, oh, ow, False, m))
         else:
             wb = np.concatenate([w.reshape(-1, k), b[None, :]])
             width = wb.shape[0]
@@ -186,8 +185,8 @@ class Conv(Layer):
         n, oh, ow, _ = dz.shape
         algo = ctx["algo"]
         if algo.startswith("winograd"):
-            mod = wino4 if algo == "winograd4" else wino
-            g["w"][...], dx = mod.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx)
+            m = 4 if algo == "winograd4" else 2
+            g["w"][...], dx = wino.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx, m)
             colsum(dz.reshape(-1, k), g["b"])
             return dx
         if algo == "planar":
