@@ -303,19 +303,23 @@ def test_conv_examples_cover_every_algorithm():
     assert len(algos["winograd"]) >= 4 and len(algos["planar"]) >= 6 and len(algos["winograd4"]) >= 3
 
 
-@pytest.mark.parametrize("shape,filters,pad,algo", [("14x14x24", 64, "same", "winograd"), ("13x13x32", 40, "0", "winograd4"),
-                                                    ("7x7x64", 24, "2", "winograd4"), ("7x7x96", 96, "same", "winograd4")])
-def test_winograd_matches_im2col_at_network_sizes(shape, filters, pad, algo, monkeypatch):
-    """Winograd (F(2x2) and F(4x4)) against the im2col path on realistic channel counts
-    (fashion.flow's second conv, hello-dl's, a padded one, fashion_res's block), training
-    forward and backward and chunked evaluation."""
+@pytest.mark.parametrize("shape,filters,field,pad,algo,n", [
+    ("14x14x24", 64, 3, "same", "winograd", 10), ("13x13x32", 40, 3, "0", "winograd4", 10),
+    ("7x7x64", 24, 3, "2", "winograd4", 10), ("7x7x96", 96, 3, "same", "winograd4", 10),
+    ("28x28x1", 20, 5, "0", "planar", 40), ("28x28x1", 24, 3, "same", "planar", 40),
+    ("14x13x3", 16, 3, "1", "planar", 21), ("12x12x8", 10, 4, "3", "planar", 5)])
+def test_fast_conv_matches_im2col_at_network_sizes(shape, filters, field, pad, algo, n, monkeypatch):
+    """Winograd (F(2x2) and F(4x4)) and planar convs against the im2col path on realistic
+    sizes (fashion.flow's second conv, hello-dl's, a padded one, fashion_res's block; net B's
+    and fashion's first layers, an RGB one, a generic field; batches that split the weight
+    gradient's image ranges unevenly), training forward and backward and chunked evaluation."""
     import flowdsl.layers.conv as convmod
-    net, layer = build("conv", f"conv(filters={filters}, field=3, pad={pad})", shape)
-    rng = rng_for("wino", shape)
+    net, layer = build("conv", f"conv(filters={filters}, field={field}, pad={pad})", shape)
+    rng = rng_for("fastconv", shape)
     randomise(net, layer, rng)
     p = params_of(net, layer)
-    x = rng.normal(0.0, 1.0, (10,) + nhwc(layer.in_shape)).astype(np.float32)
-    dy = rng.normal(0.0, 1.0, (10,) + nhwc(layer.out)).astype(np.float32)
+    x = rng.normal(0.0, 1.0, (n,) + nhwc(layer.in_shape)).astype(np.float32)
+    dy = rng.normal(0.0, 1.0, (n,) + nhwc(layer.out)).astype(np.float32)
 
     def run():
         ctx = ctx_of(net, layer)
@@ -332,6 +336,7 @@ def test_winograd_matches_im2col_at_network_sizes(shape, filters, pad, algo, mon
     assert layer.algo == algo
     got = run()
     monkeypatch.setattr(convmod, "WINO_MIN_C", 10 ** 9)
+    monkeypatch.setattr(convmod, "PLANAR_MAX_C", 0)
     assert layer.algo == "gemm"
     want = run()
     for name, a, b in zip(("y", "dx", "dw", "db", "y eval"), got, want):
