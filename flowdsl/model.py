@@ -184,9 +184,9 @@ def _train_floats(l):
         f = l.args["field"]
         pad = l.padding
         algo = getattr(l, "algo", None) or ("rows" if getattr(l, "direct", False) else "gemm")
-        if algo in ("gemm", "winograd", "winograd4"):     # im2col rows kept; their gradient in backward
-            extra += oh * ow * (f * f * c + 1)   # (Winograd keeps less, 16 floats per 2x2 tile
-            dx += oh * ow * (f * f * c + 1)      # and channel, but small batches use im2col)
+        if algo in ("gemm", "winograd", "winograd4"):  # im2col rows kept; their gradient in
+            extra += oh * ow * (f * f * c + 1)   # backward (Winograd keeps less, 4 or 2.25 floats
+            dx += oh * ow * (f * f * c + 1)      # per output and channel, but small batches use im2col)
         elif pad:                            # rows: the padded input kept, its gradient in
                                              # backward; planar: padded planes (transient)
             extra += c * (h + 2 * pad) * (w + 2 * pad)

@@ -5,11 +5,13 @@ Shape rule: W' = (W + 2*pad - field) / stride + 1, which must be whole; same for
 
 Weights are stored (field, field, C_in, filters) so that, with channels-last activations, a
 convolution is one matrix product: im2col rows of length field*field*C_in times the weights.
-Three algorithms, chosen by the filters and the input channels (measured: bench/ and README):
+Five algorithms, chosen by the filters, field, stride and input channels (measured: bench/
+and README; `flowdsl bench` names the one each conv runs):
 - "rows", few filters (NeuroFlow's 1-filter convs on 400x400 images): direct loops on a
   pre-padded input, a unit-stride multiply-add along each output row; no im2col buffer.
-  (Direct loops vectorised across the filters were also tried for first layers with few
-  input taps; im2col + BLAS beat them forward and backward, so they are gone.)
+  (Direct loops vectorised across the filters, or along output rows, were also tried for first
+  layers with few input taps; im2col + BLAS beat them. "planar" below, whole shifted planes in
+  one pass per filter row, is the direct form that beats it.)
 - "winograd", 3x3 stride-1 filters over at least WINO_MIN_C input channels: Winograd
   F(2x2, 3x3) (layers/_winograd.py), 2.25x fewer multiplications than im2col; from WINO4_MIN_C
   channels "winograd4", F(4x4, 3x3) (layers/_winograd4.py), 4x fewer.
