@@ -30,3 +30,13 @@ def test_mm_matches_float64_product(threads, m, k, n):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     finally:
         blas.set_threads(old)
+
+
+@pytest.mark.parametrize("m,k", [(36864, 20), (3, 5), (1, 7)])
+def test_colsum_is_the_column_sums(m, k):
+    """blas.colsum (bias gradients) writes the column sums into `out` and returns it."""
+    a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    out = np.full(k, np.nan, np.float32)
+    got = blas.colsum(a, out)
+    assert got is out and out.dtype == np.float32
+    np.testing.assert_allclose(out, a.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-6 * np.sqrt(m))
