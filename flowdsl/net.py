@@ -118,12 +118,11 @@ class Net:
                 ctx["skip"] = saved[self._src[i]]
             if post is not None:      # this maxpool applies the conv's deferred activation
                 ctx["post_act"], post = post, None
-            if i in self._defer and not (keep and l.name in keep):
-                ctx["act"], post = ("linear", 0.0), self._defer[i]
             if not training and i in self._pools and not (keep and l.name in keep) \
-                    and l.pools_for(x.shape[0]):
-                ctx["pool"] = self._pools[i]
-                fused, post = self.layers[i + 1], None
+                    and l.pools_for(x.shape[0]):   # the conv pools, then activates, itself
+                ctx["pool"], fused = self._pools[i], self.layers[i + 1]
+            elif i in self._defer and not (keep and l.name in keep):
+                ctx["act"], post = ("linear", 0.0), self._defer[i]
             if self.timer is not None:
                 t0 = time.perf_counter()
                 x = l.forward(x, self.params[l.name], ctx, training)

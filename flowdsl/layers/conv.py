@@ -46,6 +46,7 @@ PLANAR_MAX_C = 8         # stride-1 convs over at most this many input channels:
 WINO4_MIN_C = 32         # F(4x4, 3x3) from this many input channels (forward + backward at
                          # batch 64, against F(2x2): 24 -> 64 at 14x14 0.84x as fast, 32 -> 64
                          # at 13x13 1.16x, 64 -> 128 at 6x6 1.24x, 96 -> 96 at 7x7 1.45x)
+WINO_TILE = {"winograd": 2, "winograd4": 4}   # Winograd algorithms -> output tile size
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
@@ -118,7 +119,7 @@ class Conv(Layer):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles."""
         algo = self.algo
         th, tw = wino.tiles(self.out[1], self.out[2])
-        return "gemm" if algo.startswith("winograd") and n * th * tw < WINO_MIN_TILES else algo
+        return "gemm" if algo in WINO_TILE and n * th * tw < WINO_MIN_TILES else algo
 
     def pools_for(self, n):
         """Whether evaluation of n images can apply a following maxpool itself (ctx["pool"])."""
@@ -143,8 +144,8 @@ class Conv(Layer):
             z = planar.forward(x, w, b, pad, oh, ow, pool)
             if pool is not None:   # act(maxpool(z)) for the Net, which skips the maxpool
                 return z
-        elif algo.startswith("winograd"):
-            m = 4 if algo == "winograd4" else 2   # the tile size
+        elif algo in WINO_TILE:
+            m = WINO_TILE[algo]
             if training:
                 z, ctx["V"], ctx["U"] = wino.forward(x, w, b, pad, oh, ow, True, m)
             else:  # in chunks whose transformed tiles stay within CHUNK_FLOATS
@@ -186,8 +187,8 @@ class Conv(Layer):
         x = ctx["x"]
         n, oh, ow, _ = dz.shape
         algo = ctx["algo"]
-        if algo.startswith("winograd"):
-            m = 4 if algo == "winograd4" else 2
+        if algo in WINO_TILE:
+            m = WINO_TILE[algo]
             g["w"][...], dx = wino.backward(dz, ctx.pop("V"), ctx["U"], x.shape, pad, need_dx, m)
             colsum(dz.reshape(-1, k), g["b"])
             return dx
