@@ -1,8 +1,15 @@
-"""Shared test helpers. The tests run against the source checkout even when flowdsl is not
-installed (`pytest` from the repository root)."""
+"""Shared test helpers: the one way to run the CLI in a child process (run_cli, cli_command, ENV)
+and the one toy data set (toy_set, save_npz, save_image_folder). Test files import them with
+`from conftest import ...` (pytest puts tests/ on sys.path for its conftest).
+
+The tests run against the source checkout even when flowdsl is not installed (`pytest` from the
+repository root)."""
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,3 +19,75 @@ except ImportError:  # not installed: use the checkout
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+# ------------------------------------------------------------------------------ the CLI
+# The environment of every child flowdsl: this checkout first on the path (whatever is installed),
+# and none of the user's switches that change what the CLI prints or refuses.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+for _k in ("FLOWDSL_DEBUG", "FLOWDSL_MEM_AVAILABLE"):
+    ENV.pop(_k, None)
+
+
+def cli_command(*args, via=None):
+    """argv of `python -m flowdsl ARGS`; via: Python code to run instead (`python -c VIA ARGS`,
+    ARGS in sys.argv[1:]) for a child that must also report on itself, e.g. its peak memory."""
+    return [sys.executable, *(("-c", via) if via else ("-m", "flowdsl")), *map(str, args)]
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=300, via=None, **popen):
+    """Run `python -m flowdsl ARGS` in a child process and return its CompletedProcess (text
+    stdout and stderr). env: the whole environment (default ENV; build on it with dict(ENV, ...))."""
+    return subprocess.run(cli_command(*args, via=via), cwd=cwd, env=ENV if env is None else env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def start_cli(*args, cwd=ROOT, env=None, **popen):
+    """Start `python -m flowdsl ARGS` and return the Popen (the caller waits, signals, kills)."""
+    return subprocess.Popen(cli_command(*args), cwd=cwd, env=ENV if env is None else env, **popen)
+
+
+# ------------------------------------------------------------------------------ the toy data set
+TOY_NET = "network = conv(8x8x1, filters=3, field=3, act=relu) :: maxpool :: dense(2) :: softmax\n"
+
+
+def toy_set(n=None, shape=(8, 8, 1), classes=2, seed=0, per_class=None):
+    """The toy data set: (x float32 (N, H, W, C) in [0, 1], y int64 (N,)). Noise in [0, 0.3), and
+    class k is bright (+0.6) in the k-th of `classes` vertical bands: with two classes, class 0
+    has a bright left half and class 1 a bright right half. A small conv net learns it in a few
+    epochs, and no two images are alike. n samples with random labels, or per_class of each
+    class in class order (the layout of an image folder)."""
+    h, w, c = shape
+    rng = np.random.default_rng(seed)
+    if per_class is None:
+        y = rng.integers(0, classes, n)
+    else:
+        y = np.repeat(np.arange(classes), per_class)
+    x = rng.random((len(y), h, w, c), dtype=np.float32) * 0.3
+    for k in range(classes):
+        x[y == k, :, k * w // classes:(k + 1) * w // classes] += 0.6
+    return x.clip(0, 1), y.astype(np.int64)
+
+
+def save_npz(path, x, y):
+    """x and y as an npz data file (npz("...") in a train block); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def save_image_folder(root, x, y, classes):
+    """root/<class>/<i>.png for images x (float in [0, 1]; one channel: gray, three: RGB) and
+    labels y (indices into classes), numbered 000.png, 001.png, ... in each class; returns
+    {path: the uint8 pixels written}."""
+    from PIL import Image
+    made, count = {}, {}
+    for img, label in zip(x, y):
+        a = np.round(img * 255).astype(np.uint8)
+        a = a[..., 0] if a.shape[-1] == 1 else a
+        i = count[label] = count.get(label, -1) + 1
+        path = Path(root) / classes[label] / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(path)
+        made[path] = a
+    return made

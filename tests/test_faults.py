@@ -11,28 +11,19 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import ENV, TOY_NET, run_cli, save_npz, toy_set
 
 import flowdsl
 import flowdsl.checkpoint
 from flowdsl import cli
 from flowdsl.errors import FlowError
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-for _k in ("FLOWDSL_DEBUG", "FLOWDSL_MEM_AVAILABLE"):
-    ENV.pop(_k, None)
-
-MODEL = "network = conv(8x8x1, filters=3, field=3, act=relu) :: maxpool :: dense(2) :: softmax\n"
+MODEL = TOY_NET
 OTHER = MODEL.replace("filters=3", "filters=4")  # same names, conv1.w of another shape
-
-
-def flowdsl_cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "flowdsl", *map(str, args)], capture_output=True, text=True,
-                          env=env or ENV, timeout=timeout, cwd=ROOT)
 
 
 def assert_error(r, *words, code=1):
@@ -46,21 +37,11 @@ def assert_error(r, *words, code=1):
     return r.stderr
 
 
-def bars(n, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    x = rng.random((n, 8, 8, 1), dtype=np.float32) * 0.3
-    x[y == 0, :, :4] += 0.6
-    x[y == 1, :, 4:] += 0.6
-    return x.clip(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A model with npz data, weights of it and of another model, and images of every kind."""
     d = tmp_path_factory.mktemp("faults")
-    x, y = bars(96)
-    np.savez(d / "train.npz", x=x, y=y)
+    save_npz(d / "train.npz", *toy_set(96))
     (d / "m.flow").write_text(MODEL + 'train {\n  data = npz("train.npz")\n  batch = 16\n  epochs = 1\n}\n')
     (d / "other.flow").write_text(OTHER)
     flowdsl.parse(MODEL).save(str(d / "w.npz"))
@@ -140,7 +121,7 @@ def test_a_new_run_sweeps_temporary_files_of_dead_runs(tmp_path):
     other = out / ".tmp-notes.npz"
     for f in (stale, live, other):
         f.write_bytes(b"partial")
-    x, y = bars(32)
+    x, y = toy_set(32)
     flowdsl.parse(MODEL).fit(x, y, epochs=1, batch=16, out_dir=str(out), verbose=0)
     left = set(os.listdir(out))
     assert stale.name not in left
@@ -151,13 +132,13 @@ def test_a_new_run_sweeps_temporary_files_of_dead_runs(tmp_path):
 def test_out_under_a_regular_file_is_refused_before_training(work, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
-    r = flowdsl_cli("train", work / "m.flow", "--out", blocker / "sub")
+    r = run_cli("train", work / "m.flow", "--out", blocker / "sub")
     assert_error(r, "cannot write to the output folder", str(blocker / "sub"))
     assert "epoch" not in r.stderr
 
 
 def test_out_in_proc_is_refused(work):
-    r = flowdsl_cli("train", work / "m.flow", "--out", "/proc/flowdsl-cannot-be-here")
+    r = run_cli("train", work / "m.flow", "--out", "/proc/flowdsl-cannot-be-here")
     assert_error(r, "cannot write to the output folder", "/proc/flowdsl-cannot-be-here")
 
 
@@ -166,10 +147,10 @@ def test_focus_and_eval_out_under_a_regular_file(work, images, tmp_path, verb):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     if verb == "focus":
-        r = flowdsl_cli("focus", work / "m.flow", "--layer", "conv1", "--input", images / "gray.png",
+        r = run_cli("focus", work / "m.flow", "--layer", "conv1", "--input", images / "gray.png",
                         "--out", blocker / "sub")
     else:
-        r = flowdsl_cli("eval", work / "m.flow", "--weights", work / "w.npz", "--data",
+        r = run_cli("eval", work / "m.flow", "--weights", work / "w.npz", "--data",
                         f'npz("{work / "train.npz"}")', "--out", blocker / "sub")
     assert_error(r, "cannot write to the output folder", str(blocker / "sub"))
 
@@ -203,7 +184,7 @@ def _disk_fills_after(monkeypatch, saves_ok):
 
 
 def test_disk_full_during_fit_stops_with_flowerror_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    x, y = bars(64)
+    x, y = toy_set(64)
     out = tmp_path / "run"
     net = flowdsl.parse(MODEL)
     # the saves of fit: last.npz at step 0, then last.npz and best.npz after epoch 1, ...
@@ -261,7 +242,7 @@ GOOD = ["gray.png", "rgba.png", "sixteen.png", "palette.png", "la.png", "onebit.
 
 
 def test_predict_reads_every_image_mode(work, images):
-    r = flowdsl_cli("predict", work / "m.flow", "--weights", work / "w.npz", *[images / n for n in GOOD])
+    r = run_cli("predict", work / "m.flow", "--weights", work / "w.npz", *[images / n for n in GOOD])
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     lines = r.stdout.splitlines()
@@ -269,7 +250,7 @@ def test_predict_reads_every_image_mode(work, images):
 
 
 def test_focus_reads_odd_modes(work, images, tmp_path):
-    r = flowdsl_cli("focus", work / "m.flow", "--weights", work / "w.npz", "--layer", "conv1",
+    r = run_cli("focus", work / "m.flow", "--weights", work / "w.npz", "--layer", "conv1",
                     "--input", images / "rgba.png", images / "sixteen.png", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(list(tmp_path.glob("conv1-grid-*.png"))) == 2
@@ -287,9 +268,9 @@ def test_focus_reads_odd_modes(work, images, tmp_path):
 def test_bad_images_are_one_message_naming_the_file(work, images, verb, name, words):
     img = images / name
     if verb == "predict":
-        r = flowdsl_cli("predict", work / "m.flow", "--weights", work / "w.npz", images / "gray.png", img)
+        r = run_cli("predict", work / "m.flow", "--weights", work / "w.npz", images / "gray.png", img)
     else:
-        r = flowdsl_cli("focus", work / "m.flow", "--weights", work / "w.npz", "--layer", "conv1",
+        r = run_cli("focus", work / "m.flow", "--weights", work / "w.npz", "--layer", "conv1",
                         "--input", img, "--out", images / "focus-out")
     assert_error(r, *words, str(img.resolve()) if name != "." else str(images))
 
@@ -307,28 +288,28 @@ def test_idx_with_bad_magic_via_train(work, tmp_path):
     labs = tmp_path / "labs.idx"
     labs.write_bytes(b"\x00\x00\x08\x01" + (4).to_bytes(4, "big") + bytes(4))
     f = _flow(tmp_path, 'data = idx("imgs.idx", "labs.idx")')
-    r = flowdsl_cli("train", f, "--out", tmp_path / "run")
+    r = run_cli("train", f, "--out", tmp_path / "run")
     assert_error(r, "magic number", str(imgs))
     assert not (tmp_path / "run" / "last.npz").exists()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_inf_in_npz_via_train(tmp_path, bad):
-    x, y = bars(32)
+    x, y = toy_set(32)
     x[5, 2, 3, 0] = bad
-    np.savez(tmp_path / "bad.npz", x=x, y=y)
+    save_npz(tmp_path / "bad.npz", x, y)
     f = _flow(tmp_path, 'data = npz("bad.npz")')
-    r = flowdsl_cli("train", f, "--out", tmp_path / "run")
+    r = run_cli("train", f, "--out", tmp_path / "run")
     assert_error(r, "NaN or Inf", "sample 5", str(tmp_path / "bad.npz"))
 
 
 def test_nan_in_test_npz_via_train(work, tmp_path):
-    x, y = bars(32)
-    np.savez(tmp_path / "good.npz", x=x, y=y)
+    x, y = toy_set(32)
+    save_npz(tmp_path / "good.npz", x, y)
     x[0, 0, 0, 0] = np.nan
-    np.savez(tmp_path / "test.npz", x=x, y=y)
+    save_npz(tmp_path / "test.npz", x, y)
     f = _flow(tmp_path, 'data = npz("good.npz")\n  test = npz("test.npz")')
-    r = flowdsl_cli("train", f, "--out", tmp_path / "run")
+    r = run_cli("train", f, "--out", tmp_path / "run")
     assert_error(r, "NaN or Inf", str(tmp_path / "test.npz"))
 
 
@@ -337,22 +318,22 @@ def test_nan_in_test_npz_via_train(work, tmp_path):
 def test_weights_of_another_model(work, images, verb):
     common = [work / "m.flow", "--weights", work / "other.npz"]
     if verb == "eval":
-        r = flowdsl_cli("eval", *common, "--data", f'npz("{work / "train.npz"}")')
+        r = run_cli("eval", *common, "--data", f'npz("{work / "train.npz"}")')
     elif verb == "predict":
-        r = flowdsl_cli("predict", *common, images / "gray.png")
+        r = run_cli("predict", *common, images / "gray.png")
     else:
-        r = flowdsl_cli("focus", *common, "--layer", "conv1", "--input", images / "gray.png",
+        r = run_cli("focus", *common, "--layer", "conv1", "--input", images / "gray.png",
                         "--out", work / "focus-other")
     assert_error(r, str(work / "other.npz"), "conv1.w", "(3, 3, 1, 4)", "(3, 3, 1, 3)")
 
 
 def test_resume_from_another_model(work, tmp_path):
-    r = flowdsl_cli("train", work / "m.flow", "--out", tmp_path / "run", "--resume", work / "other.npz")
+    r = run_cli("train", work / "m.flow", "--out", tmp_path / "run", "--resume", work / "other.npz")
     assert_error(r, "conv1.w")
 
 
 def test_resume_from_weights_only_checkpoint(work, tmp_path):
-    r = flowdsl_cli("train", work / "m.flow", "--out", tmp_path / "run", "--resume", work / "w.npz")
+    r = run_cli("train", work / "m.flow", "--out", tmp_path / "run", "--resume", work / "w.npz")
     assert_error(r, "not a training checkpoint", "--weights")
 
 
@@ -377,9 +358,9 @@ def bad_checkpoints(work):
 def test_pickled_or_truncated_checkpoint(work, images, bad_checkpoints, tmp_path, kind, how):
     path, word = bad_checkpoints[kind]
     if how == "--weights":
-        r = flowdsl_cli("predict", work / "m.flow", "--weights", path, images / "gray.png")
+        r = run_cli("predict", work / "m.flow", "--weights", path, images / "gray.png")
     else:
-        r = flowdsl_cli("train", work / "m.flow", "--out", tmp_path / "run", "--resume", path)
+        r = run_cli("train", work / "m.flow", "--out", tmp_path / "run", "--resume", path)
     assert_error(r, str(path), word)
 
 
@@ -393,8 +374,7 @@ def _cli_maxrss(*args, env=None):
             "print('maxrss=%s' % hwm, file=sys.stderr)\n"
             "sys.exit(rc)")
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                       env=env or ENV, timeout=120, cwd=ROOT)
+    r = run_cli(*args, via=code, env=env, timeout=120)
     secs = time.perf_counter() - t
     rss = int(r.stderr.rsplit("maxrss=", 1)[1]) * 1024
     r.stderr = r.stderr.rsplit("maxrss=", 1)[0]
@@ -413,7 +393,7 @@ def test_train_refuses_a_model_that_cannot_fit_even_at_batch_1(tmp_path):
 
 def test_train_suggests_a_batch_that_fits(tmp_path):
     x = (np.random.default_rng(0).random((40, 256, 256, 1)) * 255).astype(np.uint8)
-    np.savez(tmp_path / "big.npz", x=x, y=np.arange(40) % 2)
+    save_npz(tmp_path / "big.npz", x, np.arange(40) % 2)
     f = tmp_path / "wide.flow"
     f.write_text('conv(256x256x1, filters=256, field=1) :: dense(2) :: softmax\n'
                  'train { data = npz("big.npz")  batch = 32 }\n')
@@ -432,7 +412,7 @@ def test_train_suggests_a_batch_that_fits(tmp_path):
 
 def test_fit_refuses_a_batch_that_cannot_fit(monkeypatch):
     net = flowdsl.parse(MODEL)
-    x, y = bars(64)
+    x, y = toy_set(64)
     monkeypatch.setenv("FLOWDSL_MEM_AVAILABLE", str(net.model.memory_estimate(8)))
     with pytest.raises(FlowError, match=r"training at batch 64 needs about .* try batch=\d"):
         net.fit(x, y, epochs=1, batch=64)
@@ -442,7 +422,7 @@ def test_fit_refuses_a_batch_that_cannot_fit(monkeypatch):
 def test_check_prints_the_memory_estimate(tmp_path):
     f = tmp_path / "m.flow"
     f.write_text(MODEL + "train { batch = 64 }\n")
-    r = flowdsl_cli("check", f)
+    r = run_cli("check", f)
     assert r.returncode == 0, r.stderr
     from flowdsl.model import load_model
     est = load_model(f).memory_estimate(64)
@@ -477,5 +457,5 @@ def _vm(key):
 def test_eval_of_a_model_too_large_is_one_message(tmp_path, work):
     f = tmp_path / "huge.flow"
     f.write_text("input(20000x20000x3) :: dense(1000) :: dense(2) :: softmax\n")
-    r = flowdsl_cli("eval", f, "--weights", work / "w.npz", "--data", f'npz("{work / "train.npz"}")')
+    r = run_cli("eval", f, "--weights", work / "w.npz", "--data", f'npz("{work / "train.npz"}")')
     assert_error(r, "1,200,000,003,002 weights", "dense1.w")
