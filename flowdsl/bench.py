@@ -17,6 +17,7 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
     from .args import CallValue
     from .net import Net
     from .optim import Optimizer
+    from .plan import Timer
     from .settings import OPTIMIZERS
 
     t_import = time.perf_counter()
@@ -79,11 +80,10 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
     # per-layer profile: medians over several steps
     per = {}
     for _ in range(max(3, min(repeats, steps))):
-        net.timer = {}
-        net.loss_grad(x, y)
-        for k, (f, b) in net.timer.items():
+        with Timer(net) as t:
+            net.loss_grad(x, y)
+        for k, (f, b) in t.times.items():
             per.setdefault(k, []).append((f, b))
-    net.timer = None
     print(f"train: {statistics.median(train):,.0f} img/s   (forward + backward + {opt.kind} step, batch {batch}; "
           f"median of {repeats} runs of {steps} steps)", file=out)
     print(f"infer: {statistics.median(infer):,.0f} img/s   (batch {infer_batch}; median of {repeats} runs)", file=out)

@@ -735,3 +735,25 @@ def load_source(call, base_dir, input_shape, classes=None) -> Dataset:
 
 __all__ = ["Dataset", "load_source", "load_image_files", "check_labels", "split", "read_idx",
            "FASHION_CLASSES"]
+
+
+# ------------------------------------------------------------------------------------ sources
+def base_dir(model):
+    """The folder a model's relative data paths resolve against: its .flow file's, or the
+    current directory for a model built from text."""
+    return str(Path(model.file).resolve().parent) if model.file else os.getcwd()
+
+
+def parse_source(text, model=None):
+    """A data source written on the command line or in the API, e.g. 'fashion_mnist("test")'."""
+    from .args import bind_call
+    from .parse import parse_text
+    from .settings import SOURCES
+    try:
+        prog = parse_text(f"train {{ data = {text} }}", "<--data>")
+        block = prog.statements[0]
+        if len(block.settings) != 1:
+            raise FlowError("expected one source")
+        return bind_call(block.settings[0].value, SOURCES, "data source")
+    except FlowError as e:
+        raise FlowError(f"--data: {e.message}. Received: {text}") from None

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .args import CallValue, bind
-from .errors import FlowError, size_text
+from .data import base_dir, parse_source
+from .errors import FlowError
+from .memory import check_training
 from .parse import Arg, Block, parse_text
 from .settings import TRAIN
 
@@ -50,10 +52,6 @@ def apply_overrides(model, overrides: dict):
     return settings
 
 
-def base_dir(model):
-    return str(Path(model.file).resolve().parent) if model.file else os.getcwd()
-
-
 def load_data(model, settings, classes=None):
     """(train Dataset, test Dataset or None) from the settings' data and test sources."""
     from .data import check_labels, load_source, split
@@ -91,10 +89,10 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1):
     out = out or (settings["checkpoint"] and os.path.join(base_dir(model), settings["checkpoint"])) or \
         os.path.join("runs", model_name(model))
     _check_writable(out)
-    _check_memory(model, 1)  # before loading anything: a model that cannot train one sample
+    check_training(model, 1, "--batch ")  # before loading anything: a model that cannot train one sample
     threads = jit.threads(settings["threads"])
     train, test = load_data(model, settings)
-    _check_memory(model, max(1, min(settings["batch"], len(train.x))))  # with the data loaded
+    check_training(model, max(1, min(settings["batch"], len(train.x))), "--batch ")  # with the data loaded
     net = Net(model, seed=settings["seed"])
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say(f"{model_name(model)}: {model.n_params():,} weights; train {len(train.x):,} images "
@@ -131,77 +129,6 @@ def _check_writable(out):
         raise FlowError(f"cannot write to the output folder {out}: {e.strerror or e}; choose another with --out") from None
 
 
-def _check_memory(model, batch, option="--batch "):
-    """Refuse, before allocating anything, a batch whose estimated training memory exceeds the
-    memory available, suggesting a batch that fits (or saying that none does)."""
-    need = model.memory_estimate(batch)
-    avail = available_memory()
-    if not avail or need <= avail:
-        return
-    fixed = model.memory_estimate(0)          # parameters, gradients, optimizer state
-    per = max(1, (need - fixed) // batch)     # per sample
-    fit_batch = int((avail * 0.8 - fixed) // per)
-    if fit_batch >= 1:
-        raise FlowError(f"training at batch {batch} needs about {size_text(need)} (estimated) but only {size_text(avail)} "
-                        f"of memory is available; try {option}{fit_batch}", model.file)
-    raise FlowError(f"this model needs about {size_text(fixed + per)} to train even at batch 1 ({model.n_params():,} "
-                    f"weights: {size_text(fixed)} with their gradients and optimizer state; {size_text(per)} per sample), but "
-                    f"only {size_text(avail)} of memory is available; make the input or the layers smaller", model.file)
-
-
-def available_memory():
-    """Bytes of memory a new allocation can get, or None if unknown: Linux's MemAvailable, or
-    less where a cgroup (a container) limits the process. FLOWDSL_MEM_AVAILABLE (bytes)
-    overrides it (tests, or a limit the system does not show)."""
-    env = os.environ.get("FLOWDSL_MEM_AVAILABLE", "").strip()
-    if env:
-        try:
-            return int(float(env))
-        except ValueError:
-            raise FlowError(f"FLOWDSL_MEM_AVAILABLE must be a number of bytes. Received: {env}") from None
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        return None
-    room = _cgroup_room()
-    if room is not None and (avail is None or room < avail):
-        avail = room
-    return avail
-
-
-def _cgroup_room():
-    """Limit minus usage (less reclaimable file cache) of this process's memory cgroup, v2 or v1;
-    None when there is no limit or it cannot be read."""
-    for limit_f, usage_f, stat_f, cache_key in (
-            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
-             "inactive_file"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-             "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file")):
-        try:
-            with open(limit_f) as f:
-                text = f.read().strip()
-            if text == "max" or int(text) >= 2**60:  # no limit
-                return None
-            limit = int(text)
-            with open(usage_f) as f:
-                usage = int(f.read().strip())
-            cache = 0
-            with open(stat_f) as f:
-                for line in f:
-                    k, _, v = line.partition(" ")
-                    if k == cache_key:
-                        cache = int(v)
-            return max(0, limit - usage + cache)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def load_trained(model, weights):
     from .checkpoint import read
     from .net import Net
@@ -209,21 +136,6 @@ def load_trained(model, weights):
     data = net.load_weights(weights)
     classes = [str(c) for c in data.get("meta.classes", np.array([], dtype=str))]
     return net, classes
-
-
-def parse_source(text, model):
-    """A data source written on the command line, e.g. 'fashion_mnist("test")'."""
-    from .args import bind_call
-    from .parse import Setting
-    from .settings import SOURCES
-    try:
-        prog = parse_text(f"train {{ data = {text} }}", "<--data>")
-        block = prog.statements[0]
-        if len(block.settings) != 1:
-            raise FlowError("expected one source")
-        return bind_call(block.settings[0].value, SOURCES, "data source")
-    except FlowError as e:
-        raise FlowError(f"--data: {e.message}. Received: {text}") from None
 
 
 def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
@@ -350,7 +262,7 @@ def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=Fals
     elif not kernels:
         raise FlowError("give the images to look at: --input IMG... (or draw the filters with --kernels)")
     if kernels:
-        convs = [model.layer(n) for n in chosen if model.layer(n).kind == "conv"]
+        convs = [model.layer(n) for n in chosen if model.layer(n).spatial_filters]
         if not convs:
             raise FlowError(f"--kernels draws conv layers' filters, and none of {', '.join(chosen)} is a conv layer")
         for l in convs:

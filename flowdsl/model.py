@@ -50,30 +50,10 @@ class Model:
         """Floats of forward activations for one sample (the memory that grows with batch)."""
         return sum(math.prod(l.out) for l in self.layers)
 
-    def memory_estimate(self, batch):
-        """Rough bytes needed to train at this batch size: parameters, gradients and the
-        optimizer's two moments and decay mask (5 float32 copies), plus per sample what the
-        forward pass keeps for the backward pass and the largest backward transient (see
-        train_floats_per_sample). Measured peaks are within about 25% of it either way."""
-        return 4 * (5 * self.n_params() + batch * self.train_floats_per_sample())
-
-    def train_floats_per_sample(self):
-        """Floats per sample alive at the peak of a training step: the batch (and its augmented
-        copy), every layer's output and what it keeps for backward (a pre-activation, a mask,
-        an argmax, conv's im2col rows or padded input), plus the largest backward transient
-        (a layer's incoming and outgoing gradients and conv's im2col gradient)."""
-        kept = 2 * math.prod(self.input_shape)
-        peak = 0
-        first = True
-        for l in self.layers:
-            if l.role == "input":
-                continue
-            extra, dz, dx = _train_floats(l)
-            kept += math.prod(l.out) + extra
-            # the first layer computes no input gradient
-            peak = max(peak, math.prod(l.out) + dz + (0 if first else math.prod(l.in_shape) + dx))
-            first = False
-        return kept + peak
+    def memory_estimate(self, batch, data_bytes=0):
+        """Rough bytes needed to train at this batch size (flowdsl.memory.train_estimate)."""
+        from .memory import train_estimate
+        return train_estimate(self, batch, data_bytes)
 
     # --- printing -----------------------------------------------------------------------------
     def summary(self) -> str:
@@ -166,34 +146,6 @@ class Model:
                 tuple(sorted(self.aliases.items())),
                 tuple((k, str(v)) for k, v in self.train.items()),
                 tuple((k, str(v)) for k, v in self.init.items()))
-
-
-def _train_floats(l):
-    """Floats per sample, for one layer: (what it keeps for backward besides its output, its
-    backward transient before the input gradient, its backward transient for the input
-    gradient). Mirrors what the engine allocates."""
-    out = math.prod(l.out)
-    act = l.args.get("act")
-    nonlinear = act is not None and getattr(act, "name", "linear") != "linear"
-    extra = out if nonlinear else 0          # conv/dense keep z and y = act(z)
-    dz = out if nonlinear else 0             # and make dz = dy * act'(z)
-    dx = 0
-    if l.kind == "conv":
-        c, h, w = l.in_shape
-        k, oh, ow = l.out
-        f = l.args["field"]
-        pad = l.padding
-        algo = getattr(l, "algo", None) or ("rows" if getattr(l, "direct", False) else "gemm")
-        if algo in ("gemm", "winograd", "winograd4"):  # im2col rows kept; their gradient in
-            extra += oh * ow * (f * f * c + 1)   # backward (Winograd keeps less, 4 or 2.25 floats
-            dx += oh * ow * (f * f * c + 1)      # per output and channel, but small batches use im2col)
-        elif pad:                            # rows: the padded input kept, its gradient in
-                                             # backward; planar: padded planes (transient)
-            extra += c * (h + 2 * pad) * (w + 2 * pad)
-            dx += c * (h + 2 * pad) * (w + 2 * pad)
-    elif l.kind in ("maxpool", "dropout"):   # the argmax (int32) or the scaled mask
-        extra += out
-    return extra, dz, dx
 
 
 # ------------------------------------------------------------------------------------ building

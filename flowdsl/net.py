@@ -6,16 +6,18 @@ is a dict of named views."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
+from . import plan
 from .errors import FlowError
+from .layers import lookup
 from .layers.base import show_shape
+from .memory import check_parameters, check_training
 
 
 class Net:
-    def __init__(self, model, seed: int | None = None):
+    def __init__(self, model, seed: int | None = None, fuse: bool = True):
         from . import jit
         jit.numba()  # configure threads/cache before any kernel runs
         self.model = model
@@ -27,7 +29,7 @@ class Net:
             for pname, shape in l.param_shapes(l.in_shape).items():
                 self._spec.append((l, pname, tuple(shape), off))
                 off += math.prod(shape)
-        _check_room(model, self._spec, off)
+        check_parameters(model, self._spec, off)
         self.flat = np.zeros(off, np.float32)
         self.gflat = np.zeros(off, np.float32)
         self.params = {l.name: {} for l in self.layers}
@@ -37,16 +39,10 @@ class Net:
             self.params[l.name][pname] = self.flat[o:o + n].reshape(shape)
             self.grads[l.name][pname] = self.gflat[o:o + n].reshape(shape)
         self.state = {l.name: l.new_state() for l in self.layers}
-        # skip connections (add): layer index -> index of the layer whose output it adds (-1: the
-        # network input); the forward pass keeps those outputs
-        index = {id(l): k for k, l in enumerate(self.layers)}
-        self._src = {k: (-1 if l.src.role == "input" else index[id(l.src)])
-                     for k, l in enumerate(self.layers) if getattr(l, "src", None) is not None}
-        self._tapped = set(self._src.values())
-        self._defer = _deferred_acts(self.layers, self._tapped)
-        self._pools = _fusable_pools(self.layers, self._tapped, self._defer)
+        self.fuse = fuse           # False: run every layer as written (a reference for tests)
+        self._plans = {}
+        self.run_forward, self.run_backward = plan.run_forward, plan.run_backward  # Timer wraps them
         self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
-        self.timer = None  # {layer name: [forward seconds, backward seconds]} when profiling
         self.initialise(model.train["seed"] if seed is None else seed)
 
     # --- parameters ------------------------------------------------------------------------------
@@ -58,7 +54,7 @@ class Net:
             if not l.param_shapes(l.in_shape):
                 continue
             init = inits.get(l.name, inits.get("default"))
-            he = _before_relu(self.layers, i)
+            he = _he_default(self.layers, i)
             for pname, arr in l.init_params(rng, init, he).items():
                 self.params[l.name][pname][...] = arr
             self.state[l.name] = l.new_state()
@@ -97,67 +93,54 @@ class Net:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     # --- forward / backward ----------------------------------------------------------------------
+    def plan(self, training, n, keep=()):
+        """The execution plan (flowdsl.plan) for a batch of n samples."""
+        key = (training, n, frozenset(keep or ()))
+        p = self._plans.get(key)
+        if p is None:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            p = self._plans[key] = plan.build(self.layers[:-1], training, n, keep, self.fuse)
+        return p
+
     def forward(self, x, training=False, keep=None):
         """Run the network up to (not through) the loss. Returns the last output (class scores).
         keep: a set of layer names whose outputs to return as well, as a dict."""
         x = self.as_input(x)
-        self._ctx = []
+        steps = self.plan(training, x.shape[0], keep).steps
+        saved = {-1: x}
         kept = {}
-        saved = {-1: x} if -1 in self._tapped else {}
-        post = None
-        fused = None  # the maxpool whose work the conv before it did (evaluation)
-        for i, l in enumerate(self.layers[:-1]):
-            if l is fused:
-                if i in self._tapped:
-                    saved[i] = x
-                if keep and l.name in keep:
-                    kept[l.name] = x
-                continue
-            ctx = {"state": self.state[l.name], "rng": self.rng}
-            if i in self._src:
-                ctx["skip"] = saved[self._src[i]]
-            if post is not None:      # this maxpool applies the conv's deferred activation
-                ctx["post_act"], post = post, None
-            if not training and i in self._pools and not (keep and l.name in keep) \
-                    and l.pools_for(x.shape[0]):   # the conv pools, then activates, itself
-                ctx["pool"], fused = self._pools[i], self.layers[i + 1]
-            elif i in self._defer and not (keep and l.name in keep):
-                ctx["act"], post = ("linear", 0.0), self._defer[i]
-            if self.timer is not None:
-                t0 = time.perf_counter()
-                x = l.forward(x, self.params[l.name], ctx, training)
-                self.timer.setdefault(l.name, [0.0, 0.0])[0] += time.perf_counter() - t0
-            else:
-                x = l.forward(x, self.params[l.name], ctx, training)
-            if i in self._tapped:
-                saved[i] = x
+        self._trace = []
+        for st in steps:
+            ctx = {"state": self.state[st.layer.name], "rng": self.rng}
+            if st.skip is not None:
+                ctx["skip"] = saved[st.skip]
+            post = {}
+            x = self.run_forward(st, x, self.params[st.layer.name], ctx, post, training)
+            if st.save:
+                saved[st.out_index] = x
+            if keep and st.out_name in keep:
+                kept[st.out_name] = x
             if training:
-                self._ctx.append(ctx)
-            if keep and l.name in keep:
-                kept[l.name] = x
+                self._trace.append((st, ctx, post))
         return (x, kept) if keep is not None else x
 
     def loss_grad(self, x, y):
         """One training forward and backward pass: gradients land in self.grads.
         Returns (loss, number correct)."""
         z = self.forward(x, training=True)
-        loss, dz, correct = self.loss_layer.loss(z, np.asarray(y))
-        d = dz
-        n = len(self.layers) - 1
+        loss, d, correct = self.loss_layer.loss(z, np.asarray(y))
         pending = {}  # layer index -> gradient reaching its output through skip connections
-        for i in range(n - 1, -1, -1):
-            l = self.layers[i]
-            if i in pending:
-                d = d + pending.pop(i)
-            t0 = time.perf_counter()
-            d = l.backward(d, self.params[l.name], self.grads[l.name], self._ctx[i], need_dx=i > 0)
-            if self.timer is not None:
-                self.timer.setdefault(l.name, [0.0, 0.0])[1] += time.perf_counter() - t0
-            j = self._src.get(i, -1)
-            if j >= 0:
-                ds = self._ctx[i].pop("dskip")
-                pending[j] = ds if j not in pending else pending[j] + ds
-        self._ctx = []
+        trace, self._trace = self._trace, []
+        for k in range(len(trace) - 1, -1, -1):
+            st, ctx, post = trace[k]
+            if st.out_index in pending:
+                d = d + pending.pop(st.out_index)
+            name = st.layer.name
+            d = self.run_backward(st, d, self.params[name], self.grads[name], ctx, post, k > 0)
+            if st.skip is not None and st.skip >= 0:
+                ds = ctx.pop("dskip")
+                pending[st.skip] = ds if st.skip not in pending else pending[st.skip] + ds
         return loss, correct
 
     def predict(self, x, batch=256, tta=None):
@@ -201,8 +184,7 @@ class Net:
         from .train import fit
         t = self.model.train
         if isinstance(x, str):
-            from .jobs import base_dir, parse_source
-            from .data import load_source
+            from .data import base_dir, load_source, parse_source
             ds = load_source(parse_source(x, self.model), base_dir(self.model), self.model.input_shape)
             x, y = ds.x, ds.y
             kw.setdefault("classes", ds.classes)
@@ -219,8 +201,7 @@ class Net:
         if epochs is None and defaults["iterations"] is None:
             epochs = t["epochs"] or 1
         batch = batch or t["batch"]
-        from .jobs import _check_memory
-        _check_memory(self.model, max(1, min(int(batch), len(x))), option="batch=")
+        check_training(self.model, max(1, min(int(batch), len(x))), option="batch=")
         return fit(self, x, y, test, epochs=epochs, batch=batch, **defaults)
 
     def evaluate(self, x, y, batch=256):
@@ -244,23 +225,6 @@ class Net:
         return load_into(self, path)
 
 
-def _check_room(model, spec, n):
-    """Refuse, before allocating, parameters that cannot fit in memory: a dense layer after a
-    large map can hold billions of weights. Needs the parameter and gradient buffers (float32)
-    and, while initialising, the largest parameter in float64."""
-    from .errors import size_text
-    from .jobs import available_memory
-    largest = max(spec, key=lambda t: math.prod(t[2]), default=None)
-    need = 8 * n + (8 * math.prod(largest[2]) if largest else 0)
-    avail = available_memory()
-    if avail and need > avail:
-        l, pname = largest[0], largest[1]
-        raise FlowError(f"the model has {n:,} weights: its parameters and gradients need {size_text(8 * n)} "
-                        f"({size_text(need)} while initialising), but only {size_text(avail)} of memory is available. "
-                        f"The largest is {l.name}.{pname} with {math.prod(largest[2]):,} weights "
-                        f"({l.describe()} after {show_shape(l.in_shape)}); make it smaller", model.file)
-
-
 TTA = ("hflip",)
 
 
@@ -275,52 +239,10 @@ def check_tta(tta, input_shape):
                         f"of {input_shape[0]}")
 
 
-def _deferred_acts(layers, tapped=()):
-    """{i: (kind, alpha)} for conv layers whose relu (or leakyrelu with alpha >= 0) can run after
-    the maxpool that follows them: max commutes with a non-decreasing function, so the output is
-    the same and the gradient reaches the same inputs (a window whose maximum is <= 0 passes no
-    gradient either way), with the activation on a quarter of the values. Measured on net B.
-    The conv's own output is then pre-activation, so forward(keep=...) keeps kept layers whole,
-    and a conv whose output a skip connection adds (tapped) is left alone."""
-    from .layers.activations import act_spec
-    out = {}
-    for i, l in enumerate(layers[:-1]):
-        if l.kind != "conv" or layers[i + 1].kind != "maxpool" or i in tapped:
-            continue
-        kind, alpha = act_spec(l)
-        if kind == "relu" or (kind == "leakyrelu" and alpha >= 0):
-            out[i] = (kind, alpha)
-    return out
-
-
-def _fusable_pools(layers, tapped, defer):
-    """{i: (size, stride, act, alpha, PH, PW)} for convs that can pool their own output in
-    evaluation (Conv.pools_for): the maxpool that follows runs inside the conv's kernel, then
-    the conv's activation if it is deferred (act 1: relu, 2: leakyrelu) or none; the full-size
-    output is never written. Not when something else reads the conv's output (a skip
-    connection) or the activation does not commute with max."""
-    from .layers.activations import act_spec
-    out = {}
-    for i, l in enumerate(layers[:-1]):
-        if not hasattr(l, "pools_for") or layers[i + 1].kind != "maxpool" or i in tapped:
-            continue
-        kind, alpha = act_spec(l)
-        if i in defer:
-            act = 1 if kind == "relu" else 2
-        elif kind == "linear":
-            act = 0
-        else:
-            continue
-        m = layers[i + 1]
-        out[i] = (m.size, m.stride, act, alpha, m.out[1], m.out[2])
-    return out
-
-
-def _before_relu(layers, i):
-    """he init before relu/gelu (the layer's own act= or the next layer), glorot otherwise."""
-    l = layers[i]
-    act = l.args.get("act")
-    if act is not None and act.name in ("relu", "gelu", "leakyrelu", "elu"):
+def _he_default(layers, i):
+    """he init before a relu-like activation (the layer's own act= or the next layer, as the
+    activation says: `he_init`), glorot otherwise."""
+    act = layers[i].args.get("act")
+    if act is not None and lookup(act.name, False).he_init:
         return True
-    nxt = layers[i + 1] if i + 1 < len(layers) else None
-    return nxt is not None and nxt.kind in ("relu", "gelu", "leakyrelu", "elu")
+    return i + 1 < len(layers) and layers[i + 1].he_init

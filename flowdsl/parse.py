@@ -1,6 +1,10 @@
 """Text -> syntax tree of frozen dataclasses, each with its line and column.
 
 Pure Python (lark only): `flowdsl check` never imports numpy or numba through this module.
+One concern over ~500 lines: the syntax tree's dataclasses, the lark transformer that builds
+them, and the table of known mistakes that turns lark's errors into positioned messages belong
+together (each error example names the tree it expects); splitting them would spread the
+grammar's knowledge over files.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import naive  # noqa: E402
 from flowdsl.layers import REGISTRY, load_all  # noqa: E402
 from flowdsl.model import build_text  # noqa: E402
 from flowdsl.net import Net  # noqa: E402
+from flowdsl.plan import Timer  # noqa: E402
 
 load_all()
 N = 3            # batch
@@ -514,15 +515,19 @@ def test_maxpool_then_relu_is_relu_then_maxpool():
 @pytest.mark.parametrize("act,deferred", [("relu", True), ("leakyrelu(alpha=0.1)", True),
                                           ("elu", False), ("tanh", False)])
 def test_conv_activation_moved_after_maxpool(act, deferred):
-    """The net runs a conv's relu after the maxpool that follows it (Net._defer): outputs and
+    """The plan runs a conv's relu after the maxpool that follows it: outputs and
     gradients equal those of the activation in place, and focus on the conv still shows its
     activated output. Only relu and leakyrelu: exactly monotonic in float32 too."""
     text = (f"network = input(10x10x2) :: conv(filters=6, field=3, pad=same, act={act}) "
             f":: maxpool(2) :: conv(filters=5, field=3, act={act}) :: maxpool(2, ceil=true) "
             f":: dense(4) :: softmax\ntrain {{ seed = 5 }}")
-    nets = [Net(build_text(text, "<t>"), seed=5) for _ in range(2)]
-    assert bool(nets[0]._defer) == deferred and len(nets[0]._defer) in (0, 2)
-    nets[1]._defer = nets[1]._pools = {}                 # the reference: activation in place
+    nets = [Net(build_text(text, "<t>"), seed=5, fuse=f) for f in (True, False)]  # [1]: activation in place
+    for training in (True, False):
+        assert nets[0].plan(training, 6).deferred() == (["conv1", "conv2"] if deferred else [])
+        assert nets[1].plan(training, 6).deferred() == []
+    assert nets[0].plan(True, 6).describe()[:2] == (["conv1 (linear)", f"maxpool1 -> {act.split('(')[0]}"]
+                                                     if deferred else ["conv1", "maxpool1"])
+    assert nets[0].plan(True, 6, keep={"conv1"}).deferred() == (["conv2"] if deferred else [])
     a, b = _step_outputs(nets, (6, 10, 10, 2), 1, focus="conv1")
     assert np.abs(b["grads"]).max() > 0
     assert a["loss"] == b["loss"] and a["correct"] == b["correct"]
@@ -536,23 +541,24 @@ def test_conv_activation_moved_after_maxpool(act, deferred):
                                             ("linear", "max2d(3, stride=2)", 2), ("gelu", "maxpool(2)", 0)])
 def test_conv_pools_its_own_output_in_evaluation(act, pool, fused):
     """In evaluation a planar conv applies the maxpool after it, then its (deferred) relu, before
-    writing anything (Net._pools): predictions and kept pool outputs equal those of the separate
+    writing anything (the plan's pooled steps): predictions and kept pool outputs equal those of the separate
     layers bit for bit, and the maxpool layer does not run. focus on the conv itself still gets
     its whole output; gelu does not commute with max and is not fused."""
     text = (f"network = input(11x10x1) :: conv(filters=6, field=5, pad=2, act={act}) :: {pool} "
             f":: conv(filters=9, field=3, act={act}) :: maxpool(2, ceil=true) :: dense(4) :: softmax\n"
             f"train {{ seed = 2 }}")
-    nets = [Net(build_text(text, "<t>"), seed=2) for _ in range(2)]
+    nets = [Net(build_text(text, "<t>"), seed=2, fuse=f) for f in (True, False)]  # [1]: separate layers
     assert [l.algo for l in nets[0].layers if l.kind == "conv"] == ["planar", "planar"]
-    assert len(nets[0]._pools) == fused
-    nets[1]._pools = {}                                   # the reference: separate layers
+    pooled = nets[0].plan(False, 5).pooled()
+    assert pooled == ({"conv1": "maxpool1", "conv2": "maxpool2"} if fused else {})
+    assert nets[0].plan(True, 5).pooled() == {} and nets[1].plan(False, 5).pooled() == {}
+    assert nets[0].plan(False, 5, keep={"conv1"}).pooled() == ({"conv2": "maxpool2"} if fused else {})
     x = np.random.default_rng(4).standard_normal((5, 10, 11, 1)).astype(np.float32)
     outs = []
     for net in nets:
-        net.timer = {}
-        probs = net.predict(x)
-        ran = set(net.timer)
-        net.timer = None
+        with Timer(net) as t:
+            probs = net.predict(x)
+        ran = set(t.times)
         _, kept = net.forward(x, keep={"maxpool1", "maxpool2"})
         outs.append((probs, kept, net.focus("conv1", x), ran))
     (pa, ka, fa, ran_a), (pb, kb, fb, ran_b) = outs

@@ -11,15 +11,19 @@ so a tap is one unit-stride multiply-add over OH*Wp values, and a 3x3 (or a 5-wi
 5x5) filter one pass that reads each plane value from cache several times and writes acc once.
 Columns j >= OW are computed and dropped (Wp/OW more work; no buffer as large as the output).
 - forward: one parallel task per (image, group of G filters); the task's acc is written out as
-  z[n, :, :, k0:k0+G] or, in evaluation, pooled at once (`pool`: a maxpool that follows the conv, then the conv's
-  deferred activation), so the conv's full-size output is never written (net B: 11 -> 4 ms).
+  z[n, :, :, k0:k0+G] or, in evaluation, pooled at once (`pool`: the window of a maxpool that follows
+  the conv; flowdsl.plan decides it, and applies the conv's activation after it), so the conv's
+  full-size output is never written (net B: 11 -> 4 ms).
 - weight gradient: dw[k, c, tap] = sum over images of dot(dz_k on the grid, P_c shifted), the
   f dots of a filter row in one pass; per-task partial sums over disjoint image ranges, added
   up serially (no race).
-The input gradient (needed only when such a layer is not the first) is conv's product-based one.
+The input gradient (needed only when such a layer is not the first) is _gemm's product-based one.
+conv's "planar" strategy (interface in _rows.py).
 Arrays outside are NHWC, as everywhere in flowdsl."""
 import numpy as np
 
+from . import _gemm
+from ..blas import colsum
 from ..jit import kernel, prange
 
 G = 8        # filters per task: their outputs are G contiguous floats at each position
@@ -41,22 +45,44 @@ def taps(w):
     return np.ascontiguousarray(w.transpose(3, 2, 0, 1).reshape(k, c, f * f))
 
 
-def forward(x, w, b, pad, oh, ow, pool=None):
-    """z (N, OH, OW, K) = conv(x, w) + b, stride 1. pool = (size, stride, act, alpha, PH, PW):
-    return act(maxpool(z)) (N, PH, PW, K) instead, windows clipped to OH x OW (act 0: none,
-    1: relu, 2: leakyrelu with alpha >= 0)."""
-    f, k = w.shape[0], w.shape[3]
-    xf, wp = planes(x, pad, f)
+POOLS = True   # in evaluation, forward can apply a following max window itself
+
+
+def forward(conv, x, w, b, training, ctx, pool=None):
+    """z (N, OH, OW, K) = conv(x, w) + b, stride 1. pool = (size, stride, PH, PW) (evaluation
+    only): return maxpool(z) (N, PH, PW, K) instead, windows clipped to OH x OW."""
+    k, oh, ow = conv.out
+    f = w.shape[0]
+    xf, wp = planes(x, conv.padding, f)
     wt = taps(w)
     n = x.shape[0]
     if pool is None:
         z = np.empty((n, oh, ow, k), np.float32)
-        _fwd(xf, wt, b, z, wp, oh, ow, f, 0, 0, 0, np.float32(0.0))
+        _fwd(xf, wt, b, z, wp, oh, ow, f, 0, 0)
         return z
-    size, stride, act, alpha, ph, pw = pool
+    size, stride, ph, pw = pool
     y = np.empty((n, ph, pw, k), np.float32)
-    _fwd(xf, wt, b, y, wp, oh, ow, f, size, stride, act, np.float32(alpha))
+    _fwd(xf, wt, b, y, wp, oh, ow, f, size, stride)
     return y
+
+
+def backward(conv, dz, w, g, ctx, need_dx):
+    x = ctx["x"]
+    g["w"][...] = dw(dz, x, conv.args["field"], conv.padding)
+    colsum(dz.reshape(-1, conv.args["filters"]), g["b"])
+    return _gemm.dx(conv, dz, w, x.shape) if need_dx else None
+
+
+def bytes_per_sample(conv):
+    """The padded planes (a transient of forward and of the weight gradient)."""
+    c, h, w = conv.in_shape
+    pad = conv.padding
+    padded = 4 * c * (h + 2 * pad) * (w + 2 * pad) if pad else 0
+    return padded, padded
+
+
+def eval_chunk(conv, n, chunk_floats):
+    return n
 
 
 def dw(dz, x, f, pad):
@@ -136,17 +162,16 @@ def _rowdots(d, x, wp, f, L, out):
 
 
 @kernel
-def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride, act, alpha):
+def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride):
     """One task per (image, group of G filters): acc[g] on the padded-width grid, then either
-    out[n, :, :, k] = acc (size 0) or out[n, pi, pj, k] = act(max of acc over the pool window,
-    clipped to OH x OW). Grouping filters writes G contiguous floats per output position."""
+    out[n, :, :, k] = acc (size 0) or out[n, pi, pj, k] = the max of acc over the pool window,
+    clipped to OH x OW. Grouping filters writes G contiguous floats per output position."""
     n_, c_, _ = xf.shape
     kk = wt.shape[0]
     groups = (kk + G - 1) // G
     L = oh * wp
     ph = out.shape[1]
     pw = out.shape[2]
-    zero = np.float32(0.0)
     for task in prange(n_ * groups):
         n = task // groups
         k0 = task % groups * G
@@ -175,10 +200,6 @@ def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride, act, alpha):
                         for xx in range(x0, x1):
                             v = acc[g, yy * wp + xx]
                             m = v if v > m else m
-                    if act == 1:
-                        m = m if m > zero else zero
-                    elif act == 2:
-                        m = m if m > zero else alpha * m
                     out[n, i, j, k0 + g] = m
 
 

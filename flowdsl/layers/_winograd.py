@@ -11,24 +11,22 @@ patches). Exact in real arithmetic; in float32 within ~1e-6 relative of im2col (
 
 Arrays are NHWC; kernels run a parallel loop over (image, tile row), or over images where
 overlapping patches are summed into dx.
-F(4x4, 3x3) (_winograd4.py) has the same steps with 4x4 tiles; the wrappers below serve both
-(m: the tile size) and call the kernels of the module that holds them."""
+F(4x4, 3x3) (_winograd4.py) has the same steps with 4x4 tiles; `run`/`run_backward` below serve
+both, given the module (`scheme`) that holds the tile size M, the matrices and the kernels.
+This module is conv's "winograd" strategy (interface in _rows.py); _winograd4 is "winograd4"."""
 import sys
 
 import numpy as np
 
-from . import _winograd4
-from ..blas import mm_stack
+from . import _gemm
+from ..blas import colsum, mm_stack
 from ..jit import kernel, prange
 
+M = 2                               # output tile size
+POOLS = False
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 _GG = np.kron(_G, _G)              # (16, 9): U = GG @ w, row e = (i, j), column (a, b)
 _GGT = np.ascontiguousarray(_GG.T)  # (9, 16): dw = GG^T @ dU
-
-
-def _scheme(m):
-    """The module holding F(m x m, 3x3)'s matrices and kernels."""
-    return _winograd4 if m == 4 else sys.modules[__name__]
 
 
 def values(m):
@@ -40,42 +38,82 @@ def tiles(oh, ow, m=2):
     return (oh + m - 1) // m, (ow + m - 1) // m
 
 
-def weights(w, m=2):
+def weights(w, scheme):
     """U (E, C, K) from conv weights w (3, 3, C, K)."""
     c, k = w.shape[2], w.shape[3]
-    return (_scheme(m)._GG @ w.reshape(9, c * k)).reshape(values(m), c, k)
+    return (scheme._GG @ w.reshape(9, c * k)).reshape(values(scheme.M), c, k)
 
 
-def forward(x, w, b, pad, oh, ow, keep, m=2):
+def run(x, w, b, pad, oh, ow, keep, scheme):
     """z (N, OH, OW, K) = conv(x, w) + b. keep: also return (V, U) for backward."""
-    s = _scheme(m)
+    m = scheme.M
     n, c, k = x.shape[0], x.shape[3], w.shape[3]
     th, tw = tiles(oh, ow, m)
-    U = weights(w, m)
+    U = weights(w, scheme)
     V = np.empty((values(m), n * th * tw, c), np.float32)
-    s._in(x, V, pad, th, tw)
-    M = mm_stack(V, U)
+    scheme._in(x, V, pad, th, tw)
+    Mt = mm_stack(V, U)
     z = np.empty((n, oh, ow, k), np.float32)
-    s._out(M, b, z, th, tw)
+    scheme._out(Mt, b, z, th, tw)
     return (z, V, U) if keep else z
 
 
-def backward(dz, V, U, x_shape, pad, need_dx, m=2):
+def run_backward(dz, V, U, x_shape, pad, need_dx, scheme):
     """(dw (3, 3, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
-    s = _scheme(m)
+    m = scheme.M
     n, oh, ow, k = dz.shape
     c, e = U.shape[1], values(m)
     th, tw = tiles(oh, ow, m)
     dM = np.empty((e, V.shape[1], k), np.float32)
-    s._dout(dz, dM, th, tw)
+    scheme._dout(dz, dM, th, tw)
     dU = mm_stack(V.transpose(0, 2, 1), dM)
-    dw = (s._GGT @ dU.reshape(e, c * k)).reshape(3, 3, c, k)
+    dw = (scheme._GGT @ dU.reshape(e, c * k)).reshape(3, 3, c, k)
     if not need_dx:
         return dw, None
     dV = mm_stack(dM, np.ascontiguousarray(U.transpose(0, 2, 1)))
     dx = np.empty(x_shape, np.float32)
-    s._din(dV, dx, pad, th, tw)
+    scheme._din(dV, dx, pad, th, tw)
     return dw, dx
+
+
+# --- the strategy interface, for both schemes ---------------------------------------------------
+def strategy_forward(conv, x, w, b, training, ctx, scheme):
+    k, oh, ow = conv.out
+    if training:
+        z, ctx["V"], ctx["U"] = run(x, w, b, conv.padding, oh, ow, True, scheme)
+        return z
+    return run(x, w, b, conv.padding, oh, ow, False, scheme)
+
+
+def strategy_backward(conv, dz, w, g, ctx, need_dx, scheme):
+    g["w"][...], dx = run_backward(dz, ctx.pop("V"), ctx["U"], ctx["x"].shape, conv.padding, need_dx, scheme)
+    colsum(dz.reshape(-1, conv.args["filters"]), g["b"])
+    return dx
+
+
+def strategy_chunk(conv, chunk_floats, scheme):
+    """Evaluation chunks whose transformed tiles stay within chunk_floats."""
+    k, oh, ow = conv.out
+    th, tw = tiles(oh, ow, scheme.M)
+    return max(1, chunk_floats // (values(scheme.M) * th * tw * max(conv.in_shape[0], k)))
+
+
+_self = sys.modules[__name__]
+
+
+def forward(conv, x, w, b, training, ctx, pool=None):
+    return strategy_forward(conv, x, w, b, training, ctx, _self)
+
+
+def backward(conv, dz, w, g, ctx, need_dx):
+    return strategy_backward(conv, dz, w, g, ctx, need_dx, _self)
+
+
+def eval_chunk(conv, n, chunk_floats):
+    return strategy_chunk(conv, chunk_floats, _self)
+
+
+bytes_per_sample = _gemm.bytes_per_sample   # counted as im2col: batches below conv.WINO_MIN_TILES run it
 
 
 # ------------------------------------------------------------------------------------ kernels

@@ -11,17 +11,40 @@ with (Lavin & Gray 2015, interpolation points 0, +-1, +-2, infinity)
     G   = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6],
            [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]]
     A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
-Backward is the adjoint of each step, as in _winograd.py, whose forward/backward wrappers run
-these kernels (m=4). Each 1-D transform is one helper over six (or four) channel-long rows,
+Backward is the adjoint of each step, as in _winograd.py, whose run/run_backward wrappers run
+these kernels (M=4). conv's "winograd4" strategy (interface in _rows.py). Each 1-D transform is one helper over six (or four) channel-long rows,
 applied to the patch's columns and then its rows."""
+import sys
+
 import numpy as np
 
+from . import _gemm
+from . import _winograd as _w
 from ..jit import kernel, prange
+
+M = 4                                      # output tile size
+POOLS = False
 
 _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
 _GG = np.kron(_G, _G).astype(np.float32)   # (36, 9): U = GG @ w
 _GGT = np.ascontiguousarray(_GG.T)         # (9, 36): dw = GG^T @ dU
+_self = sys.modules[__name__]
+
+
+def forward(conv, x, w, b, training, ctx, pool=None):
+    return _w.strategy_forward(conv, x, w, b, training, ctx, _self)
+
+
+def backward(conv, dz, w, g, ctx, need_dx):
+    return _w.strategy_backward(conv, dz, w, g, ctx, need_dx, _self)
+
+
+def eval_chunk(conv, n, chunk_floats):
+    return _w.strategy_chunk(conv, chunk_floats, _self)
+
+
+bytes_per_sample = _gemm.bytes_per_sample   # counted as im2col, as F(2x2)
 
 
 # ------------------------------------------------------------------------------------ kernels

@@ -1,5 +1,7 @@
 """Elementwise activations: relu, gelu, sigmoid, tanh, linear, leakyrelu(alpha), elu(alpha),
 softplus. Usable as a layer (`:: relu`) or as `act=` of conv and dense. Shape unchanged.
+(An activation in a file of its own, such as swish.py, subclasses Activation and brings its
+own apply/derive kernels.)
 
 They share one file (unlike other kinds) because each is one formula and its derivative: the
 kernels are one parallel elementwise loop selected by a code. gelu is the tanh approximation
@@ -7,85 +9,112 @@ kernels are one parallel elementwise loop selected by a code. gelu is the tanh a
 import numpy as np
 
 from ..jit import kernel, prange
-from . import register
+from . import REGISTRY, register
 from .base import Layer, P
 
-CODES = {"linear": 0, "relu": 1, "gelu": 2, "sigmoid": 3, "tanh": 4, "leakyrelu": 5, "elu": 6, "softplus": 7}
-
-
 class Activation(Layer):
+    """An elementwise activation. Capabilities the rest of flowdsl asks for:
+    he_init   the layer before it defaults to he initialisation (relu-like), else glorot;
+    monotone_for(alpha)   non-decreasing, so it commutes with max (flowdsl.plan may run it
+              after a maxpool; only where that is exact in float32 too);
+    apply / derive   y = act(z) and dz = dy * act'(z) (the kinds in this file share one
+              kernel selected by `code`; a kind in its own file overrides both)."""
     role = "activation"
+    code = 0              # this file's kernel code (the one activation numbering; 0: identity)
+    he_init = False
+    monotone = False
+
+    @classmethod
+    def monotone_for(cls, alpha):
+        return cls.monotone
+
+    @classmethod
+    def apply(cls, z, alpha, out=None):
+        if cls.code == 0:
+            return z
+        y = np.empty_like(z) if out is None else out
+        _fwd(z.reshape(-1), y.reshape(-1), cls.code, np.float32(alpha))
+        return y
+
+    @classmethod
+    def derive(cls, z, y, dy, alpha, out=None):
+        if cls.code == 0:
+            return dy
+        dz = np.empty_like(dy) if out is None else out
+        _bwd(z.reshape(-1), y.reshape(-1), dy.reshape(-1), dz.reshape(-1), cls.code, np.float32(alpha))
+        return dz
 
     def forward(self, x, p, ctx, training):
-        y = act_forward(self.kind, self.args.get("alpha", 0.0), x)
+        y = self.apply(x, self.args.get("alpha", 0.0))
         ctx["z"], ctx["y"] = x, y
         return y
 
     def backward(self, dy, p, g, ctx, need_dx):
         if not need_dx:
             return None
-        return act_backward(self.kind, self.args.get("alpha", 0.0), ctx["z"], ctx["y"], dy)
+        return self.derive(ctx["z"], ctx["y"], dy, self.args.get("alpha", 0.0))
 
 
 @register("relu")
 class ReLU(Activation):
-    pass
+    code, he_init, monotone = 1, True, True
 
 
 @register("gelu")
 class GELU(Activation):
-    pass
+    code, he_init = 2, True
 
 
 @register("sigmoid")
 class Sigmoid(Activation):
-    pass
+    code = 3
 
 
 @register("tanh")
 class Tanh(Activation):
-    pass
+    code = 4
 
 
 @register("linear", aliases=("identity",))
 class Linear(Activation):
-    pass
+    code = 0
 
 
 @register("leakyrelu", aliases=("leaky_relu",))
 class LeakyReLU(Activation):
     params = (P("alpha", "float", 0.01, lo=0.0),)
+    code, he_init = 5, True
+
+    @classmethod
+    def monotone_for(cls, alpha):
+        return alpha >= 0
 
 
 @register("elu")
 class ELU(Activation):
     params = (P("alpha", "float", 1.0, lo=0.0),)
+    code, he_init = 6, True
 
 
 @register("softplus")
 class Softplus(Activation):
-    pass
+    code = 7
 
 
 # ------------------------------------------------------------------------------ entry points
+def act_class(kind):
+    """The Activation class of a kind name (act= values are normalised to kind names)."""
+    return REGISTRY[kind]
+
+
 def act_forward(kind, alpha, z, out=None):
     """y = act(z). For linear returns z itself (no copy)."""
-    code = CODES[kind]
-    if code == 0:
-        return z
-    y = np.empty_like(z) if out is None else out
-    _fwd(z.reshape(-1), y.reshape(-1), code, np.float32(alpha))
-    return y
+    return REGISTRY[kind].apply(z, alpha, out)
 
 
 def act_backward(kind, alpha, z, y, dy, out=None):
     """dz = dy * act'(z) (some derivatives are computed from y, which is cheaper)."""
-    code = CODES[kind]
-    if code == 0:
-        return dy
-    dz = np.empty_like(dy) if out is None else out
-    _bwd(z.reshape(-1), y.reshape(-1), dy.reshape(-1), dz.reshape(-1), code, np.float32(alpha))
-    return dz
+    return REGISTRY[kind].derive(z, y, dy, alpha, out)
 
 
 def act_spec(layer):

@@ -44,6 +44,8 @@ class Layer:
     params: tuple = ()       # tuple of P
     role: str = "layer"      # input | layer | activation | loss
     has_weights = False
+    he_init = False          # activations: the layer before defaults to he init (else glorot)
+    spatial_filters = False  # its "w" is (F, F, C, K) filters that focus --kernels can draw
 
     def __init__(self, args: dict, name: str | None = None, pos=None, where=None):
         self.args = args
@@ -81,6 +83,28 @@ class Layer:
         """For layers with act=: the activation's CallValue."""
         return self.args.get("act")
 
+    # --- capabilities flowdsl.plan asks for -----------------------------------------------------
+    def own_act(self):
+        """(kind, alpha) of the act= this layer runs and could hand over to a later step (then
+        forward_fused runs it with another), or None."""
+        return None
+
+    def max_window(self):
+        """(size, stride) if this layer takes the maximum over windows (a deferred monotone
+        activation may run after it), else None."""
+        return None
+
+    def can_pool(self, n):
+        """Whether, in evaluation of n samples, forward_fused can apply the next layer's max
+        window itself."""
+        return False
+
+    def forward_fused(self, x, p, ctx, training, act, pool):
+        """forward with the activation `act` (kind, alpha) instead of its own act=, and (pool:
+        (size, stride, PH, PW), evaluation only) the next layer's max window applied to the
+        output before the activation. Only for layers whose own_act / can_pool offer it."""
+        raise NotImplementedError(f"{self.kind} cannot run fused")
+
     # --- engine ---------------------------------------------------------------------------------
     # Subclasses override forward/backward; the defaults are the identity (input, flatten-like).
     def fans(self):
@@ -111,9 +135,15 @@ class Layer:
         need_dx). Never write into dy: add hands the same array to two branches."""
         return dy if need_dx else None
 
-    def bytes_per_sample(self, s) -> int:
-        """Training memory for this layer's saved activations per sample (float32)."""
-        return 4 * math.prod(self.out_shape(s))
+    def bytes_per_sample(self):
+        """Training memory per sample besides this layer's output, as three byte counts: what
+        forward keeps for backward, what backward allocates before the input gradient, and
+        what it allocates for the input gradient (flowdsl.memory adds them up). By default:
+        a layer with a non-linear act= keeps z beside y = act(z) and makes dz = dy * act'(z)."""
+        act = self.args.get("act")
+        nonlinear = act is not None and getattr(act, "name", "linear") != "linear"
+        out = 4 * math.prod(self.out) if nonlinear else 0
+        return out, out, 0
 
 
 def need_map(layer, s, what="an image input (WxHxC)"):

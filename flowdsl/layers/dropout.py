@@ -3,6 +3,8 @@ in evaluation, the identity. Shape unchanged.
 
 The mask is drawn from ctx["rng"] (the Net's generator, so a seed fixes it) and kept, already
 scaled, for backward: dx = dy * mask. Plain numpy: one draw and one multiply, memory-bound."""
+import math
+
 import numpy as np
 
 from ..layers import register
@@ -23,6 +25,9 @@ class Dropout(Layer):
         mask *= np.float32(1.0 / (1.0 - rate))
         ctx["mask"] = mask
         return x * mask
+
+    def bytes_per_sample(self):
+        return 4 * math.prod(self.out), 0, 0   # the scaled mask
 
     def backward(self, dy, p, g, ctx, need_dx):
         if not need_dx:

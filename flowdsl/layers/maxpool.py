@@ -6,12 +6,13 @@ Forward records, per output value, the flat index y*W + x of the input pixel tha
 the first one on ties). Backward scatters the gradient to those pixels; the parallel tasks own
 disjoint parts of dx (an output row's band of input rows, or a whole sample when windows
 overlap, stride < size), so nothing races."""
+import math
+
 import numpy as np
 
 from ..jit import kernel, prange
 from ..layers import register
 from .base import Layer, LayerError, P, need_map, show_shape
-from .activations import act_backward, act_forward
 
 
 def pooled(layer, s):
@@ -55,28 +56,26 @@ class Pool(Layer):
 
 @register("maxpool", aliases=("max2d", "maxpool2d"))
 class MaxPool(Pool):
+    def max_window(self):
+        return self.size, self.stride
+
+    def bytes_per_sample(self):
+        return 4 * math.prod(self.out), 0, 0   # the winners (int32)
+
     def forward(self, x, p, ctx, training):
         c, oh, ow = self.out
         y = np.empty((x.shape[0], oh, ow, c), np.float32)
-        post = ctx.get("post_act")  # the previous conv's activation, moved here by the net
         if not training:  # no winners to record
             _max_eval(x, y, self.size, self.stride)
-            return y if post is None else act_forward(post[0], post[1], y, out=y)
+            return y
         arg = np.empty((x.shape[0], oh, ow, c), np.int32)
         _max_fwd(x, y, arg, self.size, self.stride)
         ctx["arg"], ctx["in"] = arg, x.shape
-        if post is None:
-            return y
-        ctx["pz"] = y
-        ctx["py"] = act_forward(post[0], post[1], y)
-        return ctx["py"]
+        return y
 
     def backward(self, dy, p, g, ctx, need_dx):
         if not need_dx:
             return None
-        post = ctx.get("post_act")
-        if post is not None:
-            dy = act_backward(post[0], post[1], ctx["pz"], ctx["py"], dy)
         n, h, w, c = ctx["in"]
         dx = np.empty((n, h * w, c), np.float32)
         _max_bwd(dy, ctx["arg"], dx, h, self.size, self.stride)

@@ -1,0 +1,212 @@
+"""conv's "gemm" algorithm, the general one: numba im2col with a trailing column of ones (so
+the bias rides in the product, and its gradient comes out of the weight-gradient product) and
+one BLAS product; in evaluation conv.py cuts the batch into chunks whose im2col buffer stays in
+cache. Its product-based input gradient (`dx`) also serves "planar" layers.
+The strategy interface is described in _rows.py."""
+import numpy as np
+
+from ..blas import mm
+from ..jit import kernel, prange
+
+POOLS = False
+FLIP_DX = True
+TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (_im2col_t)
+
+
+def forward(conv, x, w, b, training, ctx, pool=None):
+    f, s, pad = conv.args["field"], conv.args["stride"], conv.padding
+    k, oh, ow = conv.out
+    wb = np.concatenate([w.reshape(-1, k), b[None, :]])
+    width = wb.shape[0]
+    m = x.shape[0] * oh * ow
+    if x.shape[3] < TALL_BELOW_C:   # columns as rows: few channels make short NHWC segments
+        cols = np.empty((width, m), np.float32)
+        im2col_t(x, cols, f, s, pad, oh, ow)
+        z = mm(cols.T, wb)
+        tall = True
+    else:
+        cols = np.empty((m, width), np.float32)
+        _im2col(x, cols, f, s, pad, oh, ow)
+        z = mm(cols, wb)
+        tall = False
+    if training:
+        ctx["cols"], ctx["tall"] = cols, tall
+    return z.reshape(x.shape[0], oh, ow, k)
+
+
+def backward(conv, dz, w, g, ctx, need_dx):
+    k = conv.args["filters"]
+    cols = ctx.pop("cols")
+    dz2 = dz.reshape(-1, k)
+    gwb = mm(cols, dz2) if ctx["tall"] else mm(cols.T, dz2)  # ones give the bias gradient
+    g["w"].reshape(-1, k)[...] = gwb[:-1]
+    g["b"][...] = gwb[-1]
+    del cols
+    return dx(conv, dz, w, ctx["x"].shape) if need_dx else None
+
+
+def bytes_per_sample(conv):
+    """im2col rows kept; their gradient in backward (Winograd keeps less, 4 or 2.25 floats per
+    output and channel, but small batches use im2col: counted the same)."""
+    c = conv.in_shape[0]
+    _, oh, ow = conv.out
+    f = conv.args["field"]
+    rows = 4 * oh * ow * (f * f * c + 1)
+    return rows, rows
+
+
+def eval_chunk(conv, n, chunk_floats):
+    """Evaluation chunks whose im2col buffer holds about chunk_floats."""
+    f, c = conv.args["field"], conv.in_shape[0]
+    _, oh, ow = conv.out
+    return max(1, chunk_floats // max(1, oh * ow * (f * f * c + 1)))
+
+
+def dx(conv, dz, w, x_shape):
+    """The input gradient by products (gemm and planar layers)."""
+    f, s, pad = conv.args["field"], conv.args["stride"], conv.padding
+    k = conv.args["filters"]
+    n, oh, ow, _ = dz.shape
+    dz2 = dz.reshape(-1, k)
+    c = x_shape[3]
+    if FLIP_DX and s == 1 and pad <= f - 1 and k <= c:
+        # dx is the convolution of dz (padded by f-1-pad) with the flipped filters, inputs
+        # and outputs swapped: one more im2col and product, no scatter of f*f*C columns
+        wf = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)).reshape(-1, c)
+        h, wd = x_shape[1], x_shape[2]
+        if k < TALL_BELOW_C:
+            dcols = np.empty((f * f * k, n * h * wd), np.float32)
+            im2col_t(dz, dcols, f, 1, f - 1 - pad, h, wd)
+            return mm(dcols.T, wf).reshape(x_shape)
+        dcols = np.empty((n * h * wd, f * f * k), np.float32)
+        _im2col(dz, dcols, f, 1, f - 1 - pad, h, wd)
+        return mm(dcols, wf).reshape(x_shape)
+    dcols = mm(dz2, np.ascontiguousarray(w.reshape(-1, k).T))  # (a transposed view: 10-25% slower)
+    out = np.empty(x_shape, np.float32)
+    _col2im(dcols, out, f, s, pad, oh, ow)
+    return out
+
+
+# ------------------------------------------------------------------------------------ kernels
+@kernel
+def _im2col(x, cols, f, s, pad, oh, ow):
+    """cols[(n, i, j), (a, b, c)] = x[n, i*s + a - pad, j*s + b - pad, c] (0 outside).
+    With channels last, the f*C values of one window row are contiguous: one slice copy."""
+    n_, h, w, c = x.shape
+    fc = f * c
+    zero = np.float32(0.0)
+    ones = cols.shape[1] > f * fc  # a trailing column of ones carries the bias
+    for row in prange(n_ * oh):
+        n = row // oh
+        i = row % oh
+        if ones:
+            for j in range(ow):
+                cols[(n * oh + i) * ow + j, f * fc] = np.float32(1.0)
+        for a in range(f):
+            y = i * s + a - pad
+            base = a * fc
+            if y < 0 or y >= h:
+                for j in range(ow):
+                    cols[(n * oh + i) * ow + j, base:base + fc] = zero
+                continue
+            xr = x[n, y].reshape(w * c)
+            for j in range(ow):
+                r = (n * oh + i) * ow + j
+                x0 = j * s - pad
+                if x0 >= 0 and x0 + f <= w:
+                    cols[r, base:base + fc] = xr[x0 * c:x0 * c + fc]
+                else:
+                    for bb in range(f):
+                        xx = x0 + bb
+                        if xx < 0 or xx >= w:
+                            cols[r, base + bb * c:base + bb * c + c] = zero
+                        else:
+                            cols[r, base + bb * c:base + bb * c + c] = xr[xx * c:xx * c + c]
+
+
+@kernel
+def _im2col_t(x, cols, f, s, pad, oh, ow, c):
+    """The transpose of _im2col: cols[(a, b, c), (n, i, j)] = x[n, i*s + a - pad, j*s + b - pad, c]
+    (0 outside), plus a last row of ones when cols has one more row than f*f*C; x is given as
+    (N, H, W*C). With few channels an output row's worth of one tap is a (strided) run of one
+    input row: long writes instead of _im2col's f*C-float segments (3x faster for C = 1 here);
+    with one channel and stride 1 the run is contiguous and copied as a block (net B's first
+    layer at batch 256: 5.1 -> 3.4 ms)."""
+    n_, h, wc = x.shape
+    w = wc // c
+    taps = f * f * c
+    m = oh * ow
+    zero = np.float32(0.0)
+    if cols.shape[0] > taps:
+        for n in prange(n_):
+            cols[taps, n * m:(n + 1) * m] = np.float32(1.0)
+    for task in prange(taps * n_):
+        t = task // n_
+        n = task % n_
+        a = t // (f * c)
+        bb = (t // c) % f
+        cc = t % c
+        # output columns j whose input column j*s + bb - pad lies inside [0, w)
+        j0 = 0
+        while j0 < ow and j0 * s + bb - pad < 0:
+            j0 += 1
+        j1 = ow
+        while j1 > j0 and (j1 - 1) * s + bb - pad >= w:
+            j1 -= 1
+        for i in range(oh):
+            base = n * m + i * ow
+            y = i * s + a - pad
+            if y < 0 or y >= h:
+                cols[t, base:base + ow] = zero
+                continue
+            xr = x[n, y]
+            cols[t, base:base + j0] = zero
+            if s * c == 1:
+                cols[t, base + j0:base + j1] = xr[j0 + bb - pad:j1 + bb - pad]
+            else:
+                for j in range(j0, j1):
+                    cols[t, base + j] = xr[(j * s + bb - pad) * c + cc]
+            cols[t, base + j1:base + ow] = zero
+
+
+def im2col_t(x, cols, f, s, pad, oh, ow):
+    """_im2col_t of an NHWC array."""
+    _im2col_t(x.reshape(x.shape[0], x.shape[1], -1), cols, f, s, pad, oh, ow, x.shape[3])
+
+
+
+@kernel
+def _col2im(dcols, dx, f, s, pad, oh, ow):
+    """The adjoint of _im2col, as a gather: each input row is written by one iteration."""
+    n_, h, w, c = dx.shape
+    fc = f * c
+    zero = np.float32(0.0)
+    for row in prange(n_ * h):
+        n = row // h
+        y = row % h
+        dr = dx[n, y].reshape(w * c)
+        dr[:] = zero
+        for a in range(f):
+            t = y + pad - a
+            if t < 0 or t % s != 0:
+                continue
+            i = t // s
+            if i >= oh:
+                continue
+            base = a * fc
+            for j in range(ow):
+                r = (n * oh + i) * ow + j
+                x0 = j * s - pad
+                src = dcols[r, base:base + fc]
+                if x0 >= 0 and x0 + f <= w:
+                    d = dr[x0 * c:x0 * c + fc]
+                    for q in range(fc):
+                        d[q] += src[q]
+                else:
+                    for bb in range(f):
+                        xx = x0 + bb
+                        if 0 <= xx < w:
+                            for cc in range(c):
+                                dr[xx * c + cc] += src[bb * c + cc]
+
+

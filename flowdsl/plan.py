@@ -1,0 +1,170 @@
+"""The execution plan: the layer list turned into the steps a forward (and backward) pass runs.
+
+Rewrites are decided here, once, from what layers say they can do, never from their kind names:
+- a deferred activation: a layer that runs its own act= (`Layer.own_act()`) followed by a max
+  window (`Layer.max_window()`) runs linear, and the activation runs after the max instead, when
+  it is non-decreasing (`Activation.monotone`): max commutes with such a function, so the output
+  is the same and the gradient reaches the same inputs (a window whose maximum is <= 0 passes no
+  gradient either way), with the activation on a quarter of the values (measured on net B);
+- a pooled layer (evaluation only): a layer that can apply the following max window itself
+  (`Layer.can_pool(n)`, conv's planar strategy) absorbs the maxpool step, so its full-size
+  output is never written; its deferred activation (if any) runs on the pooled output;
+- skip taps: the outputs a later layer adds (add(from=...)) are saved.
+Nothing is rewritten around a layer whose own output is needed: one a skip connection reads, or
+one the caller keeps (focus). The executor (Net.forward / Net.loss_grad) loops over the steps
+through `run_forward` / `run_backward`; `Timer` wraps those two to time each layer (bench)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import layers as registry
+from .layers.activations import act_backward, act_forward
+
+LINEAR = ("linear", 0.0)
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int                 # the layer's position in Net.layers
+    layer: object              # the Layer that runs
+    act: tuple | None = None   # (kind, alpha) the layer runs instead of its own act= (LINEAR: deferred)
+    pool: tuple | None = None  # (size, stride, PH, PW): the max window the layer applies itself
+    absorbs: object = None     # the layer whose work `pool` does (it runs no step of its own)
+    post: tuple | None = None  # (kind, alpha): an activation applied to this step's output
+    skip: int | None = None    # index of the layer whose output this layer adds (-1: the input)
+    save: bool = False         # keep this step's output: a later skip connection reads it
+
+    @property
+    def out_index(self):
+        """The index of the layer whose output this step produces."""
+        return self.index + 1 if self.absorbs is not None else self.index
+
+    @property
+    def out_name(self):
+        return (self.absorbs or self.layer).name
+
+    @property
+    def fused(self):
+        return self.act is not None or self.pool is not None or self.post is not None
+
+    def describe(self):
+        """'conv1 + maxpool1 -> relu' style text: what this step does."""
+        s = self.layer.name
+        if self.act is not None:
+            s += f" ({self.act[0]})"
+        if self.absorbs is not None:
+            s += f" + {self.absorbs.name}"
+        if self.post is not None:
+            s += f" -> {self.post[0]}"
+        return s
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple
+    save_input: bool           # a skip connection adds the network input
+
+    def deferred(self):
+        """Names of the layers whose activation runs after the next step's max window."""
+        return [s.layer.name for s in self.steps if s.act == LINEAR]
+
+    def pooled(self):
+        """{layer name: maxpool name} of the layers that apply the next maxpool themselves."""
+        return {s.layer.name: s.absorbs.name for s in self.steps if s.absorbs is not None}
+
+    def describe(self):
+        return [s.describe() for s in self.steps]
+
+
+def monotone(act):
+    """Whether an activation (kind, alpha) is non-decreasing, so it commutes with max."""
+    cls = registry.lookup(act[0], False)
+    return bool(cls is not None and cls.monotone_for(act[1]))
+
+
+def build(layers, training, n, keep=(), fuse=True):
+    """The plan for running `layers` (the loss layer excluded) on a batch of n samples.
+    keep: names of layers whose own outputs the caller wants whole (no rewrite may hide them)."""
+    src = {k: (-1 if l.src.role == "input" else layers.index(l.src))
+           for k, l in enumerate(layers) if getattr(l, "src", None) is not None}
+    tapped = set(src.values())
+    keep = set(keep or ())
+    steps = []
+    post = None   # an activation deferred by the step before, for this one
+    i = 0
+    while i < len(layers):
+        l = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        act = l.own_act()
+        window = nxt.max_window() if nxt is not None else None
+        free = fuse and window is not None and i not in tapped and l.name not in keep
+        defer = free and act is not None and act != LINEAR and monotone(act)
+        if free and not training and (defer or act == LINEAR) and l.can_pool(n):
+            _, ph, pw = nxt.out
+            steps.append(Step(i, l, act=LINEAR, pool=(window[0], window[1], ph, pw), absorbs=nxt,
+                              post=act if defer else None, skip=src.get(i), save=i + 1 in tapped))
+            i += 2
+            post = None
+            continue
+        steps.append(Step(i, l, act=LINEAR if defer else None, post=post, skip=src.get(i), save=i in tapped))
+        post = act if defer else None
+        i += 1
+    return Plan(tuple(steps), -1 in tapped)
+
+
+# ------------------------------------------------------------------------------------ executor
+def run_forward(step, x, params, ctx, post, training):
+    """One step forward. `post` is the executor's dict for this step's deferred activation."""
+    l = step.layer
+    if step.act is None and step.pool is None:
+        y = l.forward(x, params, ctx, training)
+    else:
+        y = l.forward_fused(x, params, ctx, training, step.act or l.own_act(), step.pool)
+    if step.post is not None:
+        kind, alpha = step.post
+        if training:
+            post["z"] = y
+            y = post["y"] = act_forward(kind, alpha, y)
+        else:  # the step's output is its own: in place
+            y = act_forward(kind, alpha, y, out=y)
+    return y
+
+
+def run_backward(step, dy, params, grads, ctx, post, need_dx):
+    if step.post is not None:
+        dy = act_backward(step.post[0], step.post[1], post["z"], post["y"], dy)
+    return step.layer.backward(dy, params, grads, ctx, need_dx)
+
+
+class Timer:
+    """Times each layer's forward and backward while installed on a Net:
+        with Timer(net) as t: net.loss_grad(x, y)
+        t.times  # {layer name: [forward seconds, backward seconds]}"""
+
+    def __init__(self, net):
+        self.net = net
+        self.times = {}
+
+    def __enter__(self):
+        net, times = self.net, self.times
+        fwd, bwd = net.run_forward, net.run_backward
+
+        def timed_forward(step, *a):
+            t0 = time.perf_counter()
+            y = fwd(step, *a)
+            times.setdefault(step.layer.name, [0.0, 0.0])[0] += time.perf_counter() - t0
+            return y
+
+        def timed_backward(step, *a):
+            t0 = time.perf_counter()
+            d = bwd(step, *a)
+            times.setdefault(step.layer.name, [0.0, 0.0])[1] += time.perf_counter() - t0
+            return d
+
+        self._old = (fwd, bwd)
+        net.run_forward, net.run_backward = timed_forward, timed_backward
+        return self
+
+    def __exit__(self, *exc):
+        self.net.run_forward, self.net.run_backward = self._old
