@@ -22,6 +22,7 @@ ACTS = {
     "leakyrelu": lambda z, a: np.where(z > 0, z, a * z),
     "elu": lambda z, a: np.where(z > 0, z, a * (np.exp(np.minimum(z, 0)) - 1)),
     "softplus": lambda z, a: np.log1p(np.exp(z)),
+    "swish": lambda z, a: z / (1 + np.exp(-z)),
 }
 
 
@@ -239,6 +240,7 @@ EXAMPLES = {
         ("dense(3, act=tanh)", "6"),
         ("linear(1, act=relu)", "5"),
         ("dense(7, act=gelu)", "2x3x2"),
+        ("dense(4, act=silu)", "3x2x2"),
     ],
     "flatten": [("flatten", "3x4x2")],
     "maxpool": [
@@ -274,6 +276,7 @@ EXAMPLES = {
     "leakyrelu": [("leakyrelu", "5x4x1"), ("leakyrelu(alpha=0.3)", "6")],
     "elu": [("elu", "5x4x2"), ("elu(alpha=0.4)", "6")],
     "softplus": [("softplus", "3x3x2")],
+    "swish": [("swish", "5x4x2"), ("silu", "6")],
     # the layer tests build `input(shape) :: <layer> :: squared`, so the source is the input
     "add": [("add(input1)", "5x4x2"), ("shortcut(from=input1)", "6")],
 }
