@@ -1,15 +1,14 @@
 """Training (flowdsl/train.py, optim.py, checkpoint.py, jobs.py): optimizers against hand-computed
 steps, schedules, determinism and exact resume, checkpoints, the train/eval/predict verbs."""
-import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TOY_NET, run_cli, save_npz, start_cli, toy_set
 
 import flowdsl
 import flowdsl.model
@@ -17,27 +16,9 @@ from flowdsl.args import CallValue
 from flowdsl.errors import FlowError
 from flowdsl.optim import Optimizer, lr_at
 
-ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
-
-def two_bars(n, seed=0, size=8):
-    """A tiny separable task: class 0 has a bright left half, class 1 a bright right half."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    x = rng.random((n, size, size, 1), dtype=np.float32) * 0.3
-    half = size // 2
-    for i in range(n):
-        if y[i] == 0:
-            x[i, :, :half] += 0.6
-        else:
-            x[i, :, half:] += 0.6
-    return x.clip(0, 1), y
-
-
-SMALL = """network = conv(8x8x1, filters=3, field=3, act=relu) :: maxpool :: dense(2) :: softmax
-train { batch = 16  seed = 5  optimizer = adam(lr=0.01) }
-"""
+SMALL = TOY_NET + "train { batch = 16  seed = 5  optimizer = adam(lr=0.01) }\n"
 
 
 # ---------------------------------------------------------------------------- optimizers
@@ -123,7 +104,7 @@ def test_schedules():
 
 # ---------------------------------------------------------------------------- fit, determinism, resume
 def test_fit_learns_and_is_deterministic():
-    x, y = two_bars(256)
+    x, y = toy_set(256)
     a = flowdsl.parse(SMALL)
     ha = a.fit(x, y, epochs=3, test=(x[:64], y[:64]))
     assert ha["test_acc"][-1] >= 0.95
@@ -147,7 +128,7 @@ train { batch = 16  seed = 3  optimizer = adam(lr=0.01) }
 def test_residual_net_learns_saves_and_focuses(tmp_path):
     """A net with a skip connection trains, its weights round-trip, and focus on the add shows
     the sum of the two paths it joins."""
-    x, y = two_bars(256, seed=4)
+    x, y = toy_set(256, seed=4)
     net = flowdsl.parse(RESIDUAL)
     h = net.fit(x, y, epochs=3, test=(x[:64], y[:64]))
     assert h["test_acc"][-1] >= 0.95 and h["train_loss"][-1] < h["train_loss"][0]
@@ -167,7 +148,7 @@ train { batch = 16  seed = 2  optimizer = adam(lr=0.005)  schedule = cosine(warm
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
-    x, y = two_bars(200, seed=1)
+    x, y = toy_set(200, seed=1)
     full = flowdsl.parse(AUG)
     hf = full.fit(x, y, epochs=3, out_dir=str(tmp_path / "a"))
     part = flowdsl.parse(AUG)
@@ -176,8 +157,6 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     resumed = flowdsl.parse(AUG)
     hr = resumed.fit(x, y, epochs=3, out_dir=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.npz"))
     np.testing.assert_array_equal(full.flat, resumed.flat)
-    for k in ("running_mean", "mean"):
-        pass
     np.testing.assert_array_equal(full.state["batchnorm1"]["mean"], resumed.state["batchnorm1"]["mean"])
     assert hf["train_loss"] == hr["train_loss"]
     assert not np.array_equal(full.flat, part.flat)
@@ -197,7 +176,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
 
 
 def test_patience_stops_early():
-    x, y = two_bars(64)
+    x, y = toy_set(64)
     net = flowdsl.parse(SMALL.replace("adam(lr=0.01)", "sgd(lr=1e-9)"))
     h = net.fit(x, y, epochs=20, test=(x, y), patience=2)
     assert "early stop" in h.stopped and len(h.rows) < 20
@@ -242,26 +221,20 @@ def test_checkpoint_holds_source_and_no_temp_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the verbs
-def _cli(*args, cwd=None, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "flowdsl", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, **kw)
-
-
 @pytest.fixture()
 def npz_model(tmp_path):
-    x, y = two_bars(320, seed=3)
-    np.savez(tmp_path / "train.npz", x=x[:256], y=y[:256])
-    np.savez(tmp_path / "test.npz", x=x[256:], y=y[256:])
+    x, y = toy_set(320, seed=3)
+    save_npz(tmp_path / "train.npz", x[:256], y[:256])
+    save_npz(tmp_path / "test.npz", x[256:], y[256:])
     f = tmp_path / "bars.flow"
-    f.write_text("network = conv(8x8x1, filters=3, field=3, act=relu) :: maxpool :: dense(2) :: softmax\n"
-                 "train {\n  data = npz(\"train.npz\")\n  test = npz(\"test.npz\")\n"
+    f.write_text(TOY_NET + "train {\n  data = npz(\"train.npz\")\n  test = npz(\"test.npz\")\n"
                  "  optimizer = adam(lr=0.01)\n  batch = 16\n  epochs = 2\n  seed = 1\n}\n")
     return f
 
 
 def test_train_eval_predict_cli(npz_model, tmp_path):
     out = tmp_path / "run"
-    r = _cli("train", str(npz_model), "--out", str(out), "--epochs", "3")
+    r = run_cli("train", str(npz_model), "--out", str(out), "--epochs", "3")
     assert r.returncode == 0, r.stderr
     assert "epoch 3/3" in r.stderr and "Traceback" not in r.stderr
     for f in ("last.npz", "best.npz", "log.csv", "report.png"):
@@ -270,7 +243,7 @@ def test_train_eval_predict_cli(npz_model, tmp_path):
     assert rows[0].startswith("epoch,step") and len(rows) == 4
     from PIL import Image
     assert Image.open(out / "report.png").size == (1200, 440)
-    r = _cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--perturb", "shift=1,flip=2")
+    r = run_cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--perturb", "shift=1,flip=2")
     assert r.returncode == 0, r.stderr
     acc = float(r.stdout.split("accuracy ")[1].split()[0])
     assert acc >= 0.9
@@ -279,20 +252,20 @@ def test_train_eval_predict_cli(npz_model, tmp_path):
     x = np.zeros((8, 8), np.uint8)
     x[:, :4] = 230
     Image.fromarray(x, "L").save(img)
-    r = _cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--top", "2")
+    r = run_cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--top", "2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{img}: 0 ")  # class 0 (bright left) first
     # test-time augmentation: the bars' classes are mirror images of each other, so averaging each
     # image with its mirror must cost accuracy here (a user's choice, never a default)
-    r = _cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--tta", "hflip")
+    r = run_cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--tta", "hflip")
     assert r.returncode == 0, r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith("with test-time augmentation (hflip"))
     assert float(line.split("accuracy ")[1].split()[0]) < acc - 0.2
-    r = _cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--tta", "hflip")
+    r = run_cli("predict", str(npz_model), "--weights", str(out / "best.npz"), str(img), "--tta", "hflip")
     assert r.returncode == 0, r.stderr
     probs = [float(v) for v in r.stdout.split()[2::2]]
     assert abs(probs[0] - 0.5) < 0.2            # the mirror of a left bar is a right bar
-    r = _cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--tta", "vflip")
+    r = run_cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--tta", "vflip")
     assert r.returncode == 1 and "unknown test-time augmentation 'vflip'" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -333,13 +306,13 @@ def test_tta_hflip_averages_each_image_and_its_mirror():
 
 
 def test_cli_overrides_and_bad_values(npz_model, tmp_path):
-    r = _cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--batch", "0")
+    r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--batch", "0")
     assert r.returncode == 1 and "batch" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--optimizer", "adamw(lr=1)")
+    r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--optimizer", "adamw(lr=1)")
     assert r.returncode == 1 and "did you mean 'adam'" in r.stderr
-    r = _cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--lr", "-1")
+    r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--lr", "-1")
     assert r.returncode == 1 and "--lr" in r.stderr
-    r = _cli("eval", str(npz_model), "--weights", str(tmp_path / "nope.npz"))
+    r = run_cli("eval", str(npz_model), "--weights", str(tmp_path / "nope.npz"))
     assert r.returncode == 1 and "no such checkpoint" in r.stderr
 
 
@@ -347,17 +320,21 @@ def test_kill_9_leaves_a_checkpoint_that_eval_loads(npz_model, tmp_path):
     out = tmp_path / "k"
     rng = np.random.default_rng(0)
     for trial in range(3):
-        p = subprocess.Popen([sys.executable, "-m", "flowdsl", "train", str(npz_model), "--out", str(out),
-                              "--epochs", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if (out / "last.npz").exists():  # wait for this run's own first save, not the last trial's
+            (out / "last.npz").unlink()
+        p = start_cli("train", npz_model, "--out", out, "--epochs", "200",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120
         while not (out / "last.npz").exists() and time.time() < deadline and p.poll() is None:
             time.sleep(0.05)
         time.sleep(float(rng.uniform(0.0, 1.5)))
+        assert p.poll() is None, p.stderr.read()   # killed while training, not after a crash
         p.send_signal(signal.SIGKILL)
+        p.stderr.close()
         p.wait()
-        r = _cli("eval", str(npz_model), "--weights", str(out / "last.npz"))
-        assert r.returncode == 0, r.stderr
-        assert not [f for f in os.listdir(out) if f.startswith(".tmp")] or True  # a leftover temp file is harmless
+        r = run_cli("eval", str(npz_model), "--weights", str(out / "last.npz"))
+        assert r.returncode == 0, r.stderr   # (a leftover .tmp-* file beside it is harmless)
+        assert 0.0 <= float(r.stdout.split("accuracy ")[1].split()[0]) <= 1.0, r.stdout
 
 
 def _wait_for(path, p, seconds=120):
@@ -377,8 +354,8 @@ def test_signal_saves_exits_nonzero_and_resume_matches_uninterrupted(npz_model, 
     finished one), and --resume continues to exactly the weights of an uninterrupted run."""
     ep = str(SIGNAL_EPOCHS)
     out = tmp_path / "int"
-    p = subprocess.Popen([sys.executable, "-m", "flowdsl", "train", str(npz_model), "--out", str(out),
-                          "--epochs", ep], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_cli("train", npz_model, "--out", out, "--epochs", ep,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(out / "log.csv", p)  # one epoch done: training is under way
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
@@ -392,10 +369,10 @@ def test_signal_saves_exits_nonzero_and_resume_matches_uninterrupted(npz_model, 
     for f in ("best.npz", "log.csv", "report.png"):
         assert (out / f).exists(), f
     assert 2 <= len((out / "log.csv").read_text().splitlines()) <= SIGNAL_EPOCHS
-    r = _cli("train", str(npz_model), "--out", str(out), "--epochs", ep, "--resume", str(out / "last.npz"))
+    r = run_cli("train", str(npz_model), "--out", str(out), "--epochs", ep, "--resume", str(out / "last.npz"))
     assert r.returncode == 0, r.stderr
     ref = tmp_path / "ref"
-    r = _cli("train", str(npz_model), "--out", str(ref), "--epochs", ep)
+    r = run_cli("train", str(npz_model), "--out", str(ref), "--epochs", ep)
     assert r.returncode == 0, r.stderr
     a = np.load(ref / "last.npz", allow_pickle=False)
     b = np.load(out / "last.npz", allow_pickle=False)
@@ -409,8 +386,8 @@ def test_signal_saves_exits_nonzero_and_resume_matches_uninterrupted(npz_model, 
 
 def test_second_ctrl_c_stops_at_once_and_leaves_a_good_checkpoint(npz_model, tmp_path):
     out = tmp_path / "twice"
-    p = subprocess.Popen([sys.executable, "-m", "flowdsl", "train", str(npz_model), "--out", str(out),
-                          "--epochs", str(SIGNAL_EPOCHS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_cli("train", npz_model, "--out", out, "--epochs", SIGNAL_EPOCHS,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(out / "log.csv", p)
     p.send_signal(signal.SIGINT)
     time.sleep(0.002)
@@ -418,7 +395,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_a_good_checkpoint(npz_model, tmp
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err, err
-    r = _cli("eval", str(npz_model), "--weights", str(out / "last.npz"))
+    r = run_cli("eval", str(npz_model), "--weights", str(out / "last.npz"))
     assert r.returncode == 0, r.stderr
 
 
