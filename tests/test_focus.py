@@ -1,11 +1,11 @@
 """Focus (flowdsl/focus.py, Net.focus, `flowdsl focus`): scaling edge cases, file names and sizes,
 unknown names, --all, --kernels, dense bar strips."""
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli, toy_set
 from PIL import Image
 
 import flowdsl
@@ -95,29 +95,24 @@ def test_unknown_layer_lists_the_names():
         assert name in e.value.message
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "flowdsl", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
 @pytest.fixture()
 def model_and_image(tmp_path):
     f = tmp_path / "m.flow"
     f.write_text(NET)
-    rng = np.random.default_rng(1)
+    x, _ = toy_set(1, shape=(10, 12, 3), seed=1)
     img = tmp_path / "face.png"
-    Image.fromarray((rng.random((10, 12, 3)) * 255).astype(np.uint8), "RGB").save(img)
+    Image.fromarray(np.round(x[0] * 255).astype(np.uint8), "RGB").save(img)
     return f, img
 
 
 def test_cli_focus_layers_all_and_kernels(model_and_image, tmp_path):
     f, img = model_and_image
     out = tmp_path / "f1"
-    r = _cli("focus", str(f), "--layer", "c2", "--input", str(img), "--out", str(out), cwd=tmp_path)
+    r = run_cli("focus", str(f), "--layer", "c2", "--input", str(img), "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["c2-0-face.png", "c2-1-face.png", "c2-grid-face.png"]
     out = tmp_path / "f2"
-    r = _cli("focus", str(f), "--all", "--kernels", "--input", str(img), "--out", str(out), cwd=tmp_path)
+    r = run_cli("focus", str(f), "--all", "--kernels", "--input", str(img), "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     names = {p.name for p in out.glob("*.png")}
     for layer in ("c1", "p1", "c2", "flatten1", "dense1", "dense2"):
@@ -131,22 +126,34 @@ def test_cli_focus_layers_all_and_kernels(model_and_image, tmp_path):
 
 def test_cli_unknown_layer_exits_1_listing_names(model_and_image, tmp_path):
     f, img = model_and_image
-    r = _cli("focus", str(f), "--layer", "c3", "--input", str(img), cwd=tmp_path)
+    r = run_cli("focus", str(f), "--layer", "c3", "--input", str(img), cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "did you mean 'c" in r.stderr and r.stderr.startswith(str(f)) and "c1" in r.stderr and "dense1" in r.stderr
 
 
 def test_trained_focus_is_not_blank(tmp_path):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 128)
-    x = rng.random((128, 10, 12, 3), dtype=np.float32) * 0.2
-    x[y == 1, 2:5, 3:9, :] += 0.7
+    """After training on the toy set, focus on c2 writes one PNG per channel and input, of the
+    map's size enlarged; the maps show structure (not a constant gray) and differ between an
+    image of each class (not the same picture whatever the input)."""
+    x, y = toy_set(128, shape=(10, 12, 3), seed=0)
     net = flowdsl.parse(NET + "train { optimizer = adam(lr=0.01) batch = 16 }")
     h = net.fit(x, y, epochs=4)
-    assert h["train_acc"][-1] > 0.9
-    net.focus("c2", x[y == 1][:1], png_dir=str(tmp_path), names=["pos"])
-    arrs = [np.asarray(Image.open(p)) for p in tmp_path.glob("c2-*-pos.png") if "grid" not in p.name]
-    assert any(a.std() > 10 for a in arrs)
+    assert h["train_acc"][-1] > 0.9 and h["train_loss"][-1] < h["train_loss"][0]
+    pair = np.stack([x[y == 0][0], x[y == 1][0]])
+    acts = net.focus("c2", pair, png_dir=str(tmp_path), names=["left", "right"])
+    assert acts.shape == (2, 3, 4, 2)              # 10x12 -> pad 1 -> maxpool 5x6 -> field 3: 3x4, 2 filters
+    k = upscale_factor(3, 4)
+    pngs = {}
+    for name in ("left", "right"):
+        for ch in range(2):
+            im = Image.open(tmp_path / f"c2-{ch}-{name}.png")
+            assert im.mode == "L" and im.size == (4 * k, 3 * k)
+            pngs[name, ch] = np.asarray(im)
+        assert max(pngs[name, ch].std() for ch in range(2)) > 10, f"c2 maps of the {name} image are flat"
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        [f"c2-{ch}-{n}.png" for ch in range(2) for n in ("left", "right")] + ["c2-grid-left.png", "c2-grid-right.png"])
+    diff = max(np.abs(pngs["left", ch].astype(int) - pngs["right", ch]).mean() for ch in range(2))
+    assert diff > 10, f"c2 looks the same for an image of each class (mean pixel difference {diff:.1f})"
 
 
 def test_training_lights_up_the_eye_region(tmp_path):
@@ -163,7 +170,7 @@ def test_training_lights_up_the_eye_region(tmp_path):
         sys.path.pop(0)
     from flowdsl.data import load_image_files
     flow = root / "examples" / "glasses_bright.flow"
-    r = _cli("train", str(flow), "--iterations", "60", "--out", str(tmp_path), "--quiet-bar", cwd=tmp_path)
+    r = run_cli("train", str(flow), "--iterations", "60", "--out", str(tmp_path), "--quiet-bar", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(root / "examples" / "glasses" / "eyes.csv")))[::10]
     x = load_image_files([root / "examples" / "glasses" / row["file"] for row in rows], (3, 400, 400))
