@@ -1,6 +1,7 @@
-"""Shared test helpers: the one way to run the CLI in a child process (run_cli, cli_command, ENV)
-and the one toy data set (toy_set, save_npz, save_image_folder). Test files import them with
-`from conftest import ...` (pytest puts tests/ on sys.path for its conftest).
+"""Shared test helpers: the one way to run the CLI in a child process (run_cli, start_cli,
+cli_command, ENV) and the one toy data set (toy_set, TOY_NET; as files: save_npz,
+save_image_folder, toy_image_folder). Test files import them with `from conftest import ...`
+(pytest puts tests/ on sys.path to import this conftest).
 
 The tests run against the source checkout even when flowdsl is not installed (`pytest` from the
 repository root)."""
@@ -91,3 +92,9 @@ def save_image_folder(root, x, y, classes):
         Image.fromarray(a).save(path)
         made[path] = a
     return made
+
+
+def toy_image_folder(root, classes=("cat", "dog"), per_class=3, shape=(4, 4, 1), seed=0):
+    """The toy set as an images("...") folder: per_class images of each class, shape (H, W, C)."""
+    x, y = toy_set(shape=shape, classes=len(classes), per_class=per_class, seed=seed)
+    return save_image_folder(root, x, y, classes)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import toy_image_folder
 from PIL import Image
 
 from flowdsl import data
@@ -65,18 +66,6 @@ def save_png(path, arr, mode=None):
     return path
 
 
-def image_folder(root, classes=("cat", "dog"), per_class=3, size=(4, 4), rgb=False, seed=0):
-    """root/<class>/<i>.png with random pixels; returns {path: uint8 array}."""
-    rng = np.random.default_rng(seed)
-    made = {}
-    for c in classes:
-        for i in range(per_class):
-            shape = (size[1], size[0], 3) if rgb else (size[1], size[0])
-            a = rng.integers(0, 256, size=shape, dtype=np.uint8)
-            made[save_png(Path(root) / c / f"{i:03d}.png", a)] = a
-    return made
-
-
 def err(fn, *a, **kw) -> FlowError:
     with pytest.raises(FlowError) as e:
         fn(*a, **kw)
@@ -85,7 +74,7 @@ def err(fn, *a, **kw) -> FlowError:
 
 # ------------------------------------------------------------------------------------ images()
 def test_images_folder_layout_values_and_order(tmp_path):
-    made = image_folder(tmp_path / "d", classes=("b_dog", "a_cat"), per_class=3)
+    made = toy_image_folder(tmp_path / "d", classes=("b_dog", "a_cat"), per_class=3)
     (tmp_path / "d" / "a_cat" / ".hidden.png").write_bytes(b"junk")         # hidden: ignored
     (tmp_path / "d" / "a_cat" / "notes.txt").write_text("not an image")      # not an image: ignored
     (tmp_path / "d" / ".git").mkdir()                                          # hidden folder: no class
@@ -113,7 +102,7 @@ def test_images_extensions_case_insensitive_and_formats(tmp_path):
 
 
 def test_images_resized_to_model_input_and_size_argument(tmp_path):
-    image_folder(tmp_path / "d", per_class=2, size=(10, 6))
+    toy_image_folder(tmp_path / "d", per_class=2, shape=(6, 10, 1))
     ds = load(tmp_path, 'images("d")', "5x3x1")               # W=5, H=3
     assert ds.x.shape == (4, 3, 5, 1)
     ds2 = load(tmp_path, 'images("d", size=5x3)', "5x3x1")
@@ -125,7 +114,7 @@ def test_images_resized_to_model_input_and_size_argument(tmp_path):
 
 
 def test_images_size_or_color_contradicting_the_model(tmp_path):
-    image_folder(tmp_path / "d", per_class=1)
+    toy_image_folder(tmp_path / "d", per_class=1)
     e = err(load, tmp_path, 'images("d", size=8x8)', "4x4x1")
     assert "size=8x8" in str(e) and "4x4x1" in str(e)
     e = err(load, tmp_path, 'images("d", color=rgb)', "4x4x1")
@@ -210,7 +199,7 @@ def test_images_16bit_scaled_not_clipped(tmp_path):
 
 
 def test_images_corrupt_and_truncated_files_named(tmp_path):
-    image_folder(tmp_path / "d", per_class=2)
+    toy_image_folder(tmp_path / "d", per_class=2)
     bad = tmp_path / "d" / "cat" / "zzz.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     e = err(load, tmp_path, 'images("d")', "4x4x1")
@@ -232,7 +221,7 @@ def test_images_corrupt_and_truncated_files_named(tmp_path):
 
 
 def test_images_empty_class_folder_no_classes_missing_dir(tmp_path):
-    image_folder(tmp_path / "d", per_class=1)
+    toy_image_folder(tmp_path / "d", per_class=1)
     (tmp_path / "d" / "empty").mkdir()
     (tmp_path / "d" / "empty" / "readme.txt").write_text("no images here")
     e = err(load, tmp_path, 'images("d")', "4x4x1")
@@ -248,7 +237,7 @@ def test_images_empty_class_folder_no_classes_missing_dir(tmp_path):
 
 
 def test_images_classes_from_checkpoint(tmp_path):
-    image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=1)
+    toy_image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=1)
     ds = load(tmp_path, 'images("d")', "4x4x1", classes=["cat", "dog"])
     assert ds.classes == ["cat", "dog"]
     e = err(load, tmp_path, 'images("d")', "4x4x1", classes=["cat", "dog", "eel"])
@@ -258,7 +247,7 @@ def test_images_classes_from_checkpoint(tmp_path):
 
 
 def test_images_many_files_threaded_deterministic(tmp_path):
-    made = image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=70, size=(8, 8))
+    made = toy_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=70, shape=(8, 8, 1))
     ds = load(tmp_path, 'images("d")', "8x8x1")
     assert len(ds) == 210
     want = np.stack([made[p] for p in sorted(made)]).astype(np.float32) / 255
@@ -272,7 +261,7 @@ def test_images_many_files_threaded_deterministic(tmp_path):
 
 
 def test_images_into_vector_model(tmp_path):
-    image_folder(tmp_path / "d", per_class=1, size=(4, 4))
+    toy_image_folder(tmp_path / "d", per_class=1, shape=(4, 4, 1))
     ds = load(tmp_path, 'images("d")', "16")
     assert ds.x.shape == (2, 16)
     ds = load(tmp_path, 'images("d", size=2x2, color=rgb)', "12")
