@@ -1,4 +1,4 @@
-"""Shared test helpers: the one way to run the CLI in a child process (run_cli, start_cli,
+"""Shared test helpers: the str(model) round trip, the one way to run the CLI in a child process (run_cli, start_cli,
 cli_command, ENV) and the one toy data set (toy_set, TOY_NET; as files: save_npz,
 save_image_folder, toy_image_folder). Test files import them with `from conftest import ...`
 (pytest puts tests/ on sys.path to import this conftest).
@@ -21,7 +21,24 @@ except ImportError:  # not installed: use the checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
+# ------------------------------------------------------------------------------ the language
+def round_trip(m):
+    """parse(str(m)) gives the same model, and printing is a fixed point."""
+    from flowdsl.model import build_text
+    text = str(m)
+    again = build_text(text, "canonical.flow")
+    assert again.spec() == m.spec(), text
+    assert str(again) == text
+    return again
+
+
 # ------------------------------------------------------------------------------ the CLI
+# Decoded-data caches go to a folder of this test session, never the user's ~/.cache (a child
+# flowdsl inherits it through ENV below).
+if "FLOWDSL_DATA_CACHE" not in os.environ:
+    import tempfile
+    os.environ["FLOWDSL_DATA_CACHE"] = tempfile.mkdtemp(prefix="flowdsl-test-data-cache-")
+
 # The environment of every child flowdsl: this checkout first on the path (whatever is installed),
 # and none of the user's switches that change what the CLI prints or refuses.
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))

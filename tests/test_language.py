@@ -1,88 +1,16 @@
-"""The .flow language: acceptance figures from PRODUCT.md, every example, canonical printing
-(parse(str(model)) is the same model), the grammar under lark's strict mode, and robustness
-against pathological input."""
+"""The .flow language: canonical printing (parse(str(model)) is the same model), the grammar
+under lark's strict mode, and robustness against pathological input. The examples and PRODUCT.md's
+figures for them are in tests/test_examples.py."""
 import importlib.util
 import time
 import tracemalloc
-from pathlib import Path
 
 import pytest
+from conftest import round_trip
 
 from flowdsl.errors import FlowError
 from flowdsl.model import build_text, load_model
 from flowdsl.parse import _grammar_text
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.flow"))
-SEED = "conv(400x400x3, field=3, stride=1, pad=1) :: dense(2) :: softmax"
-
-
-def round_trip(m):
-    """parse(str(m)) gives the same model, and printing is a fixed point."""
-    text = str(m)
-    again = build_text(text, "canonical.flow")
-    assert again.spec() == m.spec(), text
-    assert str(again) == text
-    return again
-
-
-# --- acceptance figures --------------------------------------------------------------------
-def test_seed_one_liner():
-    m = build_text(SEED, "seed.flow")
-    conv, dense, loss = m.layers
-    assert conv.kind == "conv" and conv.out == (1, 400, 400)  # internal (C, H, W)
-    assert dense.out == (2,) and loss.kind == "softmax"
-    assert m.input_shape == (3, 400, 400)
-    assert conv.n_params(conv.in_shape) == 3 * 3 * 3 + 1
-    assert dense.n_params(dense.in_shape) == 400 * 400 * 2 + 2
-    assert m.n_params() == 320_030
-    s = m.summary()
-    assert "400x400x1" in s and "320,030" in s
-    round_trip(m)
-
-
-def test_seed_example_file_is_the_one_liner():
-    assert load_model(ROOT / "examples" / "seed.flow").spec() == build_text(SEED).spec()
-
-
-def test_glasses_total():
-    m = load_model(ROOT / "examples" / "glasses.flow")
-    assert m.n_params() == 80_067
-    assert [l.name for l in m.layers][:4] == ["c0", "c1", "c2", "c3"]
-    assert m.layer("c2").out == (1, 200, 200)
-    assert "80,067" in m.summary()
-    # the train block is read (its settings are the demo's business, not the language's)
-    assert m.train["batch"] == 20 and m.train["optimizer"] is not None
-    assert str(m.init["c0"]) == "normal(mean=0, std=0.1)"
-    assert str(m.init["default"]) == "he"
-
-
-def test_letters_total():
-    m = load_model(ROOT / "examples" / "letters.flow")
-    assert m.n_params() == 137_178
-    outs = [l.out for l in m.layers if l.kind == "maxpool"]
-    assert outs == [(32, 13, 13), (64, 6, 6), (128, 2, 2)]  # ceil=true gives hello-dl's 11 -> 6
-    assert m.layers[-1].kind == "softmax"  # logsoftmax is an alias
-    assert "137,178" in m.summary()
-
-
-def test_nielsen_builds():
-    m = load_model(ROOT / "examples" / "nielsen.flow")
-    assert m.layers[-2].out == (10,)
-    assert m.n_params() == 520 + 20_040 + 641_000 + 1_001_000 + 10_010
-    assert [l.kind for l in m.layers].count("dropout") == 2
-
-
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_every_example_builds_and_round_trips(path):
-    m = load_model(path)
-    assert m.layers[-1].role == "loss"
-    assert "Total:" in m.summary()
-    round_trip(m)
-
-
-def test_there_are_examples():
-    assert {p.name for p in EXAMPLES} >= {"seed.flow", "glasses.flow", "letters.flow", "nielsen.flow"}
 
 
 # --- canonical printing --------------------------------------------------------------------
