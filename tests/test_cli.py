@@ -2,8 +2,6 @@
 message with no traceback (unless --debug); exit 2 for usage errors; and it stays light (no
 numba) and fast. Every example is checked in tests/test_examples.py."""
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -127,10 +125,9 @@ def test_help_exits_0(capsys):
 
 def test_check_does_not_import_numba():
     """check needs no compiled kernel, so it never loads numba (seconds of start-up)."""
-    code = ("import flowdsl.cli, json, sys; rc = flowdsl.cli.main(['check', 'examples/glasses.flow']); "
+    code = ("import flowdsl.cli, json, sys; rc = flowdsl.cli.main(sys.argv[1:]); "
             "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite'))]))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=60)
+    r = run_cli("check", "examples/glasses.flow", via=code, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("examples/glasses.flow: ok\n"), r.stdout
     rc, loaded = json.loads(r.stdout.splitlines()[-1])
