@@ -1,8 +1,11 @@
-"""Data sources of the `train { data = ... }` block: image folders, IDX, npz, csv and Fashion-MNIST.
+"""Data sources of the `train { data = ... }` block: IDX, npz, csv and Fashion-MNIST here, image
+folders in flowdsl/imagefolder.py (with their cache).
 
-Every source gives a `Dataset`: x float32 scaled to [0, 1], channels last (N, H, W, C) for image
-models or (N, D) for vector models, already fitted to the model's input; y int64 labels. Every
-problem with the data is a `FlowError` that names the file. numpy and pillow only.
+Every source gives a `Dataset`: samples kept compact (uint8 images and IDX, float32 only where
+the source is float), served as float32 batches scaled to [0, 1], channels last (N, H, W, C) for
+image models or (N, D) for vector models, already fitted to the model's input; y int64 labels.
+npz and csv stay in RAM. Every problem with the data is a `FlowError` that names the file.
+One concern over ~500 lines: each format's reader is mostly its error messages.
 """
 from __future__ import annotations
 
@@ -12,8 +15,6 @@ import os
 import struct
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,22 +31,66 @@ FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DECODE_WORKERS = 4       # threads decoding images (pillow releases the GIL while decoding)
 
 
-@dataclass
 class Dataset:
-    x: np.ndarray        # float32 (N, H, W, C) or (N, D), in [0, 1]
-    y: np.ndarray        # int64 (N,)
-    classes: list        # class names, index = label
-    source: str          # description for messages
+    """Samples kept compact, served as float32 batches.
+
+    store: (M, ...) uint8 / uint16 codes (scaled by 255 / 65535 when served) or float32 values,
+    in RAM (a numpy array) or streamed from a cache file (batches.CacheFile); rows: which store
+    row each sample is (None: sample i is row i; a split or a cache with free slots has rows);
+    shape: a served sample's shape, the model's (H, W, C) or (D,); y: int64 labels."""
+
+    def __init__(self, store, y, classes, source, rows=None, shape=None, notes=()):
+        self.store = store
+        self.y = y
+        self.classes = list(classes)
+        self.source = source
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        self.shape = tuple(shape) if shape is not None else tuple(store.shape[1:])
+        self.notes = list(notes)   # e.g. the unreadable files a folder skipped
 
     def __len__(self):
         return len(self.y)
 
+    @property
+    def streamed(self):
+        """True when batches are read from a cache file instead of RAM."""
+        from .batches import CacheFile
+        return isinstance(self.store, CacheFile)
+
+    @property
+    def resident_bytes(self):
+        """Bytes this data set holds in RAM."""
+        return 0 if self.streamed else int(self.store.nbytes) + self.y.nbytes
+
+    @property
+    def sample_bytes(self):
+        return int(math.prod(self.store.shape[1:])) * self.store.dtype.itemsize
+
+    def batch(self, idx):
+        """float32 (len(idx),) + shape: the samples idx, scaled."""
+        from .batches import gather
+        idx = np.asarray(idx, np.int64)
+        return gather(self.store, idx if self.rows is None else self.rows[idx], self.shape)
+
+    @property
+    def x(self):
+        """Every sample as one float32 array (small data sets, tests and the API only)."""
+        return self.batch(np.arange(len(self)))
+
     def subset(self, idx, source=None) -> "Dataset":
-        return Dataset(self.x[idx], self.y[idx], list(self.classes), source or self.source)
+        idx = np.asarray(idx, np.int64)
+        rows = idx if self.rows is None else self.rows[idx]
+        return Dataset(self.store, self.y[idx], self.classes, source or self.source, rows, self.shape, self.notes)
+
+
+def as_dataset(x, y, classes=(), source="arrays"):
+    """A Dataset over arrays already in the model's layout (uint8 stays compact)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype not in (np.uint8, np.uint16, np.float32):
+        x = x.astype(np.float32)
+    return Dataset(x, np.asarray(y), classes, source)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -166,198 +211,6 @@ def split(ds: Dataset, fraction: float, seed: int = 0):
     return train, test
 
 
-# ------------------------------------------------------------------------------------- images
-def _image_target(input_shape, size, color, where):
-    """(W, H, C, flatten) for images fitted to the model input, given size= and color=."""
-    where = str(where)
-    if color is not None and color not in ("gray", "rgb"):
-        raise FlowError(f"color must be gray or rgb. Received: color={color}", where)
-    want_c = {"gray": 1, "rgb": 3, None: None}[color]
-    if size is not None:
-        size = tuple(int(d) for d in size)
-        if len(size) not in (2, 3):
-            raise FlowError(f"size must be WxH (e.g. 28x28). Received: size={'x'.join(map(str, size))}", where)
-    if len(input_shape) == 3:
-        c, h, w = input_shape
-        if c not in (1, 3):
-            raise FlowError(f"images have 1 channel (gray) or 3 (rgb), but the model input "
-                            f"{_show_input(input_shape)} has {c}", where)
-        if want_c is not None and want_c != c:
-            raise FlowError(f"color={color} gives {want_c} channel{'s' * (want_c > 1)}, but the model input "
-                            f"{_show_input(input_shape)} has {c}", where)
-        if size is not None and (size[:2] != (w, h) or (len(size) == 3 and size[2] != c)):
-            raise FlowError(f"size={'x'.join(map(str, size))} differs from the model input "
-                            f"{_show_input(input_shape)}", where)
-        return w, h, c, False
-    d = input_shape[0]
-    if size is not None:
-        w, h = size[:2]
-        c = want_c if want_c is not None else (size[2] if len(size) == 3 else
-                                              1 if d == w * h else 3 if d == 3 * w * h else None)
-        if c is None or w * h * c != d:
-            raise FlowError(f"images of size {'x'.join(map(str, size))}"
-                            f"{f' ({color})' if color else ''} do not fit the model input {d}", where)
-        return w, h, c, True
-    for c in ((want_c,) if want_c is not None else (1, 3)):
-        side = math.isqrt(d // c) if d % c == 0 else 0
-        if side * side * c == d:
-            return side, side, c, True
-    raise FlowError(f"the model input is a vector of {d}: give the image size, e.g. "
-                    f"images(..., size=WxH{', color=' + color if color else ''})", where)
-
-
-def _to_float(img, mode, path):
-    """A pillow image -> float32 (H, W, C) in [0, 1] in `mode` ('L' or 'RGB'). 16-bit and 32-bit
-    integer images are scaled by 65535, not clipped at 255."""
-    from PIL import Image
-    m = img.mode
-    if m in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img)
-        if m == "F":
-            a = a.astype(np.float32)
-            top = float(np.nanmax(a)) if a.size else 0.0
-            scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
-            a = a / np.float32(scale)
-        else:
-            a = a.astype(np.float32) / np.float32(65535.0)
-        a = np.clip(a, 0.0, 1.0).astype(np.float32, copy=False)
-        return Image.fromarray(a), True
-    if m == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids pillow's warning about palette transparency
-    if img.mode != mode:
-        try:
-            img = img.convert(mode)
-        except ValueError:
-            for via in ("RGBA", "RGB", "LA"):
-                try:
-                    img = img.convert(via).convert(mode)
-                    break
-                except ValueError:
-                    continue
-            else:
-                raise FlowError(f"cannot convert a {img.mode} image to {mode}", str(path)) from None
-    return img, False
-
-
-def _decode(path: Path, w, h, c):
-    from PIL import Image
-    mode = "L" if c == 1 else "RGB"
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img, is_float = _to_float(im, mode, path)
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            if is_float:
-                a = np.asarray(img, dtype=np.float32)
-                a = np.clip(a, 0.0, 1.0)
-                a = a[:, :, None]
-                if c == 3:
-                    a = np.repeat(a, 3, axis=2)
-                return a
-            a = np.asarray(img)
-            if a.ndim == 2:
-                a = a[:, :, None]
-            return np.divide(a, np.float32(255.0), dtype=np.float32)
-    except FlowError:
-        raise
-    except Exception as e:  # pillow raises many kinds on corrupt or truncated files
-        msg = str(e) or type(e).__name__
-        raise FlowError(f"cannot read image: {msg}", str(path)) from None
-
-
-def _decode_all(paths, w, h, c):
-    out = np.empty((len(paths), h, w, c), np.float32)
-
-    def work(i):
-        out[i] = _decode(paths[i], w, h, c)
-
-    if len(paths) < 32:
-        for i in range(len(paths)):
-            work(i)
-        return out
-    workers = max(1, min(DECODE_WORKERS, os.cpu_count() or 1, len(paths)))
-    ex = ThreadPoolExecutor(max_workers=workers)
-    try:
-        chunk = max(1, len(paths) // (workers * 8))
-        for _ in ex.map(work, range(len(paths)), chunksize=chunk):
-            pass  # results are written in place; iterating re-raises the first error in order
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-    return out
-
-
-def _image_files(folder: Path):
-    files, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a symlink loop
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        for name in sorted(names):
-            if name.startswith("."):
-                continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(Path(root) / name)
-    return files
-
-
-def _load_images(call, base_dir, input_shape, classes=None) -> Dataset:
-    folder = _resolve(call["dir"], base_dir)
-    if not folder.exists():
-        raise FlowError(f"no such file or directory: {folder}")
-    if not folder.is_dir():
-        raise FlowError(f"images() needs a directory with one subfolder per class; {folder} is a file")
-    w, h, c, flatten = _image_target(input_shape, call.get("size"), call.get("color"), folder)
-    # hidden folders and Python byte-code caches are never classes
-    names = sorted(e.name for e in os.scandir(folder)
-                   if e.is_dir() and not e.name.startswith(".") and e.name != "__pycache__")
-    if not names:
-        raise FlowError(f"no class folders in {folder}: images() expects one subfolder per class "
-                        f"(e.g. {folder}/cat/1.png, {folder}/dog/2.png)", str(folder))
-    if classes is not None and list(classes) != names:
-        missing = [k for k in classes if k not in names]
-        extra = [k for k in names if k not in classes]
-        detail = []
-        if missing:
-            detail.append("missing: " + ", ".join(missing))
-        if extra:
-            detail.append("not in the weights: " + ", ".join(extra))
-        if not detail:
-            detail.append("same names in a different order")
-        raise FlowError(f"the class folders ({', '.join(names)}) differ from the classes the weights were "
-                        f"trained on ({', '.join(classes)}): {'; '.join(detail)}", str(folder))
-    paths, labels = [], []
-    for k, name in enumerate(names):
-        files = _image_files(folder / name)
-        if not files:
-            raise FlowError(f"class folder '{name}' has no images "
-                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})", str(folder / name))
-        paths += files
-        labels += [k] * len(files)
-    x = _decode_all(paths, w, h, c)
-    if flatten:
-        x = x.reshape(len(x), -1)
-    return Dataset(x, np.asarray(labels, np.int64), names, f"images({folder})")
-
-
-def load_image_files(paths, input_shape, color=None) -> np.ndarray:
-    """Single images (for predict/focus) -> x fitted to the model input, like images()."""
-    w, h, c, flatten = _image_target(input_shape, None, color, paths[0] if paths else "<images>")
-    files = []
-    for p in paths:
-        p = _resolve(p, None)
-        if not p.exists():
-            raise FlowError(f"no such file: {p}")
-        if p.is_dir():
-            raise FlowError(f"{p} is a directory; give image files")
-        files.append(p)
-    x = _decode_all(files, w, h, c)
-    return x.reshape(len(x), -1) if flatten else x
-
-
 # ---------------------------------------------------------------------------------------- idx
 _IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -441,8 +294,7 @@ def _idx_dataset(img_path: Path, lab_path: Path, input_shape, source, classes):
                         str(img_path))
     if len(imgs) == 0:
         raise FlowError("the IDX file holds no images", str(img_path))
-    x = imgs[..., None] if imgs.ndim == 3 else imgs
-    x = np.divide(x, np.float32(255.0), dtype=np.float32)
+    x = imgs[..., None] if imgs.ndim == 3 else imgs   # uint8, scaled when served
     x = _fit(x, input_shape, img_path, "the IDX images")
     y = np.array(labs, np.int64)
     return Dataset(x, y, classes if classes is not None else _classes_for(y), source)
@@ -542,17 +394,15 @@ def _npz_x(x, key, input_shape, path):
     if x.dtype.kind == "f":
         x = x.astype(np.float32)
         _check_finite(x, path, f"array '{key}'")
-    elif x.dtype == np.uint8:
-        x = np.divide(x, np.float32(255.0), dtype=np.float32)
-    elif x.dtype == np.uint16:
-        x = np.divide(x, np.float32(65535.0), dtype=np.float32)
+    elif x.dtype in (np.uint8, np.uint16):
+        pass                     # kept compact; scaled by 255 or 65535 when served
     elif x.dtype.kind == "b":
         x = x.astype(np.float32)
     elif x.dtype.kind in "iu":
         if x.size and (x.min() < 0 or x.max() > 255):
             raise FlowError(f"array '{key}' holds integers from {x.min()} to {x.max()}; pixels must be 0..255 "
                             f"(uint8) or floats in 0..1", p)
-        x = np.divide(x, np.float32(255.0), dtype=np.float32)
+        x = x.astype(np.uint8)
     else:
         raise FlowError(f"array '{key}' has dtype {x.dtype}; expected uint8 or float pixels", p)
     if x.ndim < 2:
@@ -707,6 +557,11 @@ def _csv_find_bad_row(lines, start, delim, ncols, p):
 
 
 # ---------------------------------------------------------------------------------- dispatch
+def _load_images(call, base_dir, input_shape, classes=None, budget=None, say=None):
+    from .imagefolder import load_images
+    return load_images(call, base_dir, input_shape, classes, budget, say)
+
+
 _LOADERS = {
     "images": _load_images,
     "idx": _load_idx,
@@ -716,21 +571,29 @@ _LOADERS = {
 }
 
 
-def load_source(call, base_dir, input_shape, classes=None) -> Dataset:
+def load_source(call, base_dir, input_shape, classes=None, budget=None, say=None) -> Dataset:
     """Load the data a source call describes (a validated CallValue from the train block).
 
     base_dir: the .flow file's folder (relative paths resolve against it); input_shape: the
     model's (C, H, W) or (N,); classes: class names from a checkpoint, if any (image folders must
-    match them; label-only sources take them as their names)."""
+    match them; label-only sources take them as their names); budget: bytes of RAM the samples
+    may take (cached sources stream beyond it; None: no limit); say: where notes go."""
     input_shape = tuple(int(d) for d in input_shape)
     if call.name == "split":
         raise FlowError("split(...) is not a data source: it takes its test set from `data`")
     loader = _LOADERS.get(call.name)
     if loader is None:
         raise FlowError(f"unknown data source '{call.name}' (choose from {', '.join(sorted(_LOADERS))})")
-    ds = loader(call, base_dir, input_shape, classes)
-    assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64
+    ds = loader(call, base_dir, input_shape, classes, budget, say) if call.name == "images" else \
+        loader(call, base_dir, input_shape, classes)
+    assert ds.store.dtype in (np.uint8, np.uint16, np.float32) and ds.y.dtype == np.int64
     return ds
+
+
+def load_image_files(paths, input_shape, color=None, fit="stretch"):
+    """Single images (for predict/focus) as float32 x fitted to the model input, like images()."""
+    from .imagefolder import load_image_files as load
+    return load(paths, input_shape, color, fit)
 
 
 __all__ = ["Dataset", "load_source", "load_image_files", "check_labels", "split", "read_idx",

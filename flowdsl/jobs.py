@@ -11,8 +11,8 @@ import numpy as np
 
 from .args import CallValue, bind
 from .data import base_dir, parse_source
-from .errors import FlowError
-from .memory import check_training
+from .errors import FlowError, size_text
+from .memory import check_training, data_budget
 from .parse import Arg, Block, parse_text
 from .settings import TRAIN
 
@@ -52,21 +52,24 @@ def apply_overrides(model, overrides: dict):
     return settings
 
 
-def load_data(model, settings, classes=None):
-    """(train Dataset, test Dataset or None) from the settings' data and test sources."""
+def load_data(model, settings, classes=None, budget=None, say=None):
+    """(train Dataset, test Dataset or None) from the settings' data and test sources; budget:
+    bytes of RAM they may take together (image folders beyond it stream from their cache)."""
     from .data import check_labels, load_source, split
     if settings["data"] is None:
         raise FlowError("no training data: add `data = ...` to the train block (e.g. data = fashion_mnist(\"train\")) "
                         "or pass --data", model.file)
     bd = base_dir(model)
-    train = load_source(settings["data"], bd, model.input_shape, classes=classes)
+    train = load_source(settings["data"], bd, model.input_shape, classes=classes, budget=budget, say=say)
     test = None
     t = settings["test"]
     if t is not None and t.name == "split":
         train, test = split(train, t["fraction"], settings["seed"])
     elif t is not None:
         # the test set must name its classes as the training set does (images folders)
-        test = load_source(t, bd, model.input_shape, classes=classes or (train.classes if t.name == "images" else None))
+        left = None if budget is None else max(0, budget - train.resident_bytes)
+        test = load_source(t, bd, model.input_shape, classes=classes or (train.classes if t.name == "images" else None),
+                           budget=left, say=say)
     loss = model.layers[-1]
     if getattr(loss, "targets", "labels") == "labels":
         check_labels(train, loss.out[0], train.source)
@@ -91,14 +94,17 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1):
     _check_writable(out)
     check_training(model, 1, "--batch ")  # before loading anything: a model that cannot train one sample
     threads = jit.threads(settings["threads"])
-    train, test = load_data(model, settings)
-    check_training(model, max(1, min(settings["batch"], len(train.x))), "--batch ")  # with the data loaded
-    net = Net(model, seed=settings["seed"])
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    say(f"{model_name(model)}: {model.n_params():,} weights; train {len(train.x):,} images "
-        f"({train.source}); test {len(test.x) if test else 0:,}; batch {settings['batch']}; "
+    train, test = load_data(model, settings, budget=data_budget(model, settings["batch"]), say=say)
+    resident = train.resident_bytes + (test.resident_bytes if test is not None else 0)
+    # with the data loaded (available memory now counts it)
+    check_training(model, max(1, min(settings["batch"], len(train))), "--batch ")
+    net = Net(model, seed=settings["seed"])
+    mode = "streamed from the cache" if train.streamed else f"{size_text(resident)} in memory"
+    say(f"{model_name(model)}: {model.n_params():,} weights; train {len(train):,} samples "
+        f"({train.source}; {mode}); test {len(test) if test else 0:,}; batch {settings['batch']}; "
         f"{threads} threads; writing {out}/")
-    hist = fit(net, train.x, train.y, (test.x, test.y) if test is not None else None,
+    hist = fit(net, train, None, test,
                epochs=settings["epochs"], iterations=settings["iterations"], batch=settings["batch"],
                optimizer=settings["optimizer"], schedule=settings["schedule"], l2=settings["l2"],
                seed=settings["seed"], augment=settings["augment"], patience=settings["patience"],
@@ -157,11 +163,11 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
         ds, dsname = test, test.source
     check_labels(ds, model.layers[-1].out[0], ds.source)
     classes = classes or ds.classes
-    res = evaluate(net, ds.x, ds.y)
-    lines = [f"{dsname}: {len(ds.x):,} images", f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}"]
+    res = evaluate(net, ds)
+    lines = [f"{dsname}: {len(ds):,} images", f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}"]
     if tta:
         plain = res
-        res = evaluate(net, ds.x, ds.y, tta=tta)
+        res = evaluate(net, ds, tta=tta)
         lines.append(f"with test-time augmentation ({tta}: each image and its mirror, mean probabilities): "
                      f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}   (without: {plain['acc']:.4f})")
     if perturb:

@@ -91,6 +91,16 @@ def train_estimate(model, batch, data_bytes=0):
     return 4 * 5 * model.n_params() + batch * train_bytes_per_sample(model) + data_bytes
 
 
+def data_budget(model, batch):
+    """Bytes of RAM data may take while training at this batch (None: unknown, no limit): what
+    is available less the training estimate, with a tenth kept free. Sources that can stream
+    (image folders, IDX) stream beyond it."""
+    avail = available_memory()
+    if not avail:
+        return None
+    return max(0, int(avail * 0.9) - train_estimate(model, batch))
+
+
 def check_training(model, batch, option, data_bytes=0):
     """Refuse, before allocating anything, a batch whose estimated training memory exceeds the
     memory available, suggesting a batch that fits (`option` is how the caller's user writes

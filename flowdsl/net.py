@@ -13,7 +13,7 @@ from . import plan
 from .errors import FlowError
 from .layers import lookup
 from .layers.base import show_shape
-from .memory import check_parameters, check_training
+from .memory import check_parameters, check_training, data_budget
 
 
 class Net:
@@ -181,28 +181,30 @@ class Net:
         """Train on arrays (x: (N,H,W,C) or (N,C,H,W); y: int labels) or on a data source
         (x = a .flow source string such as 'fashion_mnist("train")', y = None). Settings not
         given come from the model's train block. Returns the History (history["test_acc"], ...)."""
+        from .data import as_dataset
         from .train import fit
         t = self.model.train
+        batch = batch or t["batch"]
         if isinstance(x, str):
             from .data import base_dir, load_source, parse_source
-            ds = load_source(parse_source(x, self.model), base_dir(self.model), self.model.input_shape)
-            x, y = ds.x, ds.y
+            ds = load_source(parse_source(x, self.model), base_dir(self.model), self.model.input_shape,
+                             budget=data_budget(self.model, int(batch)))
             kw.setdefault("classes", ds.classes)
-        x = self.as_input(x)
-        if y is None:
-            raise FlowError("fit needs labels y (or a data source string as x)")
-        y = np.asarray(y)
+        else:
+            if y is None:
+                raise FlowError("fit needs labels y (or a data source string as x)")
+            ds = as_dataset(self.as_input(x), np.asarray(y))
         if test is not None:
-            test = (self.as_input(test[0]), np.asarray(test[1]))
+            test = as_dataset(self.as_input(test[0]), np.asarray(test[1]))
         defaults = dict(iterations=t["iterations"] if epochs is None else None, optimizer=t["optimizer"],
                         schedule=t["schedule"], l2=t["l2"], seed=t["seed"], augment=t["augment"],
                         patience=t["patience"], verbose=0)
         defaults.update(kw)
         if epochs is None and defaults["iterations"] is None:
             epochs = t["epochs"] or 1
-        batch = batch or t["batch"]
-        check_training(self.model, max(1, min(int(batch), len(x))), option="batch=")
-        return fit(self, x, y, test, epochs=epochs, batch=batch, **defaults)
+        # the data is loaded already: available memory counts it
+        check_training(self.model, max(1, min(int(batch), len(ds))), option="batch=")
+        return fit(self, ds, None, test, epochs=epochs, batch=batch, **defaults)
 
     def evaluate(self, x, y, batch=256):
         """{'loss', 'acc', 'confusion'} on arrays."""

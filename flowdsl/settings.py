@@ -5,7 +5,9 @@ from __future__ import annotations
 from .args import P
 
 SOURCES = {
-    "images": (P("dir", "str"), P("size", "shape", None), P("color", "name", None, choices=("gray", "rgb"))),
+    "images": (P("dir", "str"), P("size", "shape", None), P("color", "name", None, choices=("gray", "rgb")),
+               P("fit", "name", "stretch", choices=("stretch", "crop", "pad")),
+               P("bad", "name", "error", choices=("error", "skip"))),
     "idx": (P("images", "str"), P("labels", "str")),
     "npz": (P("file", "str"), P("x", "str", "x"), P("y", "str", "y")),
     "csv": (P("file", "str"), P("label", "int", 0, lo=0)),

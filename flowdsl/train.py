@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .batches import Prefetch
+from .data import Dataset, as_dataset
 from .errors import FlowError
 
 SAVE_SECONDS = 60.0  # last.npz is also written at least this often within an epoch
@@ -37,39 +39,43 @@ class History:
         return np.array([[r[c] for c in HISTORY_COLS] for r in self.rows], np.float64).reshape(-1, len(HISTORY_COLS))
 
 
-def evaluate(net, x, y, batch=256, tta=None):
-    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted).
+def evaluate(net, data, y=None, batch=256, tta=None):
+    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) on a Dataset
+    (or arrays x, y), a batch at a time.
     tta="hflip": classify by the mean probabilities of each image and its mirror image (the
     loss is then the cross-entropy of those mean probabilities)."""
+    ds = data if isinstance(data, Dataset) else as_dataset(data, y)
     loss_layer = net.loss_layer
-    n = len(x)
+    n = len(ds)
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "confusion": None}
-    if tta is not None:
-        p = net.predict(x, batch=batch, tta=tta)
-        if getattr(loss_layer, "targets", "labels") != "labels":
-            d = p.astype(np.float64) - np.asarray(y, np.float64).reshape(p.shape)
-            return {"loss": float((d * d).sum() / (2 * n)), "acc": float("nan"), "confusion": None}
-        k = loss_layer.out[0]
-        conf = np.zeros((k, k), np.int64)
-        np.add.at(conf, (y, p.argmax(axis=1)), 1)
-        return {"loss": loss_layer.prob_loss(p, y), "acc": float(np.trace(conf) / n), "confusion": conf}
-    if getattr(loss_layer, "targets", "labels") != "labels":
-        tot = 0.0
-        for i in range(0, n, batch):
-            z = net.forward(x[i:i + batch])
-            l, _, _ = loss_layer.loss(z, y[i:i + batch])
-            tot += l * len(z)
-        return {"loss": tot / n, "acc": float("nan"), "confusion": None}
+    labels = getattr(loss_layer, "targets", "labels") == "labels"
     k = loss_layer.out[0]
-    conf = np.zeros((k, k), np.int64)
+    conf = np.zeros((k, k), np.int64) if labels else None
     tot = 0.0
+    probs = []
     for i in range(0, n, batch):
-        z = net.forward(x[i:i + batch])
-        yb = y[i:i + batch]
+        idx = np.arange(i, min(n, i + batch))
+        xb, yb = ds.batch(idx), ds.y[idx]
+        if tta is not None:
+            p = net.predict(xb, batch=batch, tta=tta)
+            probs.append(p)
+            if labels:
+                np.add.at(conf, (yb, p.argmax(axis=1)), 1)
+            continue
+        z = net.forward(xb)
         l, _, _ = loss_layer.loss(z, yb)
         tot += l * len(z)
-        np.add.at(conf, (yb, z.argmax(axis=1)), 1)
+        if labels:
+            np.add.at(conf, (yb, z.argmax(axis=1)), 1)
+    if tta is not None:
+        p = np.concatenate(probs)
+        if not labels:
+            d = p.astype(np.float64) - np.asarray(ds.y, np.float64).reshape(p.shape)
+            return {"loss": float((d * d).sum() / (2 * n)), "acc": float("nan"), "confusion": None}
+        return {"loss": loss_layer.prob_loss(p, ds.y), "acc": float(np.trace(conf) / n), "confusion": conf}
+    if not labels:
+        return {"loss": tot / n, "acc": float("nan"), "confusion": None}
     return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf}
 
 
@@ -107,7 +113,8 @@ def threading_main():
 def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimizer=None, schedule=None,
         l2=0.0, seed=0, augment=(), patience=None, out_dir=None, checkpoint_every=None, resume=None,
         classes=None, verbose=1, log=None, callback=None):
-    """Train `net` on arrays x (NHWC float32), y. test: (x, y) or None. Returns a History.
+    """Train `net` on a Dataset x (y None) or arrays x (NHWC float32), y. test: a Dataset, (x, y)
+    or None. Returns a History. Batches are gathered and augmented in a prefetch thread.
 
     verbose: 0 silent, 1 a progress bar on a terminal and one line per epoch otherwise, 2 one
     line per epoch. out_dir: write last.npz, best.npz and log.csv there. callback(step, loss) is
@@ -119,7 +126,10 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     from .settings import OPTIMIZERS
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    n = len(x)
+    ds = x if isinstance(x, Dataset) else as_dataset(x, y)
+    if test is not None and not isinstance(test, Dataset):
+        test = as_dataset(*test)
+    n = len(ds)
     if n == 0:
         raise FlowError("no training data")
     if optimizer is None:
@@ -155,7 +165,24 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     if use_bar:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
-    perm, perm_epoch = None, -1
+    perms = {}
+
+    def make(step):
+        """The batch of a step: a seeded permutation of the samples per epoch, augmented per step."""
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = np.random.default_rng([seed, 2, epoch]).permutation(n)
+        idx = perms[epoch][i * batch:(i + 1) * batch]
+        try:
+            xb = ds.batch(idx)
+        except OSError as e:
+            raise FlowError(f"cannot read the training data ({ds.source}): {e}") from None
+        if aug is not None:
+            xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
+        return idx, xb, ds.y[idx]
+
+    prefetch = Prefetch(make, step, total)
     ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
     last_save = time.monotonic()
     t_epoch = time.perf_counter()
@@ -167,13 +194,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     hist.stopped, hist.signal = stop.flag, stop.signum
                     break
                 epoch, i = divmod(step, per_epoch)
-                if epoch != perm_epoch:
-                    perm = np.random.default_rng([seed, 2, epoch]).permutation(n)
-                    perm_epoch = epoch
-                idx = perm[i * batch:(i + 1) * batch]
-                xb, yb = x[idx], y[idx]
-                if aug is not None:
-                    xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
+                idx, xb, yb = prefetch.get(step)
                 net.rng = np.random.default_rng([seed, 4, step])
                 lr = lr_at(schedule, opt.lr, step, total, per_epoch)
                 with np.errstate(all="ignore"):  # divergence is reported below, once, clearly
@@ -201,8 +222,8 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": ep_loss / ep_seen,
                            "train_acc": ep_correct / ep_seen, "test_loss": float("nan"),
                            "test_acc": float("nan"), "seconds": secs, "img_per_s": ep_seen / max(secs, 1e-9)}
-                    if test is not None and len(test[0]):
-                        last_eval = evaluate(net, test[0], test[1])
+                    if test is not None and len(test):
+                        last_eval = evaluate(net, test)
                         row["test_loss"], row["test_acc"] = last_eval["loss"], last_eval["acc"]
                         hist.confusion = last_eval["confusion"]
                     hist.rows.append(row)
@@ -234,6 +255,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                           (ep_loss, ep_correct, ep_seen))
                     last_save = time.monotonic()
         finally:
+            prefetch.close()
             if bar is not None:
                 bar.close()
         if hist.stopped and out_dir and not hist.stopped.startswith("early"):

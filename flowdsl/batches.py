@@ -1,0 +1,175 @@
+"""Serving batches: compact samples (uint8, uint16 or float32, in RAM or in a cache file read with
+pread) turned into float32 batches, and a prefetch thread that prepares the next batches of a
+training run while the current step runs.
+
+Scaling: a uint8 value v becomes float32(v) / float32(255) (uint16: / 65535), computed once into a
+lookup table, so a batch is bit-identical to dividing the whole data set up front (what flowdsl
+did before it kept samples compact)."""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import numpy as np
+
+from .jit import kernel
+
+_LUTS = {}
+
+
+def lut(dtype):
+    """float32 values of every code of an unsigned integer dtype (uint8: v / 255)."""
+    dtype = np.dtype(dtype)
+    t = _LUTS.get(dtype)
+    if t is None:
+        top = np.float32(np.iinfo(dtype).max)
+        t = _LUTS[dtype] = np.arange(int(top) + 1, dtype=np.float32) / top
+    return t
+
+
+class CacheFile:
+    """A flat file of M samples of `shape` and `dtype`, read a sample at a time with pread: the
+    file's pages stay in the system's page cache, not in this process's resident memory (a
+    memory map would count them there, and a 6 GB cache would look like a 6 GB process)."""
+
+    def __init__(self, path, count, shape, dtype):
+        self.path = str(path)
+        self.shape = (int(count),) + tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.sample_bytes = int(np.prod(shape)) * self.dtype.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    @property
+    def nbytes(self):
+        return self.shape[0] * self.sample_bytes
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, rows, out=None):
+        """The samples `rows` as an array (len(rows),) + shape of the file's dtype."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows),) + self.shape[1:], self.dtype) if out is None else out
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        b = self.sample_bytes
+        for j in np.argsort(rows, kind="stable"):   # in file order: sequential on a disk
+            r = int(rows[j])
+            got = os.preadv(self.fd, [memoryview(flat[j])], r * b)
+            if got != b:
+                raise OSError(f"{self.path}: short read at sample {r} ({got} of {b} bytes); the cache file "
+                              f"was truncated")
+        return out
+
+    def load(self):
+        """The whole file in RAM."""
+        return np.fromfile(self.path, self.dtype).reshape(self.shape)
+
+    def close(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    def __del__(self):
+        self.close()
+
+
+def gather(store, rows, shape):
+    """float32 batch (len(rows),) + shape of the samples `rows` of store (an array or a CacheFile)."""
+    rows = np.asarray(rows, np.int64)
+    n = len(rows)
+    out = np.empty((n,) + tuple(shape), np.float32)
+    if n == 0:
+        return out
+    if isinstance(store, CacheFile):
+        raw = store.read(rows)
+        src, rows = raw.reshape(n, -1), np.arange(n, dtype=np.int64)
+    else:
+        src = store.reshape(store.shape[0], -1)
+    dst = out.reshape(n, -1)
+    if src.dtype == np.float32:
+        _gather_f32(src, rows, dst)
+    else:
+        _gather_lut(src, rows, dst, lut(src.dtype))
+    return out
+
+
+@kernel(parallel=False)
+def _gather_lut(src, rows, dst, table):
+    """dst[i] = table[src[rows[i]]]: integer codes to float32 (serial: it runs beside training's
+    parallel kernels in the prefetch thread, with the GIL released)."""
+    k = src.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for q in range(k):
+            dst[i, q] = table[src[r, q]]
+
+
+@kernel(parallel=False)
+def _gather_f32(src, rows, dst):
+    k = src.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for q in range(k):
+            dst[i, q] = src[r, q]
+
+
+class Prefetch:
+    """Runs make(step) for steps start, start+1, ... < stop in a background thread, at most
+    `depth` steps ahead; get(step) returns make(step)'s result in order, or raises what make
+    raised. close() stops the thread (also on Ctrl-C and errors: the thread is a daemon and
+    never blocks the process from exiting)."""
+
+    def __init__(self, make, start, stop, depth=2):
+        self.q = queue.Queue(maxsize=depth)
+        self.stop_event = threading.Event()
+        self.next = start
+        self.thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True,
+                                       name="flowdsl-prefetch")
+        self.thread.start()
+
+    def _run(self, make, start, stop):
+        for step in range(start, stop):
+            if self.stop_event.is_set():
+                return
+            try:
+                item = (step, make(step), None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (step, None, e)
+            while not self.stop_event.is_set():
+                try:
+                    self.q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self, step):
+        while True:
+            try:
+                got, value, err = self.q.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.q.empty():
+                    raise RuntimeError("the prefetch thread stopped unexpectedly") from None
+        if err is not None:
+            raise err
+        assert got == step, (got, step)
+        return value
+
+    def close(self):
+        self.stop_event.set()
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self.thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
