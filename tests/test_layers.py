@@ -8,7 +8,9 @@ Finite differences are taken of the float64 reference, so eps can be small (1e-6
 truncation and rounding errors are ~1e-10, far below the float32 kernels' own error, and
 a step that small almost never crosses a relu kink or a maxpool tie."""
 import copy
+import importlib
 import os
+import pkgutil
 import sys
 import zlib
 from pathlib import Path
@@ -110,8 +112,15 @@ def skip_of(layer, x):
     return x
 
 
-def deterministic(layer):
-    return layer.kind != "dropout" or layer.args["p"] == 0.0
+def deterministic(net, layer, x):
+    """False for a layer whose training forward draws from ctx["rng"] (dropout with p > 0):
+    asked of the layer itself, two generators giving two outputs, not of its kind name."""
+    ys = []
+    for seed in (1, 2):
+        ctx = ctx_of(net, layer, x)
+        ctx.update(rng=np.random.default_rng(seed), state=copy.deepcopy(ctx["state"]))
+        ys.append(layer.forward(x, params_of(net, layer), ctx, True))
+    return np.array_equal(*ys)
 
 
 def fd_check(name, got, f, x0, rng):
@@ -157,7 +166,7 @@ def atol_for(layer, want):
 def test_forward_matches_reference(kind, text, shape):
     net, layer, x, _ = setup(kind, text, shape)
     p = params_of(net, layer)
-    modes = (False, True) if deterministic(layer) else (False,)
+    modes = (False, True) if deterministic(net, layer, x) else (False,)
     for training in modes:
         state = f64(net.state.get(layer.name, {}))  # before a training pass moves it
         x64 = x.astype(np.float64)
@@ -180,16 +189,16 @@ def test_forward_matches_reference(kind, text, shape):
 
 # ------------------------------------------------------------------------------ backward
 BACKWARD = [c for c in CASES if REGISTRY[c[0]].role != "loss"]
-MODES = {"batchnorm": (True, False)}  # kinds whose backward also runs after an eval forward
 
 
 @pytest.mark.parametrize("kind,text,shape", BACKWARD, ids=[f"{k}:{t}@{s}" for k, t, s in BACKWARD])
 def test_backward_matches_finite_differences(kind, text, shape):
     net, layer, x, rng = setup(kind, text, shape)
-    if not deterministic(layer):
+    if not deterministic(net, layer, x):
         pytest.skip("random in training: see test_dropout_*")
     p = params_of(net, layer)
-    for training in MODES.get(kind, (True,)):
+    # a layer with running statistics (batchnorm) also runs backward after an eval forward
+    for training in (True, False) if net.state.get(layer.name) else (True,):
         state = f64(net.state.get(layer.name, {}))
         ctx = ctx_of(net, layer, x)
         y = layer.forward(x, p, ctx, training)
@@ -368,17 +377,12 @@ def test_winograd_waits_for_enough_tiles(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ kernels as Python
-def kernel_modules(layer):
-    """Modules holding the numba kernels a layer uses: its own, the layer modules it imports and
-    theirs (conv's _planar, _winograd and _winograd4), and activations for act=."""
-    import types
-
-    import flowdsl.layers.activations as acts
-    mods = [sys.modules[type(layer).__module__]]
-    for mod in mods:   # grows while it is walked
-        mods += [m for m in vars(mod).values() if isinstance(m, types.ModuleType) and m not in mods
-                 and m.__name__.startswith("flowdsl.layers.") and m is not acts]
-    return mods + ([acts] if mods[0] is not acts else [])
+def layer_modules():
+    """Every module of the flowdsl.layers package, helpers too (conv's strategies, ...), found
+    by pkgutil: a kernel in a new module is swapped and counted without touching this file."""
+    import flowdsl.layers as package
+    return [importlib.import_module(m.name)
+            for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
 
 
 def kernels_in(mod):
@@ -386,7 +390,41 @@ def kernels_in(mod):
             if hasattr(obj, "py_func") and getattr(obj.py_func, "__module__", None) == mod.__name__}
 
 
-PYFUNC = [c + (2,) for c in CASES if c[0] in ("conv", "maxpool", "avgpool", "batchnorm", "gelu", "elu")]
+def python_kernels(monkeypatch):
+    """Swap every compiled kernel of the layer package for its plain-Python version (`.py_func`);
+    returns the set of (module, kernel) names called from then on, nested calls included (a
+    Python kernel calls the others through its module's globals)."""
+    called = set()
+    for mod in layer_modules():
+        for name, obj in kernels_in(mod).items():
+            def python(*args, _f=obj.py_func, _key=(mod.__name__, name)):
+                called.add(_key)
+                return _f(*args)
+            monkeypatch.setattr(mod, name, python)
+    return called
+
+
+def run_layer(net, layer, x):
+    """A training forward and backward, then an evaluation forward, of one layer: [y, dx,
+    y in evaluation, parameter gradients...]. Running statistics are put back after training,
+    and a random layer gets the same generator state every time (dropout: the same mask)."""
+    p = params_of(net, layer)
+    ctx = ctx_of(net, layer, x)
+    ctx["rng"] = np.random.default_rng(0)
+    st = {k: v.copy() for k, v in ctx["state"].items()}
+    y = layer.forward(x, p, ctx, True)
+    g = {k: np.full_like(v, np.nan) for k, v in p.items()}
+    dx = layer.backward(np.ones_like(y) + y, p, g, ctx, need_dx=True)
+    for k, v in st.items():  # undo the running-statistics update
+        ctx["state"][k][...] = v
+    y_eval = layer.forward(x, p, ctx_of(net, layer, x), False)
+    return [y, dx, y_eval] + [g[k] for k in sorted(g)]
+
+
+# Every example of every kind that has a forward and backward (losses have their own interface and
+# call no layer kernel), at batch 2; test_python_versions_reach_every_kernel checks that these
+# reach every kernel of the package, so a kernel no case runs fails there instead of going unchecked.
+PYFUNC = [c + (2,) for c in CASES if REGISTRY[c[0]].role in ("layer", "activation")]
 PYFUNC += [  # more samples and rows than threads: parallel tasks that could collide if they shared dx
     ("maxpool", "maxpool(3, stride=2, ceil=true)", "13x11x3", 8),
     ("maxpool", "maxpool(2)", "12x11x3", 8),
@@ -405,35 +443,34 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
 @pytest.mark.parametrize("kind,text,shape,batch", PYFUNC, ids=[f"{k}:{t}@{s}x{b}" for k, t, s, b in PYFUNC])
 def test_kernels_match_their_python_versions(kind, text, shape, batch, monkeypatch):
-    """The compiled kernels against their plain-Python versions (`.py_func`), forward and backward."""
+    """The compiled kernels against their plain-Python versions (`.py_func`): training forward and
+    backward, and the evaluation forward."""
     net, layer, _, rng = setup(kind, text, shape)
     x = rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32)
-    p = params_of(net, layer)
-
-    def run():
-        ctx = ctx_of(net, layer)
-        st = {k: v.copy() for k, v in ctx["state"].items()}
-        y = layer.forward(x, p, ctx, True)
-        g = {k: np.full_like(v, np.nan) for k, v in p.items()}
-        dx = layer.backward(np.ones_like(y) + y, p, g, ctx, need_dx=True)
-        for k, v in st.items():  # undo the running-statistics update
-            ctx["state"][k][...] = v
-        return [y, dx] + [g[k] for k in sorted(g)]
-
-    compiled = run()
-    mods = kernel_modules(layer)
-    found = 0
-    for mod in mods:
-        for name, obj in kernels_in(mod).items():
-            monkeypatch.setattr(mod, name, obj.py_func)
-            found += 1
-    assert found, f"no kernels found in {[m.__name__ for m in mods]}"
-    python = run()
+    compiled = run_layer(net, layer, x)
+    python_kernels(monkeypatch)
+    python = run_layer(net, layer, x)
     # fastmath (reassociation, fused multiply-add) changes the last bits; chained through the
     # activation's derivative and a conv sum that can reach ~1e-4 of the array's scale
     for i, (a, b) in enumerate(zip(compiled, python)):
         scale = max(1.0, float(np.abs(b).max()))
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4 * scale, err_msg=f"output {i} (y, dx, grads...)")
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4 * scale,
+                                   err_msg=f"output {i} (y, dx, y in evaluation, grads...)")
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
+def test_python_versions_reach_every_kernel(monkeypatch):
+    """Every kernel in the layer package runs (as Python) in some case of
+    test_kernels_match_their_python_versions: a new kernel, or one only some new path calls,
+    cannot go unchecked against its Python version."""
+    every = {(m.__name__, name) for m in layer_modules() for name in kernels_in(m)}
+    assert every, "no kernels found in flowdsl.layers"
+    called = python_kernels(monkeypatch)
+    for kind, text, shape, batch in PYFUNC:
+        net, layer, _, rng = setup(kind, text, shape)
+        run_layer(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32))
+    missing = sorted(f"{m}.{k}" for m, k in every - called)
+    assert not missing, f"kernels no case runs: {missing}; add an example to tests/naive.py or PYFUNC"
 
 
 # ------------------------------------------------------------------------------ whole networks
