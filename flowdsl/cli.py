@@ -28,9 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_check(a):
     from .model import load_model
+    from .jobs import describe_data
     m = load_model(a.file)
+    data = describe_data(m)
     print(f"{a.file}: ok")
     print(m.summary())
+    for line in data:
+        print(line, file=sys.stderr if line.startswith(("warning", a.file)) else sys.stdout)
     return 0
 
 

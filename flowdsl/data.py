@@ -590,6 +590,33 @@ def load_source(call, base_dir, input_shape, classes=None, budget=None, say=None
     return ds
 
 
+def describe_source(call, base_dir, input_shape):
+    """(samples, bytes per sample in RAM) of a source without decoding it, or (None, file bytes)
+    where only the file size is cheap to know; a FlowError if its files do not exist."""
+    if call.name == "images":
+        from .imagefolder import describe_folder
+        n, per = describe_folder(call, base_dir, input_shape)
+        return n, per
+    if call.name in ("idx", "fashion_mnist"):
+        img = _find_fashion(call.get("part", "train"))[0] if call.name == "fashion_mnist" else \
+            _existing_file(call["images"], base_dir)
+        if call.name == "idx":
+            _existing_file(call["labels"], base_dir)
+        with (gzip.open(img, "rb") if _read_head(img, 2) == b"\x1f\x8b" else open(img, "rb")) as f:
+            head = f.read(16)
+        if len(head) >= 8 and head[:2] == b"\0\0" and head[3] >= 1 and len(head) >= 4 + 4 * min(head[3], 3):
+            dims = struct.unpack(f">{min(head[3], 3)}I", head[4:4 + 4 * min(head[3], 3)])
+            return dims[0], math.prod(dims[1:])
+        return None, img.stat().st_size
+    path = _existing_file(call["file"], base_dir)
+    return None, path.stat().st_size
+
+
+def _read_head(path, n):
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def load_image_files(paths, input_shape, color=None, fit="stretch"):
     """Single images (for predict/focus) as float32 x fitted to the model input, like images()."""
     from .imagefolder import load_image_files as load

@@ -60,7 +60,10 @@ def load_data(model, settings, classes=None, budget=None, say=None):
         raise FlowError("no training data: add `data = ...` to the train block (e.g. data = fashion_mnist(\"train\")) "
                         "or pass --data", model.file)
     bd = base_dir(model)
-    train = load_source(settings["data"], bd, model.input_shape, classes=classes, budget=budget, say=say)
+    try:
+        train = load_source(settings["data"], bd, model.input_shape, classes=classes, budget=budget, say=say)
+    except FlowError as e:
+        raise _positioned(model, "data", settings["data"], e) from None
     test = None
     t = settings["test"]
     if t is not None and t.name == "split":
@@ -68,14 +71,60 @@ def load_data(model, settings, classes=None, budget=None, say=None):
     elif t is not None:
         # the test set must name its classes as the training set does (images folders)
         left = None if budget is None else max(0, budget - train.resident_bytes)
-        test = load_source(t, bd, model.input_shape, classes=classes or (train.classes if t.name == "images" else None),
-                           budget=left, say=say)
+        try:
+            test = load_source(t, bd, model.input_shape, budget=left, say=say,
+                               classes=classes or (train.classes if t.name == "images" else None))
+        except FlowError as e:
+            raise _positioned(model, "test", t, e) from None
     loss = model.layers[-1]
     if getattr(loss, "targets", "labels") == "labels":
         check_labels(train, loss.out[0], train.source)
         if test is not None:
             check_labels(test, loss.out[0], test.source)
     return train, test
+
+
+def describe_data(model):
+    """Lines for `flowdsl check`: each data source's size and whether it is held in memory or
+    streamed, and the training estimate with it. A missing folder or file is an error at the
+    position of its source in the .flow file."""
+    from .data import describe_source
+    from .memory import data_budget, train_estimate
+    lines = []
+    budget = data_budget(model, model.train["batch"])
+    resident = 0
+    for key in ("data", "test"):
+        call = model.train.get(key)
+        if call is None or call.name == "split":
+            continue
+        try:
+            n, per = describe_source(call, base_dir(model), model.input_shape)
+        except FlowError as e:
+            lines.append(_positioned(model, key, call, e).render().replace("error:", "warning:", 1)
+                         + "\n  (the model is fine; training will stop here until the data exists)")
+            continue
+        if n is None:
+            lines.append(f"{key}: {call} ({size_text(per)} file, held in memory)")
+            resident += per
+            continue
+        total = n * per
+        streams = call.name == "images" and budget is not None and total > max(0, budget - resident)
+        if not streams:
+            resident += total
+        lines.append(f"{key}: {n:,} samples, {size_text(total)} as uint8 "
+                     f"({'streamed from the cache' if streams else 'in memory'})")
+    if resident or any(not line.startswith(model.file or "\0") for line in lines):
+        est = train_estimate(model, model.train["batch"], resident)
+        lines.append(f"Training memory at batch {model.train['batch']} with the data in memory: about "
+                     f"{size_text(est)} (estimated)")
+    return lines
+
+
+def _positioned(model, key, call, e):
+    """A data error that names no file of its own, at the position of its source setting."""
+    if e.file is not None and e.line is None and e.file != model.file:
+        return e
+    return model.error_at(key, f"{key} = {call}: {e.message}")
 
 
 def model_name(model):

@@ -21,7 +21,7 @@ class Model:
     init: dict              # layer name (or 'default') -> CallValue
     source: str
     file: str | None = None
-    written: dict = None    # train keys written in the file (others are defaults)
+    written: dict = None    # train keys written in the file -> their position (others are defaults)
 
     @property
     def input_shape(self):
@@ -39,6 +39,11 @@ class Model:
         if name in self.aliases:
             return self.layers[self.aliases[name][1]]
         raise KeyError(name)
+
+    def error_at(self, key, message):
+        """A FlowError at the train setting `key` (file:line:col), or at the file."""
+        pos = (self.written or {}).get(key)
+        return FlowError(message, self.file, pos.line if pos else None, pos.column if pos else None, self.source)
 
     def names(self):
         return [l.name for l in self.layers] + [a for a in self.aliases if a not in {l.name for l in self.layers}]
@@ -377,14 +382,14 @@ def _make_layer(el, program, bindings):
 
 def _train_settings(block, program):
     settings = {}
-    written = set()
+    written = {}   # key -> position of its setting
     if block is not None:
         from .parse import Arg
         args = []
         for st in block.settings:
             if st.key in written:
                 raise _err(f"train: '{st.key}' is set twice", st.pos, program)
-            written.add(st.key)
+            written[st.key] = st.pos
             args.append(Arg(st.key, st.value, st.pos))
         settings = bind("train", TRAIN, args, block.pos)
         if settings["epochs"] is not None and settings["iterations"] is not None:
