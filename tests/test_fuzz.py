@@ -9,6 +9,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flowdsl import layers as registry
 from flowdsl.errors import FlowError
 from flowdsl.layers import all_names
 from flowdsl.model import Model, build_text
@@ -78,15 +79,141 @@ PUNCT = st.sampled_from(["(", ")", "[", "]", "{", "}", "=", ",", "::", "::", "::
                          "  # a comment\n", "\n\n", " "])
 TOKEN = st.one_of(NAMES, NAMES, NUMBERS, SHAPES, STRINGS, PUNCT, PUNCT)
 
+# Programs built from the grammar (a layer chain, bindings, blocks, in varied layout), then
+# sometimes broken by deleting, duplicating or replacing one token: most are valid or nearly so,
+# which is where the round trip and shape inference are exercised. The layers come from the
+# registry (every kind, under each of its names, with arguments from its declared parameters),
+# so a new kind is fuzzed without touching this file.
+registry.load_all()
+
+
+def _spellings(kind):
+    """Every name that builds `kind`: (name, needs arguments) pairs."""
+    return ([(kind, False)] + [(a, False) for a, k in sorted(registry.ALIASES.items()) if k == kind]
+            + [(a, True) for a, k in sorted(registry.CALL_ALIASES.items()) if k == kind])
+
+
+def _role(*roles):
+    return sorted(k for k, c in registry.REGISTRY.items() if c.role in roles)
+
+
+BODY = _role("layer", "activation")
+WEIGHTED = sorted(k for k in BODY if registry.REGISTRY[k].has_weights)
+FIRST = sorted(k for k, c in registry.REGISTRY.items() if any(p.kind == "shape" for p in c.params))
+LOSSES = sorted(n for k in _role("loss") for n, _ in _spellings(k))
+
+
+def _takes_a_vector(kind):
+    try:
+        build_text(f"{kind}(8) :: squared")
+        return True
+    except FlowError:
+        return False
+
+
+VECTOR_FIRST = [k for k in FIRST if _takes_a_vector(k)]   # input(8); conv needs a map
+assert VECTOR_FIRST, FIRST
+# a kind with a required whole-number size (dense(units)): what gives a classifier its scores
+HEADS = sorted(k for k in WEIGHTED if any(p.required and p.kind == "int" for p in registry.REGISTRY[k].params))
+
+
+@st.composite
+def value_texts(draw, p):
+    """A small value of parameter p's type, mostly inside its declared range."""
+    if p.kind == "int":
+        lo = 1 if p.lo is None else int(p.lo) + (1 if p.lo_open else 0)
+        return str(draw(st.integers(lo, lo + 2)))
+    if p.kind == "float":
+        ok = [v for v in (0.0, 0.01, 0.1, 0.3, 0.5, 0.9, 1.0, 2.0)
+              if (p.lo is None or v > p.lo or v == p.lo and not p.lo_open)
+              and (p.hi is None or v < p.hi or v == p.hi and not p.hi_open)]
+        return draw(st.sampled_from([str(v) for v in ok] or ["0.5"]))
+    if p.kind == "bool":
+        return draw(st.sampled_from(["true", "false"]))
+    if p.kind == "pad":
+        return draw(st.sampled_from(["0", "1", "2", "same"]))
+    if p.kind == "call":
+        return draw(act_texts())
+    if p.kind == "layer":  # mostly one that exists (a chain's input), now and then a binding
+        return draw(st.sampled_from(["input1", "input1", "input1", "a", "c0"]))
+    if p.kind == "shape":
+        return draw(st.sampled_from(["8x8x1", "4x4x2", "6x5x3"]))
+    return draw(st.sampled_from(['"x"', "1", "true"]))
+
+
+@st.composite
+def arg_texts(draw, params, given=(), omit=()):
+    """Arguments for a signature: the required ones and some others, positional for a prefix.
+    given: names already written positionally in front (the first layer's shape); omit: names
+    never written (a shape mid-chain), which end the positional prefix as any left-out one does."""
+    chosen = [p for p in params if p.name not in given and p.name not in omit
+              and (p.required or draw(st.booleans()))]
+    out, positional = [], True
+    for p in params:
+        if p.name in given:
+            continue
+        if p not in chosen:
+            positional = False
+            continue
+        value = draw(value_texts(p))
+        positional = positional and p.positional and draw(st.booleans())
+        out.append(value if positional else f"{p.name}={value}")
+    return ", ".join(out)
+
+
+@st.composite
+def call_texts(draw, name, params, needs_args=False):
+    args = draw(arg_texts(params))   # params: the whole signature, or positions shift
+    if args or needs_args:
+        return f"{name}({args})"
+    return draw(st.sampled_from([name, name + "()"]))
+
+
+@st.composite
+def act_texts(draw):
+    table = registry.activation_table()
+    name = draw(st.sampled_from(sorted(table)))
+    return draw(call_texts(name, table[name]))
+
+
+@st.composite
+def layer_texts(draw, kind=None):
+    if kind is None:
+        kind = draw(st.sampled_from(BODY + WEIGHTED * 2))   # the kinds with weights a little more often
+    name, needs_args = draw(st.sampled_from(_spellings(kind)))
+    params = registry.REGISTRY[kind].params
+    shapes = [p.name for p in params if p.kind == "shape"]   # mid-chain the shape is inferred
+    args = draw(arg_texts(params, omit=shapes))
+    if args or needs_args:
+        return f"{name}({args})"
+    return draw(st.sampled_from([name, name + "()"]))
+
+
+@st.composite
+def first_texts(draw):
+    """A first layer: a kind that takes the input shape, given one (a vector only to the kinds
+    that take one)."""
+    if draw(st.integers(0, 2)):   # an image two times in three: most kinds want one
+        kind = draw(st.sampled_from(FIRST))
+        side = st.one_of(st.integers(1, 12), st.integers(6, 16))   # mostly room for a few layers
+        shape = "%dx%dx%d" % (draw(side), draw(side), draw(st.integers(1, 3)))
+    else:
+        kind = draw(st.sampled_from(VECTOR_FIRST))
+        shape = str(draw(st.integers(1, 20)))
+    name, _ = draw(st.sampled_from(_spellings(kind)))
+    params = registry.REGISTRY[kind].params
+    rest = draw(arg_texts(params, given=[p.name for p in params if p.kind == "shape"]))
+    return f"{name}({shape}{', ' + rest if rest else ''})"
+
+
 # Fragments of valid programs, so that the soup often gets deep into shape inference too.
-FRAGMENTS = st.sampled_from([
-    "input(8) :: ", "input(28x28x1) :: ", "conv(8x8x1, filters=2, field=3) :: ",
-    "conv(field=3, pad=same, act=relu) :: ", "maxpool :: ", "max2d(2, ceil=true) :: ",
-    "dense(4, act=relu) :: ", "dense(2) :: ", "flatten :: ", "dropout(0.5) :: ", "batchnorm :: ",
-    "gelu :: ", "softmax", "squared", "\nnetwork = ", "a = ", "\na :: b", "\ntrain { batch = 2 }",
-    "\ninit { default = he }", "\ntrain { optimizer = adam(lr=1e-3)\n epochs = 1 }",
-    "\ntrain { augment = [shift(2), hflip] }", "\ntrain { data = images(\"d\", size=8x8) }",
-])
+FRAGMENTS = st.one_of(
+    first_texts().map(lambda t: t + " :: "), layer_texts().map(lambda t: t + " :: "),
+    st.sampled_from(LOSSES),
+    st.sampled_from(["\nnetwork = ", "a = ", "\na :: b", "\ntrain { batch = 2 }",
+                     "\ninit { default = he }", "\ntrain { optimizer = adam(lr=1e-3)\n epochs = 1 }",
+                     "\ntrain { augment = [shift(2), hflip] }", "\ntrain { data = images(\"d\", size=8x8) }"]),
+)
 
 
 @st.composite
@@ -97,65 +224,13 @@ def token_programs(draw):
     return "".join(p + s for p, s in zip(parts, seps))
 
 
-# Programs built from the grammar (a layer chain, bindings, blocks, in varied layout), then
-# sometimes broken by deleting, duplicating or replacing one token: most are valid or nearly so,
-# which is where the round trip and shape inference are exercised.
-ACTS = ["relu", "gelu", "sigmoid", "tanh", "linear", "identity", "elu", "softplus",
-        "leakyrelu(0.2)", "leakyrelu(alpha=0.01)"]
-
-
-@st.composite
-def layer_texts(draw):
-    kind = draw(st.sampled_from(["conv", "conv", "conv", "maxpool", "max2d", "avgpool", "dense",
-                                 "dense", "linear", "fc", "flatten", "dropout", "batchnorm", "bn",
-                                 "act", "act"]))
-    small = st.integers(1, 4)
-    if kind == "conv":
-        args = []
-        if draw(st.booleans()):
-            args.append(f"filters={draw(small)}")
-        if draw(st.booleans()):
-            args.append(f"field={draw(st.integers(1, 5))}")
-        if draw(st.booleans()):
-            args.append(f"stride={draw(st.integers(1, 3))}")
-        if draw(st.booleans()):
-            args.append(f"pad={draw(st.sampled_from(['0', '1', '2', 'same']))}")
-        if draw(st.booleans()):
-            args.append(f"act={draw(st.sampled_from(ACTS))}")
-        return "conv(" + ", ".join(args) + ")" if args or draw(st.booleans()) else "conv"
-    if kind in ("maxpool", "max2d", "avgpool"):
-        args = []
-        if draw(st.booleans()):
-            args.append(str(draw(st.integers(1, 3))))
-        if draw(st.booleans()):
-            args.append(f"stride={draw(st.integers(1, 3))}")
-        if draw(st.booleans()):
-            args.append(f"ceil={draw(st.sampled_from(['true', 'false']))}")
-        return f"{kind}({', '.join(args)})" if args else kind
-    if kind in ("dense", "linear", "fc"):
-        units = draw(st.integers(1, 6))
-        if draw(st.booleans()):
-            return f"{kind}({units}, act={draw(st.sampled_from(ACTS))})"
-        return f"{kind}(units={units})" if draw(st.booleans()) else f"{kind}({units})"
-    if kind == "dropout":
-        return draw(st.sampled_from(["dropout", "dropout(0.5)", "dropout(p=0.1)", "dropout(0)"]))
-    if kind in ("flatten", "batchnorm", "bn"):
-        return draw(st.sampled_from([kind, kind + "()"]))
-    return draw(st.sampled_from(ACTS))
-
-
 @st.composite
 def structured_programs(draw):
-    if draw(st.booleans()):
-        w, h, c = draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(st.integers(1, 3))
-        first = draw(st.sampled_from([f"input({w}x{h}x{c})", f"conv({w}x{h}x{c})",
-                                      f"conv({w}x{h}x{c}, field={draw(st.integers(1, 3))}, pad=same)"]))
-    else:
-        first = f"input({draw(st.integers(1, 20))})"
+    first = draw(first_texts())
     body = draw(st.lists(layer_texts(), max_size=6))
-    loss = draw(st.sampled_from(["softmax", "softmax", "squared", "mse", "logsoftmax", "crossentropy"]))
-    if "softmax" in loss or "entropy" in loss:
-        body.append(f"dense({draw(st.integers(2, 5))})")
+    loss = draw(st.sampled_from(LOSSES))
+    if registry.lookup(loss, False).targets == "labels":   # classes: a vector of >= 2 scores
+        body.append(f"{draw(st.sampled_from(HEADS))}({draw(st.integers(2, 5))})")
     chain = [first] + body + [loss]
     lines = []
     # bind some spans of the chain to names
@@ -243,6 +318,32 @@ def test_structured_programs_mostly_build():
         except FlowError:
             pass
     assert models >= len(texts) // 4, (models, len(texts))
+
+
+def test_generator_builds_every_kind():
+    """For every registered layer and activation kind, the generator writes texts that build
+    (after an image or a vector input): a new kind whose parameters it cannot fill fails here,
+    instead of only ever giving errors in the fuzz tests."""
+    for kind in BODY:
+        texts = []
+
+        @settings(max_examples=30, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(layer_texts(kind))
+        def collect(text):
+            texts.append(text)
+
+        collect()
+        built = 0
+        for t in texts:
+            for first in ("input(8x8x2)", "input(8)"):
+                try:
+                    m = build_text(f"{first} :: {t} :: squared")
+                except FlowError:
+                    continue
+                assert m.layers[1].kind == kind, (t, m.layers[1].kind)
+                built += 1
+        assert built, f"no generated text of '{kind}' builds: {texts[:5]}"
 
 
 def test_fuzz_examples_budget():
