@@ -198,10 +198,34 @@ def arg_list(draw, params, depth=0, ok=False):
 
 
 # ----------------------------------------------------------------------------- programs
-MAP_KINDS = sorted(k for k, c in registry.REGISTRY.items() if c.role in ("layer", "activation")
-                   and k not in ("dense", "flatten"))
-VECTOR_KINDS = sorted(k for k, c in registry.REGISTRY.items() if c.role in ("layer", "activation")
-                      and k not in ("conv", "maxpool", "avgpool"))
+def _minimal(kind):
+    """kind with only its required arguments, each the smallest right value."""
+    args = []
+    for p in registry.REGISTRY[kind].params:
+        if p.required:
+            args.append({"int": "1", "float": "0.5", "layer": "input1"}.get(p.kind, "1"))
+    return f"{kind}({', '.join(args)})" if args else kind
+
+
+def _out_after(kind, shape):
+    """The output shape of kind after input(shape), or None where it does not take that input."""
+    try:
+        return build_text(f"input({shape}) :: {_minimal(kind)} :: squared").layers[1].out
+    except FlowError:
+        return None
+
+
+# Asked of each kind, not listed by name: a map kind takes an image and gives an image (conv,
+# pools, activations; not dense or flatten), a vector kind takes a vector (not conv or the pools).
+BODY_KINDS = sorted(k for k, c in registry.REGISTRY.items() if c.role in ("layer", "activation"))
+MAP_KINDS = [k for k in BODY_KINDS if len(_out_after(k, "6x6x2") or ()) == 3]
+VECTOR_KINDS = [k for k in BODY_KINDS if _out_after(k, "8") is not None]
+# layers that can open a network with the input shape as their first argument (conv), by every name
+FIRST_LAYERS = sorted(n for n in registry.all_names()
+                      if (c := registry.lookup(n, False) or registry.lookup(n, True)).role != "input"
+                      and any(p.kind == "shape" for p in c.params))
+assert FIRST_LAYERS
+assert set(MAP_KINDS) | set(VECTOR_KINDS) == set(BODY_KINDS), set(BODY_KINDS) - set(MAP_KINDS) - set(VECTOR_KINDS)
 
 
 @st.composite
@@ -235,8 +259,7 @@ def chains(draw, ok):
         if draw(st.booleans()):
             first = f"input({draw(shape_text(ok))})"
         else:
-            first = draw(layer_text(first=True, name=draw(st.sampled_from(["conv", "conv2d", "convolution"])),
-                                    ok=ok))
+            first = draw(layer_text(first=True, name=draw(st.sampled_from(FIRST_LAYERS)), ok=ok))
     else:
         first = draw(layer_text(first=True))
     if ok:
