@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FlowError
+from .errors import FlowError, size_text
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -286,24 +286,88 @@ def read_idx(path, role="images") -> np.ndarray:
     return _idx_cached(str(path), st.st_mtime_ns, st.st_size, role)
 
 
-def _idx_dataset(img_path: Path, lab_path: Path, input_shape, source, classes):
-    imgs = read_idx(img_path, "images")
+def _idx_dataset(img_path: Path, lab_path: Path, input_shape, source, classes, budget=None, say=None):
     labs = read_idx(lab_path, "labels")
-    if len(imgs) != len(labs):
-        raise FlowError(f"{img_path} holds {len(imgs)} images but {lab_path} holds {len(labs)} labels",
+    dims = _idx_dims(img_path)
+    if budget is not None and dims is not None and math.prod(dims) > budget:
+        store = _idx_cached_file(img_path, dims, say or (lambda m: None))
+        sample = dims[1:] + (1,) if len(dims) == 3 else dims[1:]
+        _fit(np.empty((1,) + sample, np.uint8), input_shape, img_path, "the IDX images")  # shape check only
+        shape = (math.prod(sample),) if len(input_shape) == 1 else None
+        n_img = store.shape[0]
+        store.shape = (n_img,) + tuple(sample)
+    else:
+        imgs = read_idx(img_path, "images")
+        store = imgs[..., None] if imgs.ndim == 3 else imgs   # uint8, scaled when served
+        store = _fit(store, input_shape, img_path, "the IDX images")
+        shape, n_img = None, len(store)
+    if n_img != len(labs):
+        raise FlowError(f"{img_path} holds {n_img} images but {lab_path} holds {len(labs)} labels",
                         str(img_path))
-    if len(imgs) == 0:
+    if n_img == 0:
         raise FlowError("the IDX file holds no images", str(img_path))
-    x = imgs[..., None] if imgs.ndim == 3 else imgs   # uint8, scaled when served
-    x = _fit(x, input_shape, img_path, "the IDX images")
     y = np.array(labs, np.int64)
-    return Dataset(x, y, classes if classes is not None else _classes_for(y), source)
+    return Dataset(store, y, classes if classes is not None else _classes_for(y), source, shape=shape)
 
 
-def _load_idx(call, base_dir, input_shape, classes=None) -> Dataset:
+def _idx_open(path: Path):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _idx_dims(path: Path):
+    """The dimensions an IDX images file's header promises (None if it is not one: the full
+    reader then says why)."""
+    try:
+        with _idx_open(path) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\0\0\x08" or head[3] not in (2, 3, 4):
+                return None
+            return struct.unpack(f">{head[3]}I", f.read(4 * head[3]))
+    except (OSError, EOFError, zlib.error, struct.error):
+        return None
+
+
+def _idx_cached_file(path: Path, dims, say):
+    """An IDX images file too large for memory, decompressed once into the data cache and
+    streamed from there (flowdsl.datacache: written to a temporary name, index last)."""
+    from . import datacache
+    from .batches import CacheFile
+    st = path.stat()
+    key = {"idx": str(path.resolve()), "bytes": st.st_size, "mtime": st.st_mtime_ns}
+    cdir = datacache.folder_for(path.name, key)
+    sb = math.prod(dims[1:])
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        with datacache.Lock(cdir):
+            datacache.sweep(cdir)
+            if datacache.read_index(cdir, key) is None:
+                tmp = cdir / f"samples.bin.tmp-{os.getpid()}"
+                with _idx_open(path) as f, open(tmp, "wb") as out:
+                    f.read(4 + 4 * len(dims))
+                    left = dims[0] * sb
+                    while left:
+                        chunk = f.read(min(left, 64 << 20))
+                        if not chunk:
+                            raise FlowError(f"truncated IDX file: the header promises {' x '.join(map(str, dims))} "
+                                            f"values", str(path))
+                        out.write(chunk)
+                        left -= len(chunk)
+                os.replace(tmp, cdir / "samples.bin")
+                datacache.write_index(cdir, {"key": key, "dtype": "uint8", "slots": dims[0], "sample_bytes": sb,
+                                             "entries": {}})
+    except OSError as e:
+        raise FlowError(f"the IDX images ({size_text(dims[0] * sb)}) do not fit in memory and cannot be cached at "
+                        f"{cdir}: {e.strerror or e}; set FLOWDSL_DATA_CACHE to a writable folder", str(path)) from None
+    say(f"streaming {size_text(dims[0] * sb)} of IDX images from the cache {cdir}")
+    return CacheFile(cdir / "samples.bin", dims[0], dims[1:], np.uint8)
+
+
+def _load_idx(call, base_dir, input_shape, classes=None, budget=None, say=None) -> Dataset:
     img = _existing_file(call["images"], base_dir)
     lab = _existing_file(call["labels"], base_dir)
-    ds = _idx_dataset(img, lab, input_shape, f"idx({img}, {lab})", None)
+    ds = _idx_dataset(img, lab, input_shape, f"idx({img}, {lab})", None, budget, say)
     ds.classes = _classes_for(ds.y, classes)
     return ds
 
@@ -339,13 +403,13 @@ def _find_fashion(part):
         f"{names[0]}.gz and {names[1]}.gz")
 
 
-def _load_fashion(call, base_dir, input_shape, classes=None) -> Dataset:
+def _load_fashion(call, base_dir, input_shape, classes=None, budget=None, say=None) -> Dataset:
     part = call.get("part", "train")
     if part not in FASHION_FILES:
         raise FlowError(f"fashion_mnist: part must be train or test. Received: part={part}")
     img, lab = _find_fashion(part)
     return _idx_dataset(img, lab, input_shape, f"fashion_mnist({part}) from {img.parent}",
-                        list(FASHION_CLASSES))
+                        list(FASHION_CLASSES), budget, say)
 
 
 # ---------------------------------------------------------------------------------------- npz
@@ -562,6 +626,7 @@ def _load_images(call, base_dir, input_shape, classes=None, budget=None, say=Non
     return load_images(call, base_dir, input_shape, classes, budget, say)
 
 
+STREAMING = ("images", "idx", "fashion_mnist")   # sources that stream from a cache beyond the budget
 _LOADERS = {
     "images": _load_images,
     "idx": _load_idx,
@@ -584,7 +649,7 @@ def load_source(call, base_dir, input_shape, classes=None, budget=None, say=None
     loader = _LOADERS.get(call.name)
     if loader is None:
         raise FlowError(f"unknown data source '{call.name}' (choose from {', '.join(sorted(_LOADERS))})")
-    ds = loader(call, base_dir, input_shape, classes, budget, say) if call.name == "images" else \
+    ds = loader(call, base_dir, input_shape, classes, budget, say) if call.name in STREAMING else \
         loader(call, base_dir, input_shape, classes)
     assert ds.store.dtype in (np.uint8, np.uint16, np.float32) and ds.y.dtype == np.int64
     return ds

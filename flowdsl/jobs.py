@@ -88,7 +88,7 @@ def describe_data(model):
     """Lines for `flowdsl check`: each data source's size and whether it is held in memory or
     streamed, and the training estimate with it. A missing folder or file is an error at the
     position of its source in the .flow file."""
-    from .data import describe_source
+    from .data import STREAMING, describe_source
     from .memory import data_budget, train_estimate
     lines = []
     budget = data_budget(model, model.train["batch"])
@@ -108,7 +108,7 @@ def describe_data(model):
             resident += per
             continue
         total = n * per
-        streams = call.name == "images" and budget is not None and total > max(0, budget - resident)
+        streams = call.name in STREAMING and budget is not None and total > max(0, budget - resident)
         if not streams:
             resident += total
         lines.append(f"{key}: {n:,} samples, {size_text(total)} as uint8 "

@@ -165,3 +165,28 @@ def test_fit_modes(tmp_path, cache, fit):
         assert (x[:2] == 0).all() and (x[6:] == 0).all() and x[2:6, -1].min() > 0.9
     else:
         assert x[:, 0].max() < 0.05 and x[:, -1].min() > 0.95 and 0.3 < x[0, 4] < 0.7
+
+
+def test_idx_too_large_for_the_budget_streams_from_the_cache(tmp_path, cache):
+    """IDX images that do not fit the budget are decompressed once into the cache and served
+    from it, equal to the in-memory ones; a second load reuses the cache file."""
+    import gzip
+    import struct
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (30, 6, 5), dtype=np.uint8)
+    labs = rng.integers(0, 3, 30).astype(np.uint8)
+    (tmp_path / "i.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + struct.pack(">3I", 30, 6, 5) + imgs.tobytes()))
+    (tmp_path / "l").write_bytes(b"\0\0\x08\x01" + struct.pack(">I", 30) + labs.tobytes())
+    text = 'idx("i.gz", "l")'
+    ram = _src(text, shape=(1, 6, 5), base=tmp_path)
+    said = []
+    disk = load_source(parse_source(text), str(tmp_path), (1, 6, 5), budget=100, say=said.append)
+    assert not ram.streamed and disk.streamed and said and "streaming" in said[0]
+    idx = np.array([29, 0, 14])
+    np.testing.assert_array_equal(disk.batch(idx), ram.batch(idx))
+    np.testing.assert_array_equal(disk.y, labs)
+    data = next(cache.glob("*/samples.bin"))
+    t0 = data.stat().st_mtime_ns
+    vec = load_source(parse_source(text), str(tmp_path), (30,), budget=100, say=said.append)
+    assert data.stat().st_mtime_ns == t0
+    np.testing.assert_array_equal(vec.batch(idx), ram.batch(idx).reshape(3, 30))
