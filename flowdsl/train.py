@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batches import Prefetch
+from .batches import Direct, Prefetch
 from .data import Dataset, as_dataset
 from .errors import FlowError
 
@@ -114,7 +114,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         l2=0.0, seed=0, augment=(), patience=None, out_dir=None, checkpoint_every=None, resume=None,
         classes=None, verbose=1, log=None, callback=None):
     """Train `net` on a Dataset x (y None) or arrays x (NHWC float32), y. test: a Dataset, (x, y)
-    or None. Returns a History. Batches are gathered and augmented in a prefetch thread.
+    or None. Returns a History. Streamed batches are read and augmented in a prefetch thread.
 
     verbose: 0 silent, 1 a progress bar on a terminal and one line per epoch otherwise, 2 one
     line per epoch. out_dir: write last.npz, best.npz and log.csv there. callback(step, loss) is
@@ -182,7 +182,8 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
             xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
         return idx, xb, ds.y[idx]
 
-    prefetch = Prefetch(make, step, total)
+    # streamed data: the next batches are read (and augmented) in a thread while a step runs
+    prefetch = (Prefetch if ds.streamed else Direct)(make, step, total)
     ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
     last_save = time.monotonic()
     t_epoch = time.perf_counter()

@@ -22,7 +22,7 @@ conv's "planar" strategy (interface in _rows.py).
 Arrays outside are NHWC, as everywhere in flowdsl."""
 import numpy as np
 
-from . import _gemm
+from . import _gemm, _rows
 from ..blas import colsum
 from ..jit import kernel, prange
 
@@ -73,16 +73,8 @@ def backward(conv, dz, w, g, ctx, need_dx):
     return _gemm.dx(conv, dz, w, x.shape) if need_dx else None
 
 
-def bytes_per_sample(conv):
-    """The padded planes (a transient of forward and of the weight gradient)."""
-    c, h, w = conv.in_shape
-    pad = conv.padding
-    padded = 4 * c * (h + 2 * pad) * (w + 2 * pad) if pad else 0
-    return padded, padded
-
-
-def eval_chunk(conv, n, chunk_floats):
-    return n
+bytes_per_sample = _rows.bytes_per_sample   # the padded planes: as many floats as rows' padded input
+eval_chunk = _rows.eval_chunk               # no chunks
 
 
 def dw(dz, x, f, pad):
