@@ -667,7 +667,7 @@ def describe_source(call, base_dir, input_shape):
             _existing_file(call["images"], base_dir)
         if call.name == "idx":
             _existing_file(call["labels"], base_dir)
-        with (gzip.open(img, "rb") if _read_head(img, 2) == b"\x1f\x8b" else open(img, "rb")) as f:
+        with _idx_open(img) as f:
             head = f.read(16)
         if len(head) >= 8 and head[:2] == b"\0\0" and head[3] >= 1 and len(head) >= 4 + 4 * min(head[3], 3):
             dims = struct.unpack(f">{min(head[3], 3)}I", head[4:4 + 4 * min(head[3], 3)])
@@ -675,11 +675,6 @@ def describe_source(call, base_dir, input_shape):
         return None, img.stat().st_size
     path = _existing_file(call["file"], base_dir)
     return None, path.stat().st_size
-
-
-def _read_head(path, n):
-    with open(path, "rb") as f:
-        return f.read(n)
 
 
 def load_image_files(paths, input_shape, color=None, fit="stretch"):
