@@ -115,6 +115,22 @@ def _gather_f32(src, rows, dst):
             dst[i, q] = src[r, q]
 
 
+def prefetcher(streamed):
+    """The class that serves a training run's batches: Prefetch (a background thread, which
+    overlaps reads that wait on the disk with the step) for data streamed from the cache, Direct
+    (on the training thread, between steps) for data held in RAM, whose gathering costs a few
+    milliseconds: there a third thread beside numba's workers on a 2-core machine cost the
+    glasses net ~20% (each parallel kernel waits for its slowest worker). On a warm page cache
+    the two measured alike for streamed data (bench/data_pipeline.py; docs/data.md).
+    FLOWDSL_PREFETCH=thread|inline overrides the choice."""
+    mode = os.environ.get("FLOWDSL_PREFETCH", "auto").strip().lower()
+    if mode == "thread":
+        return Prefetch
+    if mode == "inline":
+        return Direct
+    return Prefetch if streamed else Direct
+
+
 class Direct:
     """Prefetch's interface without a thread: get(step) runs make(step) on the calling thread.
     For data held in RAM, where a batch costs little to gather: a third thread beside numba's

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batches import Direct, Prefetch
+from .batches import prefetcher
 from .data import Dataset, as_dataset
 from .errors import FlowError
 
@@ -183,7 +183,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         return idx, xb, ds.y[idx]
 
     # streamed data: the next batches are read (and augmented) in a thread while a step runs
-    prefetch = (Prefetch if ds.streamed else Direct)(make, step, total)
+    prefetch = prefetcher(ds.streamed)(make, step, total)
     ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
     last_save = time.monotonic()
     t_epoch = time.perf_counter()

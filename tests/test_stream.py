@@ -190,3 +190,38 @@ def test_idx_too_large_for_the_budget_streams_from_the_cache(tmp_path, cache):
     vec = load_source(parse_source(text), str(tmp_path), (30,), budget=100, say=said.append)
     assert data.stat().st_mtime_ns == t0
     np.testing.assert_array_equal(vec.batch(idx), ram.batch(idx).reshape(3, 30))
+
+
+def test_prefetch_serves_steps_in_order_raises_errors_and_stops():
+    from flowdsl.batches import Direct, Prefetch, prefetcher
+    made = []
+
+    def make(step):
+        made.append(step)
+        if step == 7:
+            raise ValueError("bad batch 7")
+        return step * 10
+
+    p = Prefetch(make, 3, 20, depth=2)
+    assert [p.get(s) for s in range(3, 7)] == [30, 40, 50, 60]
+    with pytest.raises(ValueError, match="bad batch 7"):
+        p.get(7)
+    p.close()
+    assert not p.thread.is_alive() and max(made) == 7   # the thread stopped at the error
+
+    p = Prefetch(lambda s: time.sleep(0.01) or s, 0, 10 ** 6, depth=2)
+    assert p.get(0) == 0
+    p.close()
+    assert not p.thread.is_alive()
+    assert Direct(lambda s: -s, 0, 5).get(4) == -4
+
+
+@pytest.mark.parametrize("env, streamed, expect", [
+    (None, True, "Prefetch"), (None, False, "Direct"), ("inline", True, "Direct"), ("thread", False, "Prefetch")])
+def test_prefetcher_choice(monkeypatch, env, streamed, expect):
+    from flowdsl.batches import prefetcher
+    if env is None:
+        monkeypatch.delenv("FLOWDSL_PREFETCH", raising=False)
+    else:
+        monkeypatch.setenv("FLOWDSL_PREFETCH", env)
+    assert prefetcher(streamed).__name__ == expect
