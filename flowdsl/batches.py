@@ -1,6 +1,7 @@
 """Serving batches: compact samples (uint8, uint16 or float32, in RAM or in a cache file read with
-pread) turned into float32 batches, and a prefetch thread that prepares the next batches of a
-training run while the current step runs.
+pread) turned into float32 batches, and a prefetch thread that reads the next batches of a
+training run from the cache file while the current step runs (fetch); scaling to float32 and
+augmenting (scale) stay on the training thread.
 
 Scaling: a uint8 value v becomes float32(v) / float32(255) (uint16: / 65535), computed once into a
 lookup table, so a batch is bit-identical to dividing the whole data set up front (what flowdsl
@@ -77,16 +78,26 @@ class CacheFile:
 
 def gather(store, rows, shape):
     """float32 batch (len(rows),) + shape of the samples `rows` of store (an array or a CacheFile)."""
+    return scale(*fetch(store, rows), shape)
+
+
+def fetch(store, rows):
+    """(source array, rows of it): the compact samples of a batch. For a CacheFile the samples
+    are read from the file (I/O only: the part of a batch worth doing in a prefetch thread);
+    for an array in RAM nothing is copied."""
     rows = np.asarray(rows, np.int64)
+    if isinstance(store, CacheFile):
+        return store.read(rows), np.arange(len(rows), dtype=np.int64)
+    return store, rows
+
+
+def scale(src, rows, shape):
+    """float32 batch of the compact samples src[rows] (codes through the lookup table)."""
     n = len(rows)
     out = np.empty((n,) + tuple(shape), np.float32)
     if n == 0:
         return out
-    if isinstance(store, CacheFile):
-        raw = store.read(rows)
-        src, rows = raw.reshape(n, -1), np.arange(n, dtype=np.int64)
-    else:
-        src = store.reshape(store.shape[0], -1)
+    src = src.reshape(src.shape[0], -1)
     dst = out.reshape(n, -1)
     if src.dtype == np.float32:
         _gather_f32(src, rows, dst)
@@ -116,12 +127,12 @@ def _gather_f32(src, rows, dst):
 
 
 def prefetcher(streamed):
-    """The class that serves a training run's batches: Prefetch (a background thread, which
+    """The class that fetches a training run's batches: Prefetch (a background thread, which
     overlaps reads that wait on the disk with the step) for data streamed from the cache, Direct
-    (on the training thread, between steps) for data held in RAM, whose gathering costs a few
-    milliseconds: there a third thread beside numba's workers on a 2-core machine cost the
-    glasses net ~20% (each parallel kernel waits for its slowest worker). On a warm page cache
-    the two measured alike for streamed data (bench/data_pipeline.py; docs/data.md).
+    (on the training thread, between steps) for data held in RAM, where fetching copies nothing.
+    The thread only reads (pread releases the GIL and uses little CPU): a thread that also scaled
+    and augmented took CPU from numba's workers on a 2-core machine, where each parallel kernel
+    waits for its slowest worker (the glasses net lost ~20% that way; docs/data.md).
     FLOWDSL_PREFETCH=thread|inline overrides the choice."""
     mode = os.environ.get("FLOWDSL_PREFETCH", "auto").strip().lower()
     if mode == "thread":

@@ -41,6 +41,8 @@ def save(net, path, extra: dict):
     arrays = {f"param.{k}": np.asarray(v) for k, v in net.named_params().items()}
     arrays.update({f"state.{k}": np.asarray(v) for k, v in net.named_state().items()})
     arrays[META + "source"] = np.array(str(net.model))
+    if getattr(net.model, "file", None):
+        arrays[META + "name"] = np.array(os.path.splitext(os.path.basename(net.model.file))[0])
     for k, v in extra.items():
         arrays[k] = np.asarray(v)
     d = os.path.dirname(os.path.abspath(path)) or "."
@@ -104,22 +106,33 @@ def read(path) -> dict:
         raise FlowError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
 
 
+def _other_model(path, data, net, detail):
+    """The error for a checkpoint of another model: which model it came from, if it says."""
+    ours = f"{net.model.n_params():,} weights"
+    name = str(data[META + "name"]) if META + "name" in data else None
+    theirs = sum(int(np.prod(v.shape)) for k, v in data.items() if k.startswith("param."))
+    what = f"'{name}' ({theirs:,} weights)" if name else f"another model ({theirs:,} weights)"
+    src = str(data[META + "source"]).strip() if META + "source" in data else ""
+    first = f"; its network begins: {src.splitlines()[0][:100]}" if src else ""
+    return FlowError(f"{os.path.basename(path)} was trained for {what}, not this model ({ours}): {detail}{first}. "
+                     f"Pass the checkpoint of this model's own run (runs/<model name>/best.npz)")
+
+
 def load_into(net, path) -> dict:
     data = read(path)
     params = net.named_params()
     for k, dst in params.items():
         key = f"param.{k}"
         if key not in data:
-            raise FlowError(f"{path}: the checkpoint has no parameter '{k}' (it was saved from another model?)")
+            raise _other_model(path, data, net, f"it has no parameter '{k}'")
         src = data[key]
         if src.shape != dst.shape:
-            raise FlowError(f"{path}: parameter '{k}' has shape {src.shape} in the checkpoint but "
-                            f"{dst.shape} in the model")
+            raise _other_model(path, data, net, f"parameter '{k}' has shape {src.shape} there but {dst.shape} here")
         if not np.issubdtype(src.dtype, np.floating):
             raise FlowError(f"{path}: parameter '{k}' is not floating point ({src.dtype})")
     extra = [k[6:] for k in data if k.startswith("param.") and k[6:] not in params]
     if extra:
-        raise FlowError(f"{path}: the checkpoint has parameter '{extra[0]}', which the model does not")
+        raise _other_model(path, data, net, f"it has parameter '{extra[0]}', which this model does not")
     for k, dst in params.items():
         dst[...] = data[f"param.{k}"]
     for k, dst in net.named_state().items():

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import FlowError
+from .errors import FlowError, UsageError
 
 
 def _positive(v):
@@ -56,18 +56,27 @@ def _cmd_train(a):
     m = load_model(a.file)
     over = {p.name: getattr(a, p.name, None) for p in TRAIN}
     over["lr"] = a.lr
-    hist = run_train(m, out=a.out, resume=a.resume, overrides=over, verbose=2 if a.quiet_bar else 1)
+    hist = run_train(m, out=a.out, resume=a.resume, overrides=over, verbose=2 if a.quiet_bar else 1,
+                     overwrite=a.overwrite)
     # stopped by Ctrl-C or SIGTERM (after saving): exit as a shell reports a signal, 130 or 143,
     # so that a script can tell an interrupted run from a finished one
     return 128 + hist.signal if hist.signal else 0
+
+
+def _kernels_note():
+    """A KernelClock that says so when kernels compile (eval, predict and focus on a fresh install)."""
+    from .jit import KernelClock, cache_dir
+    return KernelClock(on_compile=lambda name: print(
+        f"compiling kernels (first run only, about 10-60 s; cached in {cache_dir()})", file=sys.stderr, flush=True))
 
 
 def _cmd_eval(a):
     from .jobs import run_eval
     from .model import load_model
     m = load_model(a.file)
-    run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out,
-             tta=a.tta)
+    with _kernels_note():
+        run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out,
+                 tta=a.tta)
     return 0
 
 
@@ -77,7 +86,7 @@ def _perturb(text):
         k, _, v = part.partition("=")
         k = k.strip()
         if k not in vals or not v.strip().isdigit():
-            raise FlowError(f"--perturb takes shift=N,flip=N (e.g. shift=2,flip=5). Received: {text}")
+            raise UsageError(f"--perturb takes shift=N,flip=N (e.g. shift=2,flip=5). Received: {text}")
         vals[k] = int(v)
     return vals["shift"], vals["flip"]
 
@@ -86,7 +95,8 @@ def _cmd_predict(a):
     from .jobs import run_predict
     from .model import load_model
     m = load_model(a.file)
-    run_predict(m, a.weights, a.images, top=a.top, tta=a.tta)
+    with _kernels_note():
+        run_predict(m, a.weights, a.images, top=a.top, tta=a.tta)
     return 0
 
 
@@ -94,7 +104,8 @@ def _cmd_focus(a):
     from .jobs import run_focus
     from .model import load_model
     m = load_model(a.file)
-    run_focus(m, a.weights, a.layer, a.all, a.input, out=a.out, kernels=a.kernels)
+    with _kernels_note():
+        run_focus(m, a.weights, a.layer, a.all, a.input, out=a.out, kernels=a.kernels, scale=a.scale)
     return 0
 
 
@@ -106,9 +117,15 @@ def make_parser():
     c.add_argument("file")
     c.set_defaults(run=_cmd_check)
     from .settings import TRAIN
-    t = sub.add_parser("train", help="train, evaluate each epoch, write checkpoints and a report")
+    t = sub.add_parser("train", help="train, evaluate each epoch, write checkpoints and a report",
+                       description="Train the model of FILE with its train block (options below override "
+                                   "it). The first run compiles the kernels it needs (it says so; about "
+                                   "10-60 s, depending on the layers) and caches them: later runs start "
+                                   "in a few seconds.")
     t.add_argument("file")
-    t.add_argument("--out", help="output folder (default: runs/<model name>/)")
+    t.add_argument("--out", help="output folder (default: runs/<model name>/; a folder that holds an earlier run "
+                                 "becomes <folder>-2, -3, ...)")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in the output folder")
     t.add_argument("--resume", metavar="CKPT", help="continue a run from its last.npz")
     t.add_argument("--lr", help="learning rate (replaces the optimizer's)")
     t.add_argument("--quiet-bar", action="store_true", help="one line per epoch even on a terminal")
@@ -137,7 +154,10 @@ def make_parser():
     fo.add_argument("--all", action="store_true", help="draw every layer")
     fo.add_argument("--input", nargs="+", metavar="IMG", default=[], help="input images")
     fo.add_argument("--out", help="output folder (default: runs/<model name>/focus/)")
-    fo.add_argument("--kernels", action="store_true", help="also draw conv layers' learned filters")
+    fo.add_argument("--kernels", action="store_true", help="also draw conv layers' learned filters (red +, blue -)")
+    fo.add_argument("--scale", choices=("minmax", "percentile"), default="minmax",
+                    help="map brightness: each map's min..max (default) or its 1st..99th percentile, clipped "
+                         "(for deep layers that come out almost black)")
     fo.set_defaults(run=_cmd_focus)
     b = sub.add_parser("bench", help="training and inference images/s, time per layer")
     b.add_argument("file")
@@ -166,7 +186,7 @@ def main(argv=None):
         if debug:
             raise
         print(e.render(), file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         if debug:
             raise

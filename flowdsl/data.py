@@ -70,9 +70,18 @@ class Dataset:
 
     def batch(self, idx):
         """float32 (len(idx),) + shape: the samples idx, scaled."""
-        from .batches import gather
+        return self.scale(self.fetch(idx))
+
+    def fetch(self, idx):
+        """The compact samples idx (read from the cache file when streamed): scale() turns them
+        into the float32 batch. Split in two so a prefetch thread does the reading only."""
+        from .batches import fetch
         idx = np.asarray(idx, np.int64)
-        return gather(self.store, idx if self.rows is None else self.rows[idx], self.shape)
+        return fetch(self.store, idx if self.rows is None else self.rows[idx])
+
+    def scale(self, fetched):
+        from .batches import scale
+        return scale(*fetched, self.shape)
 
     @property
     def x(self):
@@ -171,10 +180,34 @@ def check_labels(ds: Dataset, n_classes: int, where=None):
     if bad.any():
         i = int(np.argmax(bad))
         where = str(where) if where else ""
-        prefix = f"{where}: " if where and where != ds.source and where not in ds.source else ""
-        raise FlowError(f"{prefix}{ds.source}: label {int(y[i])} (sample {i}) is out of range for a model "
+        if ds.source == "arrays":
+            head = where or "labels"
+        else:
+            head = f"{where}: {ds.source}" if where and where != ds.source and where not in ds.source else ds.source
+        raise FlowError(f"{head}: label {int(y[i])} (sample {i}) is out of range for a model "
                         f"with {n_classes} classes (labels must be 0..{n_classes - 1}; "
                         f"{int(bad.sum())} bad labels in all)")
+
+
+def check_finite(x, where="the input"):
+    """A FlowError naming the first sample of a float array that holds NaN or an infinity (a
+    data problem, reported before it turns into a NaN loss or silent garbage probabilities)."""
+    x = np.asarray(x) if not isinstance(x, Dataset) else x.store
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.size == 0:
+        return
+    flat = x.reshape(x.shape[0], -1)
+    step = max(1, (1 << 22) // max(1, flat.shape[1]))   # ~4 M values at a time: no full-size temporary
+    first, count = -1, 0
+    for i in range(0, flat.shape[0], step):
+        bad = ~np.isfinite(flat[i:i + step]).all(axis=1)
+        if bad.any():
+            if first < 0:
+                first = i + int(np.argmax(bad))
+            count += int(bad.sum())
+    if first >= 0:
+        kinds = [k for k, f in (("NaN", np.isnan), ("infinite values", np.isinf)) if f(flat[first]).any()]
+        raise FlowError(f"{where}: sample {first} holds {' and '.join(kinds)} ({count:,} of {flat.shape[0]:,} samples "
+                        f"are not finite); fix or drop them before training or predicting")
 
 
 def split(ds: Dataset, fraction: float, seed: int = 0):

@@ -58,6 +58,10 @@ class FlowError(Exception):
         return self.render()
 
 
+class UsageError(FlowError):
+    """A bad command-line value (the CLI exits 2, as for argparse's own usage errors)."""
+
+
 def closest(word: str, choices, limit: int | None = None) -> str | None:
     """The choice nearest to `word` by edit distance, if near enough to be a likely typo."""
     word_l = word.lower()

@@ -1,11 +1,14 @@
 """Focus: a layer's activations as grayscale PNGs (NeuroFlow's `net focus layer`).
 
 Per input and layer: `<layer>-<channel>-<input>.png`, one per channel, scaled per channel from
-its min..max to 0..255 (a constant map is mid-gray), and `<layer>-grid-<input>.png`, every
-channel tiled with a 1-pixel gap. Maps smaller than MIN_SIDE pixels are enlarged by a whole
-factor with nearest-neighbour, so a 2x2 map stays visible and its pixels stay square. Dense
-layers (vectors) are drawn as a bar strip in the grid file. `kernels` draws a conv layer's
-filters: one row per filter, one tile per input channel."""
+its min..max to 0..255 (a constant map is mid-gray; scale="percentile" clips to the 1st..99th
+percentile instead, so a few bright pixels do not leave a deep layer's map almost black), and,
+for layers of two or more channels, `<layer>-grid-<input>.png`: every channel tiled with a gap,
+each tile at least GRID_MIN_SIDE pixels and labelled with its channel number. Maps smaller than
+MIN_SIDE pixels are enlarged by a whole factor with nearest-neighbour, so a 2x2 map stays
+visible and its pixels stay square. Dense layers (vectors) are drawn as a bar strip in the grid
+file. `kernels` draws a conv layer's filters in colour: one row per filter, one tile per input
+channel, red for positive weights and blue for negative ones, white for zero."""
 from __future__ import annotations
 
 import math
@@ -15,18 +18,27 @@ import numpy as np
 from PIL import Image
 
 MIN_SIDE = 32       # maps smaller than this are enlarged (whole factor, nearest neighbour)
+GRID_MIN_SIDE = 64  # grid tiles are enlarged to at least this many pixels a side
+KERNEL_MIN_SIDE = 24  # and each kernel tile to at least this
 GAP = 1             # pixels between grid tiles
 GAP_VALUE = 255     # grid background: white
+SCALES = ("minmax", "percentile")
 
 
-def to_uint8(a) -> np.ndarray:
-    """Scale one map from its min..max to 0..255. Constant (or empty) maps are mid-gray; NaN
-    and infinities are replaced (NaN -> the minimum) so nothing divides by zero or wraps."""
+def to_uint8(a, scale="minmax") -> np.ndarray:
+    """Scale one map from its min..max (scale="percentile": its 1st..99th percentile, values
+    beyond clipped) to 0..255. Constant (or empty) maps are mid-gray; NaN and infinities are
+    replaced (NaN -> the minimum) so nothing divides by zero or wraps."""
     a = np.asarray(a, np.float64)
     finite = np.isfinite(a)
     if not finite.any():
         return np.full(a.shape, 128, np.uint8)
-    lo, hi = a[finite].min(), a[finite].max()
+    if scale == "percentile":
+        lo, hi = np.percentile(a[finite], [1.0, 99.0])
+        if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)):   # mostly constant: fall back to min..max
+            lo, hi = a[finite].min(), a[finite].max()
+    else:
+        lo, hi = a[finite].min(), a[finite].max()
     a = np.where(finite, a, np.where(np.isposinf(a), hi, lo))
     if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)):
         return np.full(a.shape, 128, np.uint8)
@@ -41,17 +53,42 @@ def _enlarge(img, k):
     return img if k == 1 else np.kron(img, np.ones((k, k), np.uint8))
 
 
-def grid(maps_u8, cols=None) -> np.ndarray:
-    """Tile a list of equally sized uint8 maps with GAP pixels between them."""
+def grid(maps_u8, cols=None, gap=GAP) -> np.ndarray:
+    """Tile a list of equally sized uint8 maps (H, W) or RGB tiles (H, W, 3) with `gap` pixels
+    between them."""
     n = len(maps_u8)
-    h, w = maps_u8[0].shape
+    h, w = maps_u8[0].shape[:2]
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    out = np.full((rows * h + (rows - 1) * GAP, cols * w + (cols - 1) * GAP), GAP_VALUE, np.uint8)
+    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap) + maps_u8[0].shape[2:], GAP_VALUE,
+                  np.uint8)
     for i, m in enumerate(maps_u8):
         r, c = divmod(i, cols)
-        out[r * (h + GAP):r * (h + GAP) + h, c * (w + GAP):c * (w + GAP) + w] = m
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = m
     return out
+
+
+def _label(tile, text):
+    """The tile with `text` (its channel number) in a small dark box at its top-left corner."""
+    from PIL import ImageDraw, ImageFont
+    img = Image.fromarray(tile, "L")
+    d = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:  # pillow < 10.1
+        font = ImageFont.load_default()
+    x0, y0, x1, y1 = d.textbbox((2, 1), text, font=font)
+    d.rectangle((0, 0, x1 + 2, y1 + 2), fill=0)
+    d.text((2, 1), text, fill=255, font=font)
+    return np.asarray(img)
+
+
+def labelled_grid(maps_u8) -> np.ndarray:
+    """The grid file's picture: each map enlarged to at least GRID_MIN_SIDE pixels a side
+    (whole factor, nearest neighbour), its channel number on it, a 2-pixel gap between tiles."""
+    h, w = maps_u8[0].shape
+    k = max(1, math.ceil(GRID_MIN_SIDE / max(1, min(h, w))))
+    return grid([_label(_enlarge(m, k), str(i)) for i, m in enumerate(maps_u8)], gap=2)
 
 
 def bars(v, height=80, unit=None) -> np.ndarray:
@@ -73,8 +110,12 @@ def bars(v, height=80, unit=None) -> np.ndarray:
     return img
 
 
-def write_pngs(layer, acts, png_dir, names=None):
-    """Write the PNGs of one layer's activations (N, H, W, C) or (N, D). Returns the paths."""
+def write_pngs(layer, acts, png_dir, names=None, scale="minmax"):
+    """Write the PNGs of one layer's activations (N, H, W, C) or (N, D). Returns the paths.
+    A layer of one channel gets no grid file (it would repeat the channel's own file)."""
+    if scale not in SCALES:
+        from .errors import FlowError
+        raise FlowError(f"unknown focus scale '{scale}' (choose from {', '.join(SCALES)})")
     os.makedirs(png_dir, exist_ok=True)
     acts = np.asarray(acts)
     names = list(names) if names is not None else [str(i) for i in range(len(acts))]
@@ -83,12 +124,14 @@ def write_pngs(layer, acts, png_dir, names=None):
         if a.ndim == 3:
             h, w, c = a.shape
             k = upscale_factor(h, w)
-            maps = [_enlarge(to_uint8(a[:, :, ch]), k) for ch in range(c)]
-            for ch, m in enumerate(maps):
+            raw = [to_uint8(a[:, :, ch], scale) for ch in range(c)]
+            for ch, m in enumerate(raw):
                 p = os.path.join(png_dir, f"{layer.name}-{ch}-{nm}.png")
-                Image.fromarray(m, "L").save(p)
+                Image.fromarray(_enlarge(m, k), "L").save(p)
                 paths.append(p)
-            g = grid(maps)
+            if c == 1:
+                continue
+            g = labelled_grid(raw)
         else:
             g = bars(a.reshape(-1))
         p = os.path.join(png_dir, f"{layer.name}-grid-{nm}.png")
@@ -97,15 +140,30 @@ def write_pngs(layer, acts, png_dir, names=None):
     return paths
 
 
+def diverging(a) -> np.ndarray:
+    """RGB (H, W, 3) of a kernel: white at 0, red for positive, blue for negative weights, on a
+    scale symmetric about 0 (the tile's largest |weight| is full colour), so signs can be read."""
+    a = np.nan_to_num(np.asarray(a, np.float64))
+    m = np.abs(a).max()
+    t = a / m if m > 0 else np.zeros_like(a)
+    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    r = 255 * (1 - neg * 0.85)
+    g = 255 * (1 - np.maximum(pos, neg) * 0.85)
+    b = 255 * (1 - pos * 0.85)
+    return np.rint(np.stack([r, g, b], axis=-1)).astype(np.uint8)
+
+
 def kernel_png(layer, w, png_dir, tile=None):
     """Draw a conv layer's weights (F, F, C, K): one row per filter, one tile per input channel
-    (at most 16 channels shown), each tile scaled on its own."""
+    (at most 16 channels shown), each tile in diverging colours on its own symmetric scale and
+    at least KERNEL_MIN_SIDE pixels a side."""
     os.makedirs(png_dir, exist_ok=True)
     f, _, c, k = w.shape
-    t = tile or max(1, 48 // f)
+    t = tile or max(math.ceil(KERNEL_MIN_SIDE / f), 48 // f)
     shown = min(c, 16)
-    tiles = [_enlarge(to_uint8(w[:, :, ch, fi]), t) for fi in range(k) for ch in range(shown)]
-    g = grid(tiles, cols=shown)
+    tiles = [np.kron(diverging(w[:, :, ch, fi]), np.ones((t, t, 1), np.uint8))
+             for fi in range(k) for ch in range(shown)]
+    g = grid(tiles, cols=shown, gap=2)
     p = os.path.join(png_dir, f"{layer.name}-kernels.png")
-    Image.fromarray(g, "L").save(p)
+    Image.fromarray(g, "RGB").save(p)
     return p

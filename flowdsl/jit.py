@@ -135,3 +135,103 @@ def threads(n: int | None = None) -> int:
     set_threads(n)
     _threads = n
     return n
+
+
+def cache_dir() -> str:
+    """Where numba keeps compiled kernels (NUMBA_CACHE_DIR, else the package's __pycache__)."""
+    numba()
+    return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "__pycache__")
+
+
+class KernelClock:
+    """Watches numba while a job runs: the wall seconds spent compiling kernels or loading them
+    from the cache (time not spent training, left out of img/s), and the kernels compiled because
+    the cache did not hold them. on_compile(name) is called once, at the first compile.
+
+        with KernelClock(on_compile=...) as clock:
+            ...
+            secs = clock.take()                # seconds since the last take()
+            names, secs = clock.take_compiled()  # kernels compiled since the last call, and
+                                                 # the kernel seconds since then
+    """
+
+    def __init__(self, on_compile=None):
+        import threading
+        self.on_compile = on_compile
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._t0 = 0.0
+        self._seconds = 0.0
+        self._burst = 0.0
+        self._compiled = []
+        self._announced = False
+        self._listeners = []
+
+    # numba.core.event listeners (duck-typed: notify(event) with event.is_start / is_end)
+    def _locking(self, event):
+        import time
+        with self._lock:
+            if event.is_start:
+                if self._depth == 0:
+                    self._t0 = time.perf_counter()
+                self._depth += 1
+            elif self._depth > 0:
+                self._depth -= 1
+                if self._depth == 0:
+                    dt = time.perf_counter() - self._t0
+                    self._seconds += dt
+                    self._burst += dt
+
+    def _compiling(self, event):
+        if not event.is_start:
+            return
+        d = (event.data or {}).get("dispatcher")
+        name = getattr(getattr(d, "py_func", None), "__name__", "kernel")
+        with self._lock:
+            self._compiled.append(name)
+            first = not self._announced
+            self._announced = True
+        if first and self.on_compile is not None:
+            self.on_compile(name)
+
+    def __enter__(self):
+        numba()
+        from numba.core import event as ev
+
+        class _L(ev.Listener):
+            def __init__(self, fn):
+                self.fn = fn
+
+            def on_start(self, event):
+                self.fn(event)
+
+            def on_end(self, event):
+                self.fn(event)
+
+        for kind, fn in (("numba:compiler_lock", self._locking), ("numba:compile", self._compiling)):
+            listener = _L(fn)
+            ev.register(kind, listener)
+            self._listeners.append((kind, listener))
+        return self
+
+    def __exit__(self, *exc):
+        from numba.core import event as ev
+        for kind, listener in self._listeners:
+            ev.unregister(kind, listener)
+        self._listeners.clear()
+
+    def take(self) -> float:
+        with self._lock:
+            s, self._seconds = self._seconds, 0.0
+        return s
+
+    def take_compiled(self):
+        """(names of the kernels compiled, kernel seconds) since the last call; ([], s) when
+        nothing was compiled (then the seconds keep adding up)."""
+        with self._lock:
+            if not self._compiled:
+                return [], self._burst
+            c, s = self._compiled, self._burst
+            self._compiled, self._burst = [], 0.0
+        return c, s

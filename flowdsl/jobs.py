@@ -11,7 +11,7 @@ import numpy as np
 
 from .args import CallValue, bind
 from .data import base_dir, parse_source
-from .errors import FlowError, size_text
+from .errors import FlowError, UsageError, size_text
 from .memory import check_training, data_budget
 from .parse import Arg, Block, parse_text
 from .settings import TRAIN
@@ -27,13 +27,13 @@ def apply_overrides(model, overrides: dict):
         try:
             prog = parse_text(text, "<command line>")
         except FlowError as e:
-            raise FlowError(f"bad command-line value: {e.message}") from None
+            raise UsageError(f"bad command-line value: {e.message}") from None
         block = next(s for s in prog.statements if isinstance(s, Block))
         args = [Arg(s.key, s.value, s.pos) for s in block.settings]
         try:
             vals = bind("train", TRAIN, args, block.pos)
         except FlowError as e:
-            raise FlowError(f"bad command-line value: {e.message}") from None
+            raise UsageError(f"bad command-line value: {e.message}") from None
         for k in over:
             settings[k] = vals[k]
         if "epochs" in over:
@@ -46,7 +46,7 @@ def apply_overrides(model, overrides: dict):
             if not lr > 0 or not math.isfinite(lr):
                 raise ValueError
         except ValueError:
-            raise FlowError(f"--lr must be a positive number. Received: {overrides['lr']}") from None
+            raise UsageError(f"--lr must be a positive number. Received: {overrides['lr']}") from None
         opt = settings["optimizer"] or CallValue("adam", (("lr", 1e-3), ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8)))
         settings["optimizer"] = CallValue(opt.name, tuple((k, lr if k == "lr" else v) for k, v in opt.args))
     return settings
@@ -131,7 +131,27 @@ def model_name(model):
     return Path(model.file).stem if model.file else "model"
 
 
-def run_train(model, out=None, resume=None, overrides=None, verbose=1):
+RUN_FILES = ("last.npz", "best.npz", "log.csv")
+
+
+def free_run_folder(out, say=None):
+    """`out` if it holds no earlier run's checkpoints, else the first free `out-2`, `out-3`, ...
+    (as Lightning's version folders): a new run never replaces an earlier one's files unless
+    asked (--overwrite)."""
+    def used(d):
+        return any(os.path.exists(os.path.join(d, f)) for f in RUN_FILES)
+    if not used(out):
+        return out
+    base, k = out.rstrip("/\\") or out, 2
+    while used(f"{base}-{k}"):
+        k += 1
+    new = f"{base}-{k}"
+    if say:
+        say(f"{out}/ holds an earlier run: writing {new}/ instead (--overwrite replaces the earlier run)")
+    return new
+
+
+def run_train(model, out=None, resume=None, overrides=None, verbose=1, overwrite=False):
     from . import jit
     from .net import Net
     from .report import write_report
@@ -140,10 +160,12 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1):
     settings = apply_overrides(model, overrides or {})
     out = out or (settings["checkpoint"] and os.path.join(base_dir(model), settings["checkpoint"])) or \
         os.path.join("runs", model_name(model))
+    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if resume is None and not overwrite:
+        out = free_run_folder(out, say)
     _check_writable(out)
     check_training(model, 1, "--batch ")  # before loading anything: a model that cannot train one sample
     threads = jit.threads(settings["threads"])
-    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     train, test = load_data(model, settings, budget=data_budget(model, settings["batch"]), say=say)
     resident = train.resident_bytes + (test.resident_bytes if test is not None else 0)
     # with the data loaded (available memory now counts it)
@@ -231,11 +253,15 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
     lines.append(_conf_text(res["confusion"], classes))
     print("\n".join(lines))
     if out:
-        from .report import write_report
-        from .train import History
+        from .report import write_confusion
         _check_writable(out)
-        h = History(confusion=res["confusion"], classes=classes)
-        write_report(h, os.path.join(out, "eval.png"), title=f"eval {weights} on {dsname}: accuracy {res['acc']:.4f}")
+        png = os.path.join(out, "eval.png")
+        try:
+            write_confusion(res["confusion"], classes, png,
+                            f"{os.path.basename(weights)} on {dsname}\naccuracy {res['acc']:.4f} ({len(ds):,} images)")
+        except OSError as e:
+            raise FlowError(f"cannot write {png}: {e.strerror or e}") from None
+        print(f"wrote {png} (confusion matrix)")
     return res
 
 
@@ -254,9 +280,13 @@ def _per_class(conf, classes):
 
 def _conf_text(conf, classes):
     k = conf.shape[0]
-    w = max(5, len(str(conf.max())) + 1)
-    head = "confusion (rows true, cols predicted)\n" + " " * 4 + "".join(str(j).rjust(w) for j in range(k))
-    rows = [str(i).rjust(3) + " " + "".join(str(v).rjust(w) for v in conf[i]) for i in range(k)]
+    names = [str(c) for c in classes][:k] if classes else []
+    names += [str(i) for i in range(len(names), k)]
+    names = [n[:12] for n in names]
+    w = max(max(len(str(conf.max())), max(len(n) for n in names)) + 1, 5)
+    lw = max(len(n) for n in names)
+    head = "confusion (rows true, columns predicted)\n" + " " * (lw + 1) + "".join(n.rjust(w) for n in names)
+    rows = [names[i].rjust(lw) + " " + "".join(str(v).rjust(w) for v in conf[i]) for i in range(k)]
     return head + "\n" + "\n".join(rows)
 
 
@@ -275,7 +305,7 @@ def run_predict(model, weights, images, top=3, tta=None):
     return probs
 
 
-def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=False):
+def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=False, scale="minmax"):
     """Write focus PNGs for the given layers (or all) and input images. Returns the paths."""
     from .data import load_image_files
     from .focus import kernel_png
@@ -312,7 +342,7 @@ def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=Fals
         if len(set(stems)) < len(stems):
             stems = [f"{i}-{s}" for i, s in enumerate(stems)]
         for n in chosen:
-            net.focus(n, x, png_dir=out, names=stems)
+            net.focus(n, x, png_dir=out, names=stems, scale=scale)
         paths = sorted(str(p) for p in Path(out).glob("*.png"))
     elif not kernels:
         raise FlowError("give the images to look at: --input IMG... (or draw the filters with --kernels)")

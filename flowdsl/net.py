@@ -90,7 +90,10 @@ class Net:
             x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[None]
             if x.shape[1] != s[0]:
                 raise FlowError(f"input of {x.shape[1]} values does not fit the network input {s[0]}")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        from .data import check_finite
+        check_finite(x)
+        return x
 
     # --- forward / backward ----------------------------------------------------------------------
     def plan(self, training, n, keep=()):
@@ -158,9 +161,10 @@ class Net:
             outs.append(out)
         return np.concatenate(outs) if outs else np.zeros((0,) + self.loss_layer.out, np.float32)
 
-    def focus(self, name, x, png_dir=None, names=None):
+    def focus(self, name, x, png_dir=None, names=None, scale="minmax"):
         """Activations of the named layer for input x: (N, H, W, C) for maps, (N, D) for vectors.
-        With png_dir, also write them as PNGs (flowdsl.focus); `names` label the inputs."""
+        With png_dir, also write them as PNGs (flowdsl.focus); `names` label the inputs; scale:
+        "minmax" or "percentile" (1st..99th, for deep layers' maps)."""
         try:
             layer = self.model.layer(name)
         except KeyError:
@@ -174,13 +178,15 @@ class Net:
             acts = kept[layer.name]
         if png_dir is not None:
             from .focus import write_pngs
-            write_pngs(layer, acts, png_dir, names)
+            write_pngs(layer, acts, png_dir, names, scale)
         return acts
 
     def fit(self, x, y=None, epochs=None, batch=None, test=None, **kw):
         """Train on arrays (x: (N,H,W,C) or (N,C,H,W); y: int labels) or on a data source
         (x = a .flow source string such as 'fashion_mnist("train")', y = None). Settings not
-        given come from the model's train block. Returns the History (history["test_acc"], ...)."""
+        given come from the model's train block. Returns the History (history["test_acc"], ...).
+        test=(xt, yt) evaluates after each epoch; verbose=1 (the default) shows progress (a bar
+        on a terminal, else a line per epoch), verbose=0 nothing."""
         from .data import as_dataset
         from .train import fit
         t = self.model.train
@@ -198,7 +204,7 @@ class Net:
             test = as_dataset(self.as_input(test[0]), np.asarray(test[1]))
         defaults = dict(iterations=t["iterations"] if epochs is None else None, optimizer=t["optimizer"],
                         schedule=t["schedule"], l2=t["l2"], seed=t["seed"], augment=t["augment"],
-                        patience=t["patience"], verbose=0)
+                        patience=t["patience"], verbose=1)
         defaults.update(kw)
         if epochs is None and defaults["iterations"] is None:
             epochs = t["epochs"] or 1

@@ -1,107 +1,135 @@
-"""report.png: loss and accuracy curves per epoch and the test confusion matrix, drawn with
-pillow alone (no plotting library)."""
+"""report.png (loss and accuracy per epoch, the best epoch's test confusion matrix) and eval.png
+(the confusion matrix of an evaluation), drawn with matplotlib's Agg backend. matplotlib is
+imported only here, when a picture is written."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-W, H = 1200, 440
-COL = {"train": (31, 119, 180), "test": (214, 39, 40), "axis": (60, 60, 60), "grid": (225, 225, 225)}
+TRAIN, TEST, BEST = "#1f77b4", "#d62728", "#7f7f7f"
 
 
-def _font(size=13):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # pillow < 10.1
-        return ImageFont.load_default()
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
 
 
-def _plot(d, box, title, series, ylabel):
-    x0, y0, x1, y1 = box
-    f, fs = _font(15), _font(12)
-    d.text((x0, y0 - 30), title, fill=COL["axis"], font=f)
-    vals = [v for _, ys, _ in series for v in ys if v is not None and math.isfinite(v)]
-    n = max((len(ys) for _, ys, _ in series), default=0)
-    d.rectangle(box, outline=COL["axis"])
-    if not vals or n == 0:
-        d.text((x0 + 10, y0 + 10), "no data", fill=COL["axis"], font=fs)
-        return
-    lo, hi = min(vals), max(vals)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = (hi - lo) * 0.08
-    lo, hi = lo - pad, hi + pad
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        y = y1 - (v - lo) / (hi - lo) * (y1 - y0)
-        d.line([(x0, y), (x1, y)], fill=COL["grid"])
-        d.text((x0 - 52, y - 7), f"{v:.3g}", fill=COL["axis"], font=fs)
-    xs = lambda i: x0 + (x1 - x0) * ((i + 0.5) / n)  # noqa: E731
-    for i in range(n):
-        if n <= 20 or i % max(1, n // 10) == 0:
-            d.text((xs(i) - 4, y1 + 6), str(i + 1), fill=COL["axis"], font=fs)
-    d.text(((x0 + x1) / 2 - 20, y1 + 22), "epoch", fill=COL["axis"], font=fs)
-    d.text((x0 - 52, y0 - 14), ylabel, fill=COL["axis"], font=fs)
-    ly = y0 + 8
-    for name, ys, color in series:
-        pts = [(xs(i), y1 - (v - lo) / (hi - lo) * (y1 - y0)) for i, v in enumerate(ys)
-               if v is not None and math.isfinite(v)]
-        if not pts:
-            continue
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
-        d.line([(x1 - 90, ly + 7), (x1 - 70, ly + 7)], fill=color, width=3)
-        d.text((x1 - 64, ly), name, fill=COL["axis"], font=fs)
-        ly += 18
+def _finite(vals):
+    return [v for v in vals if v is not None and math.isfinite(v)]
 
 
-def _confusion(d, box, conf, classes):
-    x0, y0, x1, y1 = box
-    f, fs = _font(15), _font(11)
-    d.text((x0, y0 - 30), "test confusion matrix (rows: true, columns: predicted)", fill=COL["axis"], font=f)
-    if conf is None:
-        d.rectangle(box, outline=COL["axis"])
-        d.text((x0 + 10, y0 + 10), "no test set", fill=COL["axis"], font=fs)
-        return
+def _curves(ax, rows, key, title, best_epoch, accuracy):
+    from matplotlib.ticker import MaxNLocator
+    epochs = [int(r["epoch"]) for r in rows]
+    drawn = []
+    for name, color in (("train", TRAIN), ("test", TEST)):
+        pts = [(e, r[f"{name}_{key}"]) for e, r in zip(epochs, rows) if math.isfinite(r[f"{name}_{key}"])]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, color=color, marker="o", markersize=3.5, linewidth=1.8, label=name)
+            drawn += ys
+    if best_epoch:
+        ax.axvline(best_epoch, color=BEST, linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
+    ax.set_title(title, pad=26)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    if drawn:
+        lo, hi = min(drawn), max(drawn)
+        if accuracy:
+            lo = max(0.0, math.floor((lo - 0.02) * 20) / 20)
+            ax.set_ylim(lo, 1.0)
+        else:
+            ax.set_ylim(0.0, hi * 1.08 if hi > 0 else 1.0)
+    if len(epochs) == 1:
+        ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    ax.grid(True, color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    # above the axes, between title and plot: a legend there never covers a curve
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False, fontsize=9,
+              borderaxespad=0.2)
+
+
+def _confusion(fig, ax, conf, classes, title):
+    conf = np.asarray(conf, np.int64)
     k = conf.shape[0]
-    names = [str(c) for c in (classes or range(k))][:k]
+    names = [str(c) for c in (classes or [])][:k]
     names += [str(i) for i in range(len(names), k)]
-    lab = min(90, max(len(s) for s in names) * 7 + 6)
-    cell = max(4, min((x1 - x0 - lab) // k, (y1 - y0 - 20) // k))
-    gx, gy = x0 + lab, y0
-    row_tot = conf.sum(axis=1, keepdims=True).clip(min=1)
-    frac = conf / row_tot
-    for i in range(k):
-        d.text((x0, gy + i * cell + cell / 2 - 6), names[i][:12], fill=COL["axis"], font=fs)
-        for j in range(k):
-            v = frac[i, j]
-            shade = int(255 - 215 * v)
-            color = (shade, shade, 255) if i == j else (255, shade, shade)
-            d.rectangle([gx + j * cell, gy + i * cell, gx + (j + 1) * cell - 1, gy + (i + 1) * cell - 1], fill=color)
-            if cell >= 24:
-                txt = str(int(conf[i, j]))
-                d.text((gx + j * cell + 3, gy + i * cell + cell / 2 - 6), txt,
-                       fill=(0, 0, 0) if v < 0.6 else (255, 255, 255), font=fs)
-    for j in range(k):
-        d.text((gx + j * cell + 2, gy + k * cell + 4), names[j][:max(1, cell // 7)], fill=COL["axis"], font=fs)
+    frac = conf / conf.sum(axis=1, keepdims=True).clip(min=1)
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label("share of the true class")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    small = 12 if k <= 4 else 8 if k <= 10 else 7 if k <= 20 else 5
+    turn = k * max(map(len, names)) > 40  # long names side by side would overlap
+    ax.set_xticklabels([n[:14] for n in names], rotation=45 if turn else 0, ha="right" if turn else "center",
+                       fontsize=small)
+    ax.set_yticklabels([n[:14] for n in names], fontsize=small)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=small,
+                        color="white" if frac[i, j] > 0.55 else "black")
+
+
+def _save(fig, path):
+    plt = _pyplot()
+    tmp = str(path) + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_report(hist, path, title=""):
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    if title:
-        d.text((20, 8), title, fill=COL["axis"], font=_font(16))
+    """report.png of a training run: loss and accuracy per epoch (train and test, the best epoch
+    marked) and the test confusion matrix of the best epoch, the weights in best.npz."""
+    _save(report_figure(hist, title), path)
+
+
+def report_figure(hist, title=""):
+    """The matplotlib figure of write_report (tests look at its axes)."""
+    plt = _pyplot()
     rows = hist.rows
-    _plot(d, (70, 70, 370, 380), "loss", [("train", [r["train_loss"] for r in rows], COL["train"]),
-                                        ("test", [r["test_loss"] for r in rows], COL["test"])], "")
-    _plot(d, (470, 70, 770, 380), "accuracy", [("train", [r["train_acc"] for r in rows], COL["train"]),
-                                              ("test", [r["test_acc"] for r in rows], COL["test"])], "")
-    _confusion(d, (830, 70, 1190, 400), hist.confusion, hist.classes)
-    tmp = str(path) + ".tmp.png"
-    img.save(tmp)
-    import os
-    os.replace(tmp, path)
+    conf = hist.best_confusion if getattr(hist, "best_confusion", None) is not None else hist.confusion
+    best = int(getattr(hist, "best_epoch", 0) or 0)
+    has_acc = any(_finite([r["train_acc"], r["test_acc"]]) for r in rows)
+    ratios = [1.0] + [1.0] * has_acc + ([1.35] if conf is not None else [])
+    fig = plt.figure(figsize=(5.2 * sum(ratios), 5.4), layout="constrained")
+    axes = fig.subplots(1, len(ratios), width_ratios=ratios, squeeze=False)[0]
+    _curves(axes[0], rows, "loss", "loss", best, accuracy=False)
+    if not rows:
+        axes[0].text(0.5, 0.5, "no epoch finished", ha="center", va="center", transform=axes[0].transAxes)
+    if has_acc:
+        _curves(axes[1], rows, "acc", "accuracy", best, accuracy=True)
+    if conf is not None:
+        shown = f"epoch {best}, the weights in best.npz" if best and hist.best_confusion is not None \
+            else f"epoch {int(rows[-1]['epoch'])}" if rows else ""
+        _confusion(fig, axes[-1], conf, hist.classes,
+                   f"test confusion matrix\n({shown})" if shown else "test confusion matrix")
+    if title:
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    return fig
+
+
+def write_confusion(conf, classes, path, title):
+    """eval.png: one confusion matrix."""
+    _save(confusion_figure(conf, classes, title), path)
+
+
+def confusion_figure(conf, classes, title):
+    plt = _pyplot()
+    k = np.asarray(conf).shape[0]
+    side = max(5.5, min(14.0, 0.45 * k + 3.0))
+    fig = plt.figure(figsize=(side + 1.2, side), layout="constrained")
+    _confusion(fig, fig.add_subplot(1, 1, 1), conf, classes, title)
+    return fig

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import jit as _jit
 from .batches import prefetcher
 from .data import Dataset, as_dataset
 from .errors import FlowError
@@ -28,6 +29,8 @@ HISTORY_COLS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "
 class History:
     rows: list = field(default_factory=list)   # one dict per epoch (HISTORY_COLS)
     confusion: object = None                   # last test confusion matrix
+    best_confusion: object = None              # the best epoch's (the weights in best.npz)
+    best_epoch: int = 0                        # that epoch (1-based; 0: none yet)
     classes: list = field(default_factory=list)
     stopped: str = ""                          # why training ended early, if it did
     signal: int = 0                            # the signal (SIGINT, SIGTERM) that stopped it, if one did
@@ -45,6 +48,7 @@ def evaluate(net, data, y=None, batch=256, tta=None):
     tta="hflip": classify by the mean probabilities of each image and its mirror image (the
     loss is then the cross-entropy of those mean probabilities)."""
     ds = data if isinstance(data, Dataset) else as_dataset(data, y)
+    _check_data(net, ds, "the evaluation data")
     loss_layer = net.loss_layer
     n = len(ds)
     if n == 0:
@@ -114,7 +118,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         l2=0.0, seed=0, augment=(), patience=None, out_dir=None, checkpoint_every=None, resume=None,
         classes=None, verbose=1, log=None, callback=None):
     """Train `net` on a Dataset x (y None) or arrays x (NHWC float32), y. test: a Dataset, (x, y)
-    or None. Returns a History. Streamed batches are read and augmented in a prefetch thread.
+    or None. Returns a History. Streamed batches are read from the cache in a prefetch thread.
 
     verbose: 0 silent, 1 a progress bar on a terminal and one line per epoch otherwise, 2 one
     line per epoch. out_dir: write last.npz, best.npz and log.csv there. callback(step, loss) is
@@ -132,6 +136,9 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     n = len(ds)
     if n == 0:
         raise FlowError("no training data")
+    _check_data(net, ds, "the training data")
+    if test is not None:
+        _check_data(net, test, "the test data")
     if optimizer is None:
         optimizer = CallValue("adam", tuple((p.name, p.default) for p in OPTIMIZERS["adam"]))
     batch = max(1, min(int(batch), n))
@@ -151,6 +158,8 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     running = (0.0, 0.0, 0.0)
     if resume is not None:
         step, best, bad, running = _restore(net, opt, hist, resume)
+        if verbose:
+            log(f"resuming from epoch {min(step // per_epoch + 1, epochs)}, step {step} of {total} ({resume})")
     if out_dir:
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -167,45 +176,66 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
     perms = {}
 
-    def make(step):
-        """The batch of a step: a seeded permutation of the samples per epoch, augmented per step."""
+    def fetch(step):
+        """The samples of a step (a seeded permutation of the samples per epoch), still compact:
+        what the prefetch thread does for streamed data (reading, which waits on the disk)."""
         epoch, i = divmod(step, per_epoch)
         if epoch not in perms:
             perms.clear()
             perms[epoch] = np.random.default_rng([seed, 2, epoch]).permutation(n)
         idx = perms[epoch][i * batch:(i + 1) * batch]
         try:
-            xb = ds.batch(idx)
+            return idx, ds.fetch(idx)
         except OSError as e:
             raise FlowError(f"cannot read the training data ({ds.source}): {e}") from None
+
+    def finish(step, idx, fetched):
+        """Scaled to float32 and augmented, on the training thread: CPU work that a prefetch
+        thread would take from numba's workers when every core runs one (2-core machines)."""
+        xb = ds.scale(fetched)
         if aug is not None:
             xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
         return idx, xb, ds.y[idx]
 
-    # streamed data: the next batches are read (and augmented) in a thread while a step runs
-    prefetch = prefetcher(ds.streamed)(make, step, total)
+    def say(msg):
+        if verbose and bar is not None:
+            bar.write(msg, file=sys.stderr)
+        elif verbose:
+            log(msg)
+
+    def compiling(_name):
+        say(f"compiling kernels for {_kernel_summary(net, opt)} (first run only, about 10-60 s; cached in "
+            f"{_jit.cache_dir()})")
+
+    clock = _jit.KernelClock(on_compile=compiling)
     ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
     last_save = time.monotonic()
     t_epoch = time.perf_counter()
     last_eval = None
-    with _Stop() as stop:
+    with _Stop() as stop, clock:
+        # streamed data: the next batches are read (and augmented) in a thread while a step runs
+        prefetch = prefetcher(ds.streamed)(fetch, step, total)
         try:
             while step < total:
                 if stop.flag:
                     hist.stopped, hist.signal = stop.flag, stop.signum
                     break
                 epoch, i = divmod(step, per_epoch)
-                idx, xb, yb = prefetch.get(step)
+                idx, xb, yb = finish(step, *prefetch.get(step))
                 net.rng = np.random.default_rng([seed, 4, step])
                 lr = lr_at(schedule, opt.lr, step, total, per_epoch)
                 with np.errstate(all="ignore"):  # divergence is reported below, once, clearly
                     loss, correct = net.loss_grad(xb, yb)
                 if not math.isfinite(loss):
+                    kept = " and the last good checkpoint is kept" if out_dir else ""
+                    lower = f"--lr {lr / 10:.3g}" if out_dir else f"lr={lr / 10:.3g}"
                     raise FlowError(f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}, learning rate "
-                                    f"{lr:.3g}); training stopped and the last good checkpoint is kept. "
-                                    f"Try a lower learning rate (--lr {lr / 10:.3g}).")
+                                    f"{lr:.3g}); training stopped{kept}. Try a lower learning rate ({lower}).")
                 opt.step(lr)
                 step += 1
+                names, ksecs = clock.take_compiled()
+                if names:
+                    say(f"compiled {len(names)} kernels in {ksecs:.1f} s; later runs load them from the cache")
                 if callback is not None and callback(step, loss):
                     stop.flag = "stopped by callback"
                 ep_loss += loss * len(idx)
@@ -220,19 +250,22 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                 end_of_epoch = step % per_epoch == 0 or step == total
                 if end_of_epoch:
                     secs = time.perf_counter() - t_epoch
+                    ksecs = clock.take()  # compiling and loading kernels is not training: not in img/s
                     row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": ep_loss / ep_seen,
                            "train_acc": ep_correct / ep_seen, "test_loss": float("nan"),
-                           "test_acc": float("nan"), "seconds": secs, "img_per_s": ep_seen / max(secs, 1e-9)}
+                           "test_acc": float("nan"), "seconds": secs,
+                           "img_per_s": ep_seen / max(secs - ksecs, 1e-9)}
                     if test is not None and len(test):
                         last_eval = evaluate(net, test)
                         row["test_loss"], row["test_acc"] = last_eval["loss"], last_eval["acc"]
                         hist.confusion = last_eval["confusion"]
+                    clock.take()
                     hist.rows.append(row)
-                    metric = row["test_acc"] if math.isfinite(row["test_acc"]) else -row["test_loss"] \
-                        if math.isfinite(row["test_loss"]) else -row["train_loss"]
+                    metric = _metric(row)[1]
                     improved = metric > best
                     if improved:
                         best, bad = metric, 0
+                        hist.best_confusion, hist.best_epoch = hist.confusion, epoch + 1
                     else:
                         bad += 1
                     if out_dir:
@@ -241,14 +274,17 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                         if improved:
                             _save(net, opt, hist, os.path.join(out_dir, "best.npz"), step, best, bad, seed)
                         write_log(hist, os.path.join(out_dir, "log.csv"))
-                    if verbose and bar is None:
-                        log(_epoch_line(row, epochs))
-                    elif bar is not None:
-                        bar.write(_epoch_line(row, epochs), file=sys.stderr)
+                    line = _epoch_line(row, epochs)
+                    if ksecs >= 0.5:
+                        line += f" ({ksecs:.1f} s of it loading kernels)"
+                    say(line)
                     ep_loss = ep_correct = ep_seen = 0.0
                     t_epoch = time.perf_counter()
                     if patience and bad >= patience:
-                        hist.stopped = f"early stop: no improvement for {patience} epochs"
+                        name, at = _best_of(hist.rows)
+                        hist.stopped = (f"stopped early at epoch {epoch + 1}: {name} did not improve for {patience} "
+                                        f"epochs (best {best if name == 'test_acc' else -best:.4f} at epoch {at})")
+                        say(hist.stopped)
                         break
                 elif out_dir and ((checkpoint_every and step % checkpoint_every == 0)
                                   or time.monotonic() - last_save > SAVE_SECONDS):
@@ -259,7 +295,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
             prefetch.close()
             if bar is not None:
                 bar.close()
-        if hist.stopped and out_dir and not hist.stopped.startswith("early"):
+        if hist.stopped and out_dir and not hist.stopped.startswith("stopped early"):
             _save(net, opt, hist, os.path.join(out_dir, "last.npz"), step, best, bad, seed,
                   (ep_loss, ep_correct, ep_seen))
             if verbose:
@@ -268,6 +304,41 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     hist.step = step
     hist.optimizer = opt
     return hist
+
+
+def _check_data(net, ds, where):
+    """Labels in range for a classifier, and finite float samples (the API gets the CLI's errors)."""
+    from .data import check_finite, check_labels
+    if getattr(net.loss_layer, "targets", "labels") == "labels":
+        check_labels(ds, net.loss_layer.out[0], where)
+    check_finite(ds, ds.source if ds.source != "arrays" else where)
+
+
+def _metric(r):
+    """The number early stopping and best.npz follow: test_acc, else -test_loss, else -train_loss."""
+    if math.isfinite(r["test_acc"]):
+        return "test_acc", r["test_acc"]
+    if math.isfinite(r["test_loss"]):
+        return "test_loss", -r["test_loss"]
+    return "train_loss", -r["train_loss"]
+
+
+def _best_of(rows):
+    """(metric name, 1-based epoch of its best value) over the history rows."""
+    name = _metric(rows[-1])[0]
+    best = max(range(len(rows)), key=lambda i: (_metric(rows[i])[1], -i))
+    return name, int(rows[best]["epoch"])
+
+
+def _kernel_summary(net, opt):
+    """'conv (rows), maxpool, dense, adam': what the kernels being compiled are for."""
+    seen = []
+    for l in net.layers:
+        algo = getattr(l, "algo", None)
+        name = f"{l.kind} ({algo})" if l.kind == "conv" and isinstance(algo, str) else l.kind
+        if name not in seen:
+            seen.append(name)
+    return ", ".join(seen + [opt.kind])
 
 
 def _epoch_line(r, epochs):
@@ -287,6 +358,9 @@ def _save(net, opt, hist, path, step, best, bad, seed, running=(0.0, 0.0, 0.0)):
              "meta.classes": np.array(hist.classes if hist.classes else [], dtype=str)}
     if hist.confusion is not None:
         extra["meta.confusion"] = hist.confusion
+    if hist.best_confusion is not None:
+        extra["meta.best_confusion"] = hist.best_confusion
+    extra["meta.best_epoch"] = np.array(hist.best_epoch, np.int64)
     net.save(path, extra)
 
 
@@ -306,6 +380,9 @@ def _restore(net, opt, hist, path):
             hist.rows.append({c: (int(v) if c in ("epoch", "step") else float(v)) for c, v in zip(HISTORY_COLS, r)})
         if "meta.confusion" in data:
             hist.confusion = data["meta.confusion"]
+        if "meta.best_confusion" in data:
+            hist.best_confusion = data["meta.best_confusion"]
+        hist.best_epoch = int(data["meta.best_epoch"]) if "meta.best_epoch" in data else 0
         if not hist.classes and data["meta.classes"].size:
             hist.classes = [str(c) for c in data["meta.classes"]]
     except KeyError as e:
