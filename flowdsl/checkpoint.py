@@ -114,7 +114,7 @@ def _other_model(path, data, net, detail):
     what = f"'{name}' ({theirs:,} weights)" if name else f"another model ({theirs:,} weights)"
     src = str(data[META + "source"]).strip() if META + "source" in data else ""
     first = f"; its network begins: {src.splitlines()[0][:100]}" if src else ""
-    return FlowError(f"{os.path.basename(path)} was trained for {what}, not this model ({ours}): {detail}{first}. "
+    return FlowError(f"{path} was trained for {what}, not this model ({ours}): {detail}{first}. "
                      f"Pass the checkpoint of this model's own run (runs/<model name>/best.npz)")
 
 

