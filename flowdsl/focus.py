@@ -53,14 +53,14 @@ def _enlarge(img, k):
     return img if k == 1 else np.kron(img, np.ones((k, k), np.uint8))
 
 
-def grid(maps_u8, cols=None, gap=GAP) -> np.ndarray:
+def grid(maps_u8, cols=None, gap=GAP, fill=GAP_VALUE) -> np.ndarray:
     """Tile a list of equally sized uint8 maps (H, W) or RGB tiles (H, W, 3) with `gap` pixels
     between them."""
     n = len(maps_u8)
     h, w = maps_u8[0].shape[:2]
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap) + maps_u8[0].shape[2:], GAP_VALUE,
+    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap) + maps_u8[0].shape[2:], fill,
                   np.uint8)
     for i, m in enumerate(maps_u8):
         r, c = divmod(i, cols)
@@ -155,7 +155,7 @@ def diverging(a) -> np.ndarray:
 
 def kernel_png(layer, w, png_dir, tile=None):
     """Draw a conv layer's weights (F, F, C, K): one row per filter, one tile per input channel
-    (at most 16 channels shown), each tile in diverging colours on its own symmetric scale and
+    (at most 16 channels shown; with one input channel the filters fill a grid), each tile in diverging colours on its own symmetric scale and
     at least KERNEL_MIN_SIDE pixels a side."""
     os.makedirs(png_dir, exist_ok=True)
     f, _, c, k = w.shape
@@ -163,7 +163,8 @@ def kernel_png(layer, w, png_dir, tile=None):
     shown = min(c, 16)
     tiles = [np.kron(diverging(w[:, :, ch, fi]), np.ones((t, t, 1), np.uint8))
              for fi in range(k) for ch in range(shown)]
-    g = grid(tiles, cols=shown, gap=2)
+    # one input channel: the filters wrap into a square-ish grid instead of one tall column
+    g = grid(tiles, cols=shown if shown > 1 else math.ceil(math.sqrt(k)), gap=2, fill=96)  # gray: 0 is white
     p = os.path.join(png_dir, f"{layer.name}-kernels.png")
     Image.fromarray(g, "RGB").save(p)
     return p

@@ -271,8 +271,8 @@ def test_focus_kernels_are_large_and_diverging(tmp_path):
     w = np.zeros((3, 3, 1, 2), np.float32)
     w[0, 0, 0, 0], w[2, 2, 0, 0] = 1.0, -1.0
     img = np.asarray(Image.open(kernel_png(layer, w, tmp_path)).convert("RGB")).astype(int)
-    assert img.shape[1] >= 24 and img.shape[0] >= 2 * img.shape[1]   # a 3x3 kernel >= 24 px; 2 filters
-    cell = img.shape[1] // 3
+    assert img.shape[0] >= 24 and img.shape[1] >= 2 * img.shape[0]   # a 3x3 kernel >= 24 px; 2 filters side by side
+    cell = img.shape[0] // 3
     r, g, b = img[cell // 2, cell // 2]
     assert r > 200 and b < 100                           # positive: red
     r, g, b = img[2 * cell + cell // 2, 2 * cell + cell // 2]
