@@ -335,7 +335,7 @@ def _kernel_summary(net, opt):
     seen = []
     for l in net.layers:
         algo = getattr(l, "algo", None)
-        name = f"{l.kind} ({algo})" if l.kind == "conv" and isinstance(algo, str) else l.kind
+        name = f"{l.kind} ({algo})" if isinstance(algo, str) else l.kind   # a layer with algorithms names its own
         if name not in seen:
             seen.append(name)
     return ", ".join(seen + [opt.kind])
