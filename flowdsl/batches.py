@@ -76,11 +76,6 @@ class CacheFile:
         self.close()
 
 
-def gather(store, rows, shape):
-    """float32 batch (len(rows),) + shape of the samples `rows` of store (an array or a CacheFile)."""
-    return scale(*fetch(store, rows), shape)
-
-
 def fetch(store, rows):
     """(source array, rows of it): the compact samples of a batch. For a CacheFile the samples
     are read from the file (I/O only: the part of a batch worth doing in a prefetch thread);

@@ -189,6 +189,12 @@ def check_labels(ds: Dataset, n_classes: int, where=None):
                         f"{int(bad.sum())} bad labels in all)")
 
 
+def class_names(classes, k):
+    """k display names: the given class names, then the indices of classes without one."""
+    names = [str(c) for c in (classes or [])][:k]
+    return names + [str(i) for i in range(len(names), k)]
+
+
 def check_finite(x, where="the input"):
     """A FlowError naming the first sample of a float array that holds NaN or an infinity (a
     data problem, reported before it turns into a NaN loss or silent garbage probabilities)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import CallValue, bind
-from .data import base_dir, parse_source
+from .data import base_dir, class_names, parse_source
 from .errors import FlowError, UsageError, size_text
 from .memory import check_training, data_budget
 from .parse import Arg, Block, parse_text
@@ -267,7 +267,7 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
 
 def _per_class(conf, classes):
     k = conf.shape[0]
-    names = [str(c) for c in classes] if classes else [str(i) for i in range(k)]
+    names = class_names(classes, k)
     w = max(len(n) for n in names)
     out = [f"{'class'.ljust(w)}  precision  recall  count"]
     for i in range(k):
@@ -280,9 +280,7 @@ def _per_class(conf, classes):
 
 def _conf_text(conf, classes):
     k = conf.shape[0]
-    names = [str(c) for c in classes][:k] if classes else []
-    names += [str(i) for i in range(len(names), k)]
-    names = [n[:12] for n in names]
+    names = [n[:12] for n in class_names(classes, k)]
     w = max(max(len(str(conf.max())), max(len(n) for n in names)) + 1, 5)
     lw = max(len(n) for n in names)
     head = "confusion (rows true, columns predicted)\n" + " " * (lw + 1) + "".join(n.rjust(w) for n in names)

@@ -57,8 +57,8 @@ def _curves(ax, rows, key, title, best_epoch, accuracy):
 def _confusion(fig, ax, conf, classes, title):
     conf = np.asarray(conf, np.int64)
     k = conf.shape[0]
-    names = [str(c) for c in (classes or [])][:k]
-    names += [str(i) for i in range(len(names), k)]
+    from .data import class_names
+    names = class_names(classes, k)
     frac = conf / conf.sum(axis=1, keepdims=True).clip(min=1)
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
     bar = fig.colorbar(im, ax=ax, shrink=0.8)
