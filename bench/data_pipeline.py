@@ -16,7 +16,8 @@
 4. `flowdsl train` on a small net in a child process, once with the data in RAM and once
    streamed (FLOWDSL_MEM_AVAILABLE set just below what the data would need; the cache is already
    built): img/s of the last epoch from log.csv, and each child's peak RSS (VmHWM printed by
-   a runpy wrapper at exit).
+   a runpy wrapper at exit), and the seconds from the child's start to the end of its first
+   training step (the cache is warm: "the second run").
 
 Prints a table and writes OUT/summary.json."""
 from __future__ import annotations
@@ -49,7 +50,17 @@ BATCH = 64
 # whole data set in RAM for the batch measurement: the first 30,000-image run "peaked" at 5.9 GB
 # streamed because of that, where the child itself stayed near 0.7 GB).
 RSS_WRAPPER = (
-    "import atexit, runpy, sys\n"
+    "import atexit, runpy, sys, time\n"
+    "T0 = time.perf_counter()\n"
+    "import flowdsl.net\n"
+    "_lg = flowdsl.net.Net.loss_grad\n"
+    "def _first(self, *a, **k):\n"
+    "    r = _lg(self, *a, **k)\n"
+    "    if not getattr(_first, 'done', False):\n"
+    "        _first.done = True\n"
+    "        sys.stderr.write('FIRST_STEP_S %.3f\\n' % (time.perf_counter() - T0))\n"
+    "    return r\n"
+    "flowdsl.net.Net.loss_grad = _first\n"
     "def _hwm():\n"
     "    for line in open('/proc/self/status'):\n"
     "        if line.startswith('VmHWM:'):\n"
@@ -164,8 +175,12 @@ def cache_bench(call, folder, shape, n, res):
     res["dataset_bytes"] = int(ds.store.nbytes)
     res["library_note"] = next((s for s in notes if s.startswith("cached")), "")
     del ds
+    t0 = time.perf_counter()
     ds, warm = load(call, folder, shape, None, notes)
-    res["warm_load_s"] = warm
+    res["warm_open_held_s"] = warm          # what training waits for
+    if hasattr(ds.store, "wait"):           # a large cache is copied into RAM in the background
+        ds.store.wait()
+    res["warm_load_s"] = time.perf_counter() - t0
     res["warm_decodes"] = counter.take()
     del ds
     ds, warm_stream = load(call, folder, shape, 0, notes)
@@ -295,6 +310,7 @@ def train_once(flow, out, epochs, env_extra, label):
             "epochs_img_per_s": [float(r["img_per_s"]) for r in rows],
             "train_acc": float(last["train_acc"]) if last["train_acc"] else float("nan"),
             "peak_rss_mb": int(m.group(1)) / 1024 if m else float("nan"), "wall_s": wall,
+            "first_step_s": float(f.group(1)) if (f := re.search(r"FIRST_STEP_S ([0-9.]+)", p.stderr)) else float("nan"),
             "rebuilt_cache": bool(re.search(r"^cached \d", p.stderr, re.M)), "env": env_extra}
 
 
@@ -331,6 +347,8 @@ def table(s):
     lines.append(f"{'cache':30s} {'seconds':>9s} {'files/s':>10s} {'decoded':>8s}")
     lines.append(f"{'  cold build (+ load to RAM)':30s} {c['cold_build_s']:9.3f} {c['cold_files_per_s']:10,.0f} "
                  f"{c['cold_decodes']:8d}")
+    if "warm_open_held_s" in c:
+        lines.append(f"{'  warm open, held':30s} {c['warm_open_held_s']:9.3f}")
     for k, name in (("warm_load", "  warm load to RAM"), ("warm_open_streamed", "  warm open, streamed"),
                     ("refresh_one", "  refresh after 1 touched"), ("after_refresh_load", "  load after refresh")):
         lines.append(f"{name:30s} {c[k + '_s']:9.3f} {'':>10s} {c[_dec(k)]:8d}")
@@ -342,11 +360,12 @@ def table(s):
             lines.append(f"{name:30s} {r['batches_per_s']:9,.1f} {r['img_per_s']:10,.0f} "
                          f"{r['mb_per_s_float32']:9,.0f} {r['mb_per_s_compact']:8,.0f}")
     if t:
-        lines += ["", f"{'training (flowdsl train)':30s} {'epoch':>5s} {'img/s':>9s} {'peak RSS':>9s} {'mode':>9s}"]
+        lines += ["", f"{'training (flowdsl train)':30s} {'epoch':>5s} {'img/s':>9s} {'peak RSS':>9s} {'mode':>9s} "
+                      f"{'1st step':>9s}"]
         for k, name in (("ram", "  data in RAM"), ("stream", "  streamed")):
             r = t[k]
             lines.append(f"{name:30s} {r['epoch']:5d} {r['img_per_s']:9,.0f} {r['peak_rss_mb']:7,.0f}MB "
-                         f"{r['mode_seen']:>9s}")
+                         f"{r['mode_seen']:>9s} {r.get('first_step_s', float('nan')):8.2f}s")
         lines.append(f"{'  streamed / RAM':30s} {'':5s} {t['stream_over_ram']:9.2f}")
         if t["ram"]["epoch"] == 1:
             lines.append("  (epoch 1 includes loading the numba kernels: use --epochs 2 or more)")

@@ -34,6 +34,8 @@ class CacheFile:
     file's pages stay in the system's page cache, not in this process's resident memory (a
     memory map would count them there, and a 6 GB cache would look like a 6 GB process)."""
 
+    fd = -1
+
     def __init__(self, path, count, shape, dtype):
         self.path = str(path)
         self.shape = (int(count),) + tuple(shape)
@@ -67,13 +69,68 @@ class CacheFile:
         return np.fromfile(self.path, self.dtype).reshape(self.shape)
 
     def close(self):
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        fd, self.fd = self.fd, -1   # once only: a second close could hit a reused descriptor number
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __del__(self):
         self.close()
+
+
+class LoadingFile(CacheFile):
+    """A cache file being copied into RAM by a background thread: until the copy is complete,
+    batches are read from the file (as CacheFile does); from then on they are served from the
+    array. The bytes are the same either way, so a run gives the same result whenever the copy
+    finishes; what it buys is that training starts at once instead of after reading a 6 GB file
+    (7.5 s here for 30,000 images at 256x256x3)."""
+
+    CHUNK = 32 << 20
+
+    def __init__(self, path, count, shape, dtype):
+        super().__init__(path, count, shape, dtype)
+        self.array = np.empty(self.shape, self.dtype)
+        self.done = threading.Event()
+        self.error = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._copy, daemon=True, name="flowdsl-load")
+        self.thread.start()
+
+    def _copy(self):
+        flat = self.array.reshape(-1).view(np.uint8)
+        pos, total = 0, flat.size
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while pos < total and not self._stop.is_set():
+                    got = os.preadv(fd, [memoryview(flat[pos:pos + self.CHUNK])], pos)
+                    if got <= 0:
+                        raise OSError(f"{self.path}: short read at byte {pos:,} of {total:,}; the cache "
+                                      f"file was truncated")
+                    pos += got
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.error = e
+        if pos >= total:
+            self.done.set()
+
+    @property
+    def loaded(self):
+        return self.done.is_set()
+
+    def wait(self):
+        """The whole array once the copy is complete (raises what stopped the copy)."""
+        while not self.done.wait(0.05):
+            if self.error is not None:
+                raise self.error
+        return self.array
+
+    def close(self):
+        self._stop.set()
+        super().close()
 
 
 def fetch(store, rows):
@@ -81,6 +138,8 @@ def fetch(store, rows):
     are read from the file (I/O only: the part of a batch worth doing in a prefetch thread);
     for an array in RAM nothing is copied."""
     rows = np.asarray(rows, np.int64)
+    if isinstance(store, LoadingFile) and store.loaded:
+        return store.array, rows
     if isinstance(store, CacheFile):
         return store.read(rows), np.arange(len(rows), dtype=np.int64)
     return store, rows

@@ -55,9 +55,10 @@ class Dataset:
 
     @property
     def streamed(self):
-        """True when batches are read from a cache file instead of RAM."""
-        from .batches import CacheFile
-        return isinstance(self.store, CacheFile)
+        """True when batches are read from a cache file instead of RAM (a file still being copied
+        into RAM counts as held: it is in RAM within seconds)."""
+        from .batches import CacheFile, LoadingFile
+        return isinstance(self.store, CacheFile) and not isinstance(self.store, LoadingFile)
 
     @property
     def resident_bytes(self):

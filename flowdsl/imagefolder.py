@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datacache
-from .batches import CacheFile, lut
+from .batches import CacheFile, LoadingFile, lut
 from .data import Dataset, _resolve, _show_input
 from .errors import FlowError, size_text
 
@@ -332,6 +332,10 @@ def _in_memory(paths, w, h, c, fit):
     raise AssertionError("unreachable")
 
 
+# caches larger than this are copied into RAM by a background thread while training starts
+LOAD_IN_BACKGROUND = 256 << 20
+
+
 def _from_cache(folder, key, paths, labels, w, h, c, fit, budget, say):
     cdir = datacache.folder_for(folder.name, key)
     try:
@@ -360,6 +364,9 @@ def _from_cache(folder, key, paths, labels, w, h, c, fit, budget, say):
     bad = {i: entries[r][3] for i, r in enumerate(rel) if entries[r][2] < 0}
     store = CacheFile(cdir / "samples.bin", index["slots"], (h, w, c), index["dtype"])
     if budget is None or store.nbytes <= budget:
+        if store.nbytes > LOAD_IN_BACKGROUND:   # training starts while the copy into RAM runs
+            store.close()
+            return LoadingFile(cdir / "samples.bin", index["slots"], (h, w, c), index["dtype"]), slots, bad
         arr = store.load()
         store.close()
         return arr, slots, bad

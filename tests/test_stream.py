@@ -48,6 +48,51 @@ def test_streamed_and_in_memory_batches_are_identical(tmp_path, cache):
     np.testing.assert_array_equal(ram.batch([0])[0, ..., 0], np.divide(px, np.float32(255), dtype=np.float32))
 
 
+def test_a_large_cache_is_copied_into_ram_in_the_background(tmp_path, cache, monkeypatch):
+    """A held cache above LOAD_IN_BACKGROUND is served from the file while a thread copies it
+    into RAM (so training starts at once), then from the array: the same batches throughout."""
+    from flowdsl import imagefolder
+    from flowdsl.batches import LoadingFile
+    toy_image_folder(tmp_path / "imgs", per_class=40, shape=(8, 8, 1))
+    ram = _src('images("imgs", size=8x8)', base=tmp_path)
+    assert isinstance(ram.store, np.ndarray)
+    monkeypatch.setattr(imagefolder, "LOAD_IN_BACKGROUND", 0)
+    gate = __import__("threading").Event()
+    real = LoadingFile._copy
+    monkeypatch.setattr(LoadingFile, "CHUNK", 64)                  # one sample per read
+    monkeypatch.setattr(LoadingFile, "_copy", lambda self: (gate.wait(), real(self)))
+    bg = _src('images("imgs", size=8x8)', base=tmp_path)
+    assert isinstance(bg.store, LoadingFile) and not bg.streamed
+    assert bg.resident_bytes == ram.resident_bytes                 # counted as held
+    idx = np.array([79, 0, 41, 41, 3])
+    assert not bg.store.loaded
+    before = bg.batch(idx)                                         # read from the file
+    gate.set()
+    np.testing.assert_array_equal(bg.store.wait(), ram.store)
+    assert bg.store.loaded
+    src, rows = bg.fetch(idx)
+    assert src is bg.store.array                                   # now served from RAM
+    np.testing.assert_array_equal(before, ram.batch(idx))
+    np.testing.assert_array_equal(bg.batch(idx), ram.batch(idx))
+    # a split keeps serving through the same store
+    sub = bg.subset(np.arange(10, 20))
+    np.testing.assert_array_equal(sub.batch([0, 9]), ram.batch([10, 19]))
+
+
+def test_a_truncated_cache_file_stops_the_copy_with_a_named_error(tmp_path):
+    from flowdsl.batches import LoadingFile
+    f = tmp_path / "samples.bin"
+    f.write_bytes(bytes(range(200)))
+    lf = LoadingFile(f, 4, (8, 8), np.uint8)                       # promises 256 bytes
+    with pytest.raises(OSError, match="short read at byte 200 .*truncated"):
+        lf.wait()
+    assert not lf.loaded
+    with pytest.raises(OSError, match="short read at sample 3"):
+        lf.read([3])
+    np.testing.assert_array_equal(lf.read([1])[0].reshape(-1), np.arange(64, 128))
+    lf.close()
+
+
 def test_streaming_training_gives_the_same_weights(tmp_path, cache):
     """FLOWDSL_MEM_AVAILABLE low enough to force streaming: bit-identical weights to the run
     that holds the data in memory (same seed), and the run says it streams."""
