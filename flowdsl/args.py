@@ -22,7 +22,8 @@ class ArgError(Exception):
 
 @dataclass(frozen=True)
 class P:
-    """One parameter. kind: int, float, bool, shape, str, name, layer, pad, act, call, calls, any.
+    """One parameter. kind: int, float, bool, shape, str, name, layer, pad, extent (pixels or a
+    fraction of a side), act, call, calls, any.
     'layer' is a reference to a layer of the network by name (resolved when the model is built)."""
     name: str
     kind: str
@@ -34,6 +35,7 @@ class P:
     choices: tuple = ()              # for kind 'name'
     positional: bool = True
     table: object = None             # for 'call'/'calls': dict name -> tuple of P (or callable returning it)
+    rest: bool = False               # takes every remaining positional argument (a tuple), e.g. concat(a, b, c)
 
     @property
     def required(self):
@@ -155,6 +157,18 @@ def convert(p: P, node, what: str):
            (p.hi is not None and (v > p.hi or (p.hi_open and v == p.hi))):
             raise ArgError(f"{p.name} must be {_range_text(p)}")
         return v
+    if k == "extent":  # pixels (a whole number >= 1) or a fraction of the image side (0 < f < 1)
+        if not isinstance(node, Number) or not math.isfinite(float(node.value)):
+            raise ArgError(f"{p.name} must be a number of pixels or a fraction of the image side")
+        v = node.value
+        if 0 < v < 1:
+            return float(v)
+        if v >= 1 and v == int(v):
+            if v > MAX_INT:
+                raise ArgError(f"{p.name} must be at most {MAX_INT}")
+            return int(v)
+        raise ArgError(f"{p.name} must be a whole number of pixels (>= 1) or a fraction of the image side "
+                       f"between 0 and 1, e.g. 0.1 for up to 10%")
     if k == "bool":
         if isinstance(node, Name) and node.name in ("true", "false"):
             return node.name == "true"
@@ -230,7 +244,7 @@ def bind(owner: str, params, args, pos, what=None, where: dict | None = None) ->
     pi = 0
     for a in args:
         if a.key is None:
-            while pi < len(positional) and (positional[pi].name in given or
+            while pi < len(positional) and ((positional[pi].name in given and not positional[pi].rest) or
                                             (positional[pi].kind == "shape" and not positional[pi].required
                                              and not isinstance(a.value, Shape))):
                 pi += 1
@@ -239,6 +253,17 @@ def bind(owner: str, params, args, pos, what=None, where: dict | None = None) ->
                 raise FlowError(f"{owner}: too many positional arguments (it takes: {names}). "
                                 f"Received: {_src(a.value)}", line=a.pos.line, column=a.pos.column)
             p = positional[pi]
+            if p.rest:   # every remaining positional argument
+                try:
+                    item = convert(p, a.value, owner)
+                except ArgError as e:
+                    raise FlowError(f"{owner}: {e}. {_received(p.name, a.value)}",
+                                    line=a.value.pos.line, column=a.value.pos.column) from None
+                out[p.name] = out.get(p.name, ()) + (item,)
+                given.setdefault(p.name, a)
+                if where is not None:
+                    where.setdefault(p.name, a.value.pos)
+                continue
             pi += 1
         else:
             if a.key not in by_name:
@@ -249,7 +274,11 @@ def bind(owner: str, params, args, pos, what=None, where: dict | None = None) ->
             if p.name in given:
                 raise FlowError(f"{owner}: argument '{p.name}' given twice", line=a.pos.line, column=a.pos.column)
         try:
-            out[p.name] = convert(p, a.value, owner)
+            if p.rest:   # written as a keyword: a list, or one value
+                items = a.value.items if isinstance(a.value, List) else (a.value,)
+                out[p.name] = tuple(convert(p, v, owner) for v in items)
+            else:
+                out[p.name] = convert(p, a.value, owner)
         except ArgError as e:
             raise FlowError(f"{owner}: {e}. {_received(p.name, a.value)}",
                             line=a.value.pos.line, column=a.value.pos.column) from None

@@ -1,13 +1,25 @@
-"""Training-time augmentation (`augment = [shift(2), hflip, cutout(8), noise(0.05), flip_pixels(5)]`) and the
-perturbations of `eval --perturb shift=2,flip=5`. Vectorised numpy on NHWC float32 batches in
-[0, 1]; every function returns a new array and never modifies its input."""
+"""Training-time augmentation (`augment = [shift(2), hflip, vflip, rotate(45), zoom(0.1), cutout(8),
+noise(0.05), flip_pixels(5)]`) and the perturbations of `eval --perturb shift=2,flip=5`. Vectorised
+numpy, and one numba kernel for rotate and zoom (bilinear resampling under an affine map), on
+NHWC float32 batches in [0, 1]; every function returns a new array and never modifies its input.
+
+shift(px): a whole number of pixels, or a fraction of each side (shift(0.1): up to 10% of the
+width across and of the height down, as Keras' width/height_shift_range). rotate(degrees, fill):
+a uniform angle in [-degrees, degrees] about the centre; zoom(fraction, fill): a uniform scale in
+[1 - fraction, 1 + fraction]. fill says what shows where the source falls outside the image,
+with scipy.ndimage's meanings: nearest (the edge pixel, Keras' default), zeros, mirror, reflect,
+wrap."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .errors import FlowError
+from .jit import kernel, prange
 
-IMAGE_ONLY = ("shift", "hflip", "cutout")
+IMAGE_ONLY = ("shift", "hflip", "vflip", "rotate", "zoom", "cutout")
+FILLS = {"zeros": 0, "nearest": 1, "mirror": 2, "reflect": 3, "wrap": 4}
 
 
 def _rng(rng):
@@ -49,10 +61,120 @@ def shift_images(x, dy, dx):
 
 
 def random_shift(x, px, rng):
-    """Random integer translation in [-px, px] on each axis, per image, zero fill."""
+    """Random integer translation in [-px, px] on each axis, per image, zero fill. A fraction px
+    < 1 is that share of each side: up to round(px * H) down, round(px * W) across."""
     _need_images(x, "shift")
+    if px < 1:
+        py_, px_ = int(round(px * x.shape[1])), int(round(px * x.shape[2]))
+        dy = rng.integers(-py_, py_ + 1, size=len(x))
+        dx = rng.integers(-px_, px_ + 1, size=len(x))
+        return shift_images(x, dy, dx)
     d = rng.integers(-px, px + 1, size=(2, len(x)))
     return shift_images(x, d[0], d[1])
+
+
+def random_vflip(x, rng):
+    """Mirror each image top-bottom with probability 0.5."""
+    _need_images(x, "vflip")
+    flip = rng.random(len(x)) < 0.5
+    out = x.copy()
+    out[flip] = x[flip, ::-1]
+    return out
+
+
+def affine_images(x, mats, fill="nearest"):
+    """out[n, i, j] = x[n] sampled bilinearly at (mats[n] applied to (i, j)): mats (N, 2, 3)
+    maps an output pixel's (row, column, 1) to the source position. fill: what a source
+    position outside the image reads (FILLS)."""
+    _need_images(x, "rotate")
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(x)
+    _affine(x, np.ascontiguousarray(mats, np.float32).reshape(len(x), 6), out, FILLS[fill])
+    return out
+
+
+def _about_centre(h, w, angles, scales):
+    """(N, 2, 3) maps from output to source pixels for a rotation by `angles` (radians,
+    anticlockwise on the screen) and a zoom by `scales` about the image centre."""
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    c, s = np.cos(angles) / scales, np.sin(angles) / scales
+    m = np.empty((len(angles), 2, 3))
+    # source = R(angle)^-1 (out - centre) / scale + centre, rows pointing down
+    m[:, 0, 0], m[:, 0, 1] = c, s
+    m[:, 1, 0], m[:, 1, 1] = -s, c
+    m[:, 0, 2] = cy - c * cy - s * cx
+    m[:, 1, 2] = cx + s * cy - c * cx
+    return m
+
+
+def random_rotate(x, degrees, fill, rng):
+    """Rotate each image by a uniform angle in [-degrees, degrees] about its centre (bilinear)."""
+    _need_images(x, "rotate")
+    a = rng.uniform(-degrees, degrees, size=len(x)) * (math.pi / 180.0)
+    return affine_images(x, _about_centre(x.shape[1], x.shape[2], a, np.ones(len(x))), fill)
+
+
+def random_zoom(x, fraction, fill, rng):
+    """Scale each image by a uniform factor in [1 - fraction, 1 + fraction] about its centre (a
+    factor above 1 magnifies: 1.25 shows the middle 80% of each side)."""
+    _need_images(x, "zoom")
+    z = rng.uniform(1.0 - fraction, 1.0 + fraction, size=len(x))
+    return affine_images(x, _about_centre(x.shape[1], x.shape[2], np.zeros(len(x)), z), fill)
+
+
+@kernel
+def _fill_index(q, n, mode):
+    """The pixel a source index q (any integer) reads along an axis of n, or -1 for zeros."""
+    if 0 <= q < n:
+        return q
+    if mode == 0:
+        return -1
+    if mode == 1:
+        return 0 if q < 0 else n - 1
+    if mode == 2:                                  # mirror: c b | a b c d | c b
+        if n == 1:
+            return 0
+        r = q % (2 * n - 2)
+        return r if r < n else 2 * n - 2 - r
+    if mode == 3:                                  # reflect: b a | a b c d | d c
+        r = q % (2 * n)
+        return r if r < n else 2 * n - 1 - r
+    return q % n                                   # wrap
+
+
+@kernel
+def _affine(x, mats, out, mode):
+    n_, h, w, c = x.shape
+    one = np.float32(1.0)
+    for t in prange(n_ * h):
+        n = t // h
+        i = t % h
+        for j in range(w):
+            sy = mats[n, 0] * np.float32(i) + mats[n, 1] * np.float32(j) + mats[n, 2]
+            sx = mats[n, 3] * np.float32(i) + mats[n, 4] * np.float32(j) + mats[n, 5]
+            y0 = int(np.floor(sy))
+            x0 = int(np.floor(sx))
+            fy = sy - np.float32(y0)
+            fx = sx - np.float32(x0)
+            ya = _fill_index(y0, h, mode)
+            yb = _fill_index(y0 + 1, h, mode)
+            xa = _fill_index(x0, w, mode)
+            xb = _fill_index(x0 + 1, w, mode)
+            w00 = (one - fy) * (one - fx)
+            w01 = (one - fy) * fx
+            w10 = fy * (one - fx)
+            w11 = fy * fx
+            for cc in range(c):
+                v = np.float32(0.0)
+                if ya >= 0 and xa >= 0:
+                    v += w00 * x[n, ya, xa, cc]
+                if ya >= 0 and xb >= 0:
+                    v += w01 * x[n, ya, xb, cc]
+                if yb >= 0 and xa >= 0:
+                    v += w10 * x[n, yb, xa, cc]
+                if yb >= 0 and xb >= 0:
+                    v += w11 * x[n, yb, xb, cc]
+                out[n, i, j, cc] = v
 
 
 def random_hflip(x, rng):
@@ -155,9 +277,13 @@ class Augmenter:
         self.ops = []
         for c in calls or ():
             if c.name == "shift":
-                self.ops.append(("shift", int(c.get("px", 2))))
-            elif c.name == "hflip":
-                self.ops.append(("hflip", None))
+                self.ops.append(("shift", c.get("px", 2)))
+            elif c.name in ("hflip", "vflip"):
+                self.ops.append((c.name, None))
+            elif c.name == "rotate":
+                self.ops.append(("rotate", (float(c.get("degrees", 15.0)), c.get("fill", "nearest"))))
+            elif c.name == "zoom":
+                self.ops.append(("zoom", (float(c.get("fraction", 0.1)), c.get("fill", "nearest"))))
             elif c.name == "cutout":
                 self.ops.append(("cutout", (int(c.get("size", 8)), float(c.get("p", 1.0)))))
             elif c.name == "noise":
@@ -165,7 +291,8 @@ class Augmenter:
             elif c.name == "flip_pixels":
                 self.ops.append(("flip_pixels", int(c.get("n", 5))))
             else:
-                raise FlowError(f"unknown augmentation '{c.name}' (choose from cutout, flip_pixels, hflip, noise, shift)")
+                raise FlowError(f"unknown augmentation '{c.name}' (choose from cutout, flip_pixels, hflip, noise, "
+                                f"rotate, shift, vflip, zoom)")
         self.calls = tuple(calls or ())
         self.rng = np.random.default_rng(seed)
 
@@ -200,6 +327,12 @@ class Augmenter:
                 out = random_shift(out, arg, rng)
             elif name == "hflip":
                 out = random_hflip(out, rng)
+            elif name == "vflip":
+                out = random_vflip(out, rng)
+            elif name == "rotate":
+                out = random_rotate(out, arg[0], arg[1], rng)
+            elif name == "zoom":
+                out = random_zoom(out, arg[0], arg[1], rng)
             elif name == "cutout":
                 out = random_cutout(out, arg[0], arg[1], rng)
             elif name == "noise":
@@ -225,4 +358,4 @@ def perturb(x, shift=0, flip=0, rng=None):
 
 
 __all__ = ["Augmenter", "perturb", "shift_images", "flip_pixels_at", "flip_positions", "random_shift",
-           "random_hflip", "cutout_at", "random_cutout", "add_noise", "random_flip_pixels"]
+           "random_hflip", "random_vflip", "random_rotate", "random_zoom", "affine_images", "cutout_at", "random_cutout", "add_noise", "random_flip_pixels"]

@@ -76,7 +76,7 @@ def _cmd_eval(a):
     m = load_model(a.file)
     with _kernels_note():
         run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out,
-                 tta=a.tta)
+                 tta=a.tta, top=a.top)
     return 0
 
 
@@ -134,7 +134,10 @@ def make_parser():
     t.set_defaults(run=_cmd_train)
     e = sub.add_parser("eval", help="accuracy, per-class precision/recall, confusion matrix")
     e.add_argument("file")
-    e.add_argument("--weights", required=True, metavar="CKPT")
+    e.add_argument("--weights", required=True, metavar="CKPT", nargs="+",
+                   help="a checkpoint, or several of the same model: an ensemble (mean probabilities)")
+    e.add_argument("--top", type=_positive, default=1, metavar="K",
+                   help="also print top-1 .. top-K accuracy (the true class among the K best guesses)")
     e.add_argument("--data", metavar="SRC", help='a data source, e.g. \'fashion_mnist("test")\' (default: the test set)')
     e.add_argument("--perturb", metavar="shift=N,flip=N", help="also evaluate on shifted inputs with flipped pixels")
     e.add_argument("--out", help="write eval.png (confusion matrix) here")
@@ -142,7 +145,9 @@ def make_parser():
     e.set_defaults(run=_cmd_eval)
     pr = sub.add_parser("predict", help="top classes with probabilities for each image")
     pr.add_argument("file")
-    pr.add_argument("--weights", required=True, metavar="CKPT")
+    pr.add_argument("--weights", required=True, metavar="CKPT", nargs="+",
+                    help="a checkpoint, or several of the same model: an ensemble (put the images "
+                         "before --weights, or after --)")
     pr.add_argument("--top", type=_positive, default=3)
     pr.add_argument("--tta", metavar="hflip", help="test-time augmentation: also average each image's mirror image")
     pr.add_argument("images", nargs="+", metavar="IMG")

@@ -600,8 +600,10 @@ def _load_csv(call, base_dir, input_shape, classes=None) -> Dataset:
     fields = _fields(head, delim)
     start = first + 1 if any(not _is_number(f) for f in fields) else first
     ncols = len(fields)
-    if label >= ncols:
-        raise FlowError(f"label={label}, but the rows have {ncols} columns (0..{ncols - 1})", p, first + 1)
+    if not -ncols <= label < ncols:
+        raise FlowError(f"label={label}, but the rows have {ncols} columns (0..{ncols - 1}, or -1..-{ncols} "
+                        f"from the end)", p, first + 1)
+    label %= ncols   # label=-1: the last column, as in Python
     if ncols < 2:
         raise FlowError("each row needs a label and at least one pixel value", p, first + 1)
     body = lines[start:]

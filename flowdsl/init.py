@@ -1,9 +1,35 @@
-"""Weight initialisers of the init block: normal, uniform, he, glorot, zeros, constant."""
+"""Weight initialisers of the init block: normal, uniform, he, glorot, zeros, constant, and the
+fixed edge filters kirsch (the 8 compass kernels) and sobel (x and y gradients) for a field-3 conv."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+
+def _kirsch():
+    """The 8 Kirsch compass kernels, N, NW, W, SW, S, SE, E, NE: 5 on three neighbouring ring
+    cells, -3 on the other five, 0 in the centre; each the last turned a step anticlockwise."""
+    ring = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0)]   # clockwise from top left
+    out = np.zeros((3, 3, 8))
+    for k in range(8):
+        for q, (a, b) in enumerate(ring):
+            out[a, b, k] = 5.0 if (q + k) % 8 in (0, 1, 2) else -3.0
+    return out
+
+
+def _sobel():
+    gx = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    return np.stack([gx, gx.T], axis=-1)                 # x gradient, y gradient
+
+
+FIXED = {"kirsch": _kirsch, "sobel": _sobel}   # name -> (3, 3, filters) kernels
+
+
+def fixed_filters(name):
+    """The (3, 3, K) kernels of a fixed initialiser, or None for the random ones."""
+    make = FIXED.get(name)
+    return None if make is None else make()
 
 
 def initialise(rng, pname, shape, init, fans, he_default):
@@ -30,6 +56,9 @@ def initialise(rng, pname, shape, init, fans, he_default):
         a = np.zeros(shape)
     elif name == "constant":
         a = np.full(shape, init["value"])
+    elif name in FIXED:   # (3, 3, C, K) filters, checked by the model; each kernel over C channels / C
+        k3 = FIXED[name]()
+        a = np.repeat(k3[:, :, None, :], shape[2], axis=2) / shape[2]
     else:  # settings.INITS and this function list the same names
         raise AssertionError(name)
     return np.ascontiguousarray(a, dtype=f32)

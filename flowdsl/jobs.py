@@ -215,14 +215,24 @@ def load_trained(model, weights):
     return net, classes
 
 
-def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
+def run_eval(model, weights, data=None, perturb=None, out=None, tta=None, top=1):
+    """weights: one checkpoint, or a list of several of the same model (an ensemble: each
+    member's accuracy, then the ensemble's, classifying by the mean probabilities)."""
     from .data import check_labels, load_source
     from .net import check_tta
     from .train import evaluate
     check_tta(tta, model.input_shape)
     if out:
         _check_writable(out)
-    net, classes = load_trained(model, weights)
+    paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+    loaded = [load_trained(model, w) for w in paths]
+    net, classes = loaded[0]
+    members = [m for m, _ in loaded]
+    for w, (_, c) in zip(paths[1:], loaded[1:]):
+        if c and classes and c != classes:
+            raise FlowError(f"{w} was trained on the classes {', '.join(c)}; {paths[0]} on "
+                            f"{', '.join(classes)}: an ensemble needs the same classes")
+    weights = paths[0] if len(paths) == 1 else f"ensemble of {len(paths)}"
     settings = dict(model.train)
     if data is not None:
         ds = load_source(parse_source(data, model), os.getcwd(), model.input_shape, classes=classes or None)
@@ -234,21 +244,35 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None):
         ds, dsname = test, test.source
     check_labels(ds, model.layers[-1].out[0], ds.source)
     classes = classes or ds.classes
-    res = evaluate(net, ds)
-    lines = [f"{dsname}: {len(ds):,} images", f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}"]
-    if tta:
+    lines = [f"{dsname}: {len(ds):,} images"]
+    if len(members) > 1:
+        accs = []
+        for j, (w, m) in enumerate(zip(paths, members)):
+            r = evaluate(m, ds, check=j == 0, tta=tta)
+            accs.append(r["acc"])
+            lines.append(f"member {w}: accuracy {r['acc']:.4f}   loss {r['loss']:.4f}")
+        res = evaluate(net, ds, check=False, top=top, members=members, tta=tta)
+        best = max(accs)
+        lines.append(f"ensemble of {len(members)} (mean probabilities): accuracy {res['acc']:.4f}   loss "
+                     f"{res['loss']:.4f}   ({res['acc'] - best:+.4f} against the best member, {best:.4f})")
+    else:
+        res = evaluate(net, ds, top=top)
+        lines.append(f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}")
+    if tta and len(members) == 1:
         plain = res
-        res = evaluate(net, ds, tta=tta)
+        res = evaluate(net, ds, tta=tta, top=top)
         lines.append(f"with test-time augmentation ({tta}: each image and its mirror, mean probabilities): "
                      f"accuracy {res['acc']:.4f}   loss {res['loss']:.4f}   (without: {plain['acc']:.4f})")
     if perturb:
         from .augment import perturb as do_perturb
         shift, flip = perturb
         xp = do_perturb(ds.x, shift, flip, np.random.default_rng(0))
-        pres = evaluate(net, xp, ds.y, tta=tta)
+        pres = evaluate(net, xp, ds.y, tta=tta, members=members)
         how = f", with test-time augmentation ({tta})" if tta else ""
         lines.append(f"perturbed (shift up to {shift}px, {flip} pixels flipped{how}): accuracy {pres['acc']:.4f}   "
                      f"(clean {res['acc']:.4f})")
+    if top > 1 and res.get("topk"):
+        lines.append("   ".join(f"top-{i + 1} {a:.4f}" for i, a in enumerate(res["topk"])))
     lines.append(_per_class(res["confusion"], classes))
     lines.append(_conf_text(res["confusion"], classes))
     print("\n".join(lines))
@@ -292,9 +316,12 @@ def run_predict(model, weights, images, top=3, tta=None):
     from .data import load_image_files
     from .net import check_tta
     check_tta(tta, model.input_shape)
-    net, classes = load_trained(model, weights)
+    paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+    loaded = [load_trained(model, w) for w in paths]
+    net, classes = loaded[0]
     x = load_image_files(images, model.input_shape)
-    probs = net.predict(x, tta=tta)
+    # several checkpoints: an ensemble, the mean of the members' probabilities
+    probs = net.predict(x, tta=tta) if len(paths) == 1 else net.predict(x, tta=tta, weights=[m for m, _ in loaded])
     k = probs.shape[1]
     names = classes if len(classes) == k else [str(i) for i in range(k)]
     for path, p in zip(images, probs):

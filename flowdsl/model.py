@@ -79,7 +79,9 @@ class Model:
         out.append(f"Training memory at batch {batch}: about {size_text(self.memory_estimate(batch))} (estimated, not allocated)")
         for a, (i, j) in self.aliases.items():
             if i != j:
-                out.append(f"{a} = {' :: '.join(l.name for l in self.layers[i:j + 1])}")
+                start = [self.layers[i].feed_name] if self.layers[i].feed_name else []
+                out.append(f"{a} = {' :: '.join(start + [l.name for l in self.layers[i:j + 1]])}")
+        out += [f"note: {n}" for l in self.layers for n in l.notes()]
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -94,6 +96,30 @@ class Model:
         for a, r in self.aliases.items():
             named.setdefault(r, []).append(a)
         emitted = set()
+        # segments: runs of layers each reading the one before; a branch's first layer and a
+        # concat that starts a chain begin a new one. A name is printed as the part of its span
+        # in the segment it ends in (a branch that a concat joins is printed as its own binding)
+        seg = []
+        for i, l in enumerate(self.layers):
+            seg.append(i if i == 0 or l.feed is not None else seg[-1])
+
+        def shown(r):
+            return (max(r[0], seg[r[1]]), r[1])
+
+        def refs_first(i):
+            # the bindings a layer names (concat's branches) are written before it; a name of a
+            # layer inside a binding brings that binding (its outermost name)
+            index = {l.name: j for j, l in enumerate(self.layers)}
+            for ref in _refs(self.layers[i]):
+                hits = [(r, names.index(ref)) for r, names in named.items() if ref in names]
+                if not hits and ref in index:
+                    j = index[ref]
+                    spans = [r for r in named if r[0] <= j <= r[1] and r[1] < i]
+                    if spans:
+                        r = max(spans, key=lambda r: r[1] - r[0])
+                        hits = [(r, len(named[r]) - 1)]
+                for r, k in hits:
+                    emit(r, k)
 
         def text(lo, hi, outer):
             # outer: (span, index) of the name being defined, or None for the network
@@ -103,7 +129,7 @@ class Model:
                 # being defined, the name just inside it
                 best = None
                 for r, names in named.items():
-                    if r[0] != i or r[1] > hi:
+                    if shown(r)[0] != i or r[1] > hi:
                         continue
                     k = len(names) - 1
                     if outer is not None and r == outer[0]:
@@ -117,6 +143,10 @@ class Model:
                     parts.append(named[best[0]][best[1]])
                     i = best[0][1] + 1
                 else:
+                    l = self.layers[i]
+                    if l.feed_name is not None:   # a branch: `stem :: ...`
+                        parts.append(l.feed_name)
+                    refs_first(i)
                     parts.append(self._layer_text(i))
                     i += 1
             one = " :: ".join(parts)
@@ -125,11 +155,12 @@ class Model:
         def emit(r, k):
             if (r, k) in emitted:
                 return
-            body = text(r[0], r[1], (r, k))
+            emitted.add((r, k))
+            body = text(*shown(r), (r, k))
             emitted.add((r, k))
             lines.append(f"{named[r][k]} = {body}")
 
-        net = text(0, len(self.layers) - 1, None)
+        net = text(seg[-1], len(self.layers) - 1, None)
         lines.append(f"network = {net}")
         if self.init:
             lines.append("init {")
@@ -147,7 +178,7 @@ class Model:
 
     def spec(self):
         """Everything that defines the model, for comparing two models."""
-        return (tuple((l.name, l.spec_key(), l.in_shape, l.out) for l in self.layers),
+        return (tuple((l.name, l.spec_key(), l.in_shape, l.out, getattr(l.feed, "name", None)) for l in self.layers),
                 tuple(sorted(self.aliases.items())),
                 tuple((k, str(v)) for k, v in self.train.items()),
                 tuple((k, str(v)) for k, v in self.init.items()))
@@ -227,13 +258,18 @@ def _build(program: Program) -> Model:
 
     def expand(chain: Chain, bound_as: str | None):
         start = len(layers)
-        for el in chain.elements:
+        branch = None   # a chain that starts with a name already built: its next layer reads that output
+        for k, el in enumerate(chain.elements):
             if isinstance(el, Name) and el.name in bindings:
                 if el.name in expanding:
                     raise _err(f"'{el.name}' refers to itself", el.pos, program)
                 if el.name in used_names:
+                    if k == 0 and len(chain.elements) > 1:
+                        branch = el
+                        continue
                     raise _err(f"'{el.name}' is used twice (first at {used_names[el.name].line}:{used_names[el.name].column}); "
-                               f"layers do not share weights: define a second layer", el.pos, program)
+                               f"layers do not share weights: define a second layer, or start a branch from its "
+                               f"output with `x = {el.name} :: ...`", el.pos, program)
                 used_names[el.name] = el.pos
                 expanding.append(el.name)
                 expand(bindings[el.name].chain, el.name)
@@ -242,7 +278,23 @@ def _build(program: Program) -> Model:
             if isinstance(el, Call) and el.name in bindings:
                 raise _err(f"'{el.name}' is a bound layer, not a kind: write {el.name} without arguments",
                            el.pos, program)
-            layers.append(_make_layer(el, program, bindings))
+            layer = _make_layer(el, program, bindings)
+            if branch is not None:
+                layer.feed_name, layer.feed_pos = branch.name, branch.pos
+                branch = None
+            elif k == 0 and getattr(layer, "starts_chain", None) is not None:
+                # concat(a, b, ...) first in a chain joins the named branches only; those not built
+                # yet are built here, in the order named
+                layer.starts_chain = True
+                for ref in _refs(layer):
+                    if ref in bindings and ref not in used_names and ref not in expanding:
+                        used_names[ref] = layer.where.get("from", el.pos)
+                        expanding.append(ref)
+                        expand(bindings[ref].chain, ref)
+                        expanding.pop()
+            layers.append(layer)
+        if branch is not None:   # unreachable: a one-element chain of a used name is an error above
+            raise _err(f"'{branch.name}' is used twice", branch.pos, program)
         end = len(layers) - 1
         if bound_as is not None:
             if end < start:
@@ -271,6 +323,7 @@ def _build(program: Program) -> Model:
             taken.add(cand)
 
     _resolve_refs(layers, aliases, program)
+    _resolve_feeds(layers, aliases, program)
 
     # input shape
     first = layers[0]
@@ -304,6 +357,8 @@ def _build(program: Program) -> Model:
     # shape inference
     s = shape
     for l in body:
+        if l.feed is not None:    # a branch, or a concat that starts a chain
+            s = l.feed.out
         l.in_shape = s
         try:
             s = tuple(l.out_shape(s))
@@ -311,6 +366,7 @@ def _build(program: Program) -> Model:
             pos = l.where.get(e.key, l.pos) if e.key else l.pos
             raise _err(f"{l.kind} {l.name}: {e}", pos, program) from None
         l.out = s
+    _check_every_output_used(layers, aliases, program)
 
     train, written = _train_settings(blocks.get("train"), program)
     if train.get("augment"):
@@ -326,25 +382,74 @@ def _build(program: Program) -> Model:
     return Model(layers, aliases, train, init, program.source, program.file, written)
 
 
+def _refs(layer):
+    """The layer names a layer's arguments hold (add's from=, concat's branches)."""
+    out = []
+    for p in layer.params:
+        if p.kind == "layer":
+            v = layer.args[p.name]
+            out += list(v) if isinstance(v, tuple) else [v]
+    return out
+
+
+def _find(ref, i, l, what, pos, layers, aliases, program):
+    """The index of the layer a name refers to (a layer's own name, or a sub-chain's last
+    layer), which must come before layer i."""
+    index = {m.name: j for j, m in enumerate(layers)}
+    j = index.get(ref, aliases[ref][1] if ref in aliases else None)
+    if j is None:
+        earlier = [m.name for m in layers[:i]] + [a for a, (_, e) in aliases.items() if e < i]
+        raise _err(f"{l.kind} {l.name}: no layer named '{ref}'{did_you_mean(ref, earlier)}", pos, program)
+    if j >= i:
+        how = ("is this layer itself" if ref == l.name else "contains this layer" if
+               ref in aliases and aliases[ref][0] <= i else "comes after it")
+        raise _err(f"{l.kind} {l.name}: '{ref}' {how}; {what} names an earlier layer", pos, program)
+    return j
+
+
 def _resolve_refs(layers, aliases, program):
-    """Point each layer argument that names another layer (add(from=stem)) at that layer: a
-    layer's own name or a sub-chain's name (its last layer), which must come earlier."""
-    index = {l.name: i for i, l in enumerate(layers)}
+    """Point each layer argument that names another layer (add(from=stem), concat(a, b)) at that
+    layer: a layer's own name or a sub-chain's name (its last layer), which must come earlier."""
     for i, l in enumerate(layers):
         for p in l.params:
             if p.kind != "layer":
                 continue
-            ref = l.args[p.name]
+            refs = l.args[p.name]
             pos = l.where.get(p.name, l.pos)
-            j = index.get(ref, aliases[ref][1] if ref in aliases else None)
-            if j is None:
-                earlier = [m.name for m in layers[:i]] + [a for a, (_, e) in aliases.items() if e < i]
-                raise _err(f"{l.kind} {l.name}: no layer named '{ref}'{did_you_mean(ref, earlier)}", pos, program)
-            if j >= i:
-                what = ("is this layer itself" if ref == l.name else "contains this layer" if
-                        ref in aliases and aliases[ref][0] <= i else "comes after it")
-                raise _err(f"{l.kind} {l.name}: '{ref}' {what}; {p.name}= names an earlier layer", pos, program)
-            l.src = layers[j]
+            found = [layers[_find(r, i, l, f"{p.name}=", pos, layers, aliases, program)]
+                     for r in (refs if isinstance(refs, tuple) else (refs,))]
+            if isinstance(refs, tuple):
+                l.srcs = found
+            else:
+                l.src = found[0]
+
+
+def _resolve_feeds(layers, aliases, program):
+    """A branch's first layer reads the output of the name its chain starts with; a concat that
+    starts a chain reads its first branch (and joins the others)."""
+    for i, l in enumerate(layers):
+        if l.feed_name is not None:
+            l.feed = layers[_find(l.feed_name, i, l, "a branch", l.feed_pos, layers, aliases, program)]
+        elif getattr(l, "starts_chain", False):
+            l.feed = l.srcs[0]
+
+
+def _check_every_output_used(layers, aliases, program):
+    """Every layer's output goes somewhere: to the next layer, or to a layer that names it. A
+    branch that nothing joins would be computed for nothing (and learn nothing)."""
+    used = set()
+    for i, l in enumerate(layers):
+        if l.feed is not None:
+            used.add(id(l.feed))
+        elif i:
+            used.add(id(layers[i - 1]))
+        used.update(id(m) for m in l.inputs())
+    for i, l in enumerate(layers[:-1]):
+        if id(l) not in used:
+            names = [a for a, (_, e) in aliases.items() if e == i] or [l.name]
+            raise _err(f"the output of {names[0]} ({l.kind}) is not used: the next layer starts a branch "
+                       f"from another one. Join it with concat({names[0]}, ...) or add({names[0]}), or remove it",
+                       l.pos, program)
 
 
 def _check_shape_dims(first, program):
@@ -423,4 +528,22 @@ def _init_settings(block, program, layers, aliases):
             if target is not None and not target.has_weights:
                 raise _err(f"init: {target.kind} {st.key} has no weights to initialise", st.pos, program)
         out[st.key] = bind_call(st.value, INITS, "initialiser")
+        _check_fixed(out[st.key], st, names.get(st.key), program)
     return out
+
+
+def _check_fixed(init, st, target, program):
+    """Fixed filters (kirsch, sobel) fill one layer's (3, 3, C, K) filters: K must match."""
+    from .init import fixed_filters
+    k3 = fixed_filters(init.name)
+    if k3 is None:
+        return
+    w = target.param_shapes(target.in_shape).get("w") if target is not None and target.spatial_filters else None
+    k = k3.shape[-1]
+    if w is None:
+        what = "every layer" if st.key == "default" else f"'{st.key}'"
+        raise _err(f"init: {init.name} fills the filters of one conv layer with field=3 and filters={k}; "
+                   f"it cannot initialise {what}", st.pos, program)
+    if tuple(w[:2]) != (3, 3) or w[3] != k:
+        raise _err(f"init: {init.name} gives {k} filters of 3x3; {target.kind} {st.key} has "
+                   f"filters={w[3]}, field={w[0]}. Write {target.kind}(filters={k}, field=3, ...)", st.pos, program)

@@ -116,8 +116,10 @@ class Net:
         self._trace = []
         for st in steps:
             ctx = {"state": self.state[st.layer.name], "rng": self.rng}
-            if st.skip is not None:
-                ctx["skip"] = saved[st.skip]
+            if st.feed is not None:   # a branch: its input is an earlier output
+                x = saved[st.feed]
+            if st.extras:
+                ctx["extras"] = [saved[e] for e in st.extras]
             post = {}
             x = self.run_forward(st, x, self.params[st.layer.name], ctx, post, training)
             if st.save:
@@ -133,23 +135,37 @@ class Net:
         Returns (loss, number correct)."""
         z = self.forward(x, training=True)
         loss, d, correct = self.loss_layer.loss(z, np.asarray(y))
-        pending = {}  # layer index -> gradient reaching its output through skip connections
         trace, self._trace = self._trace, []
+        # pending: layer index -> the gradient reaching its output so far (from the step after
+        # it, from branches that start from it, from the layers that add or join it); -1 is the
+        # network input, whose gradient nobody needs
+        pending = {trace[-1][0].out_index: d} if trace else {}
+
+        def send(i, g):
+            if i >= 0:
+                pending[i] = g if i not in pending else pending[i] + g
+
         for k in range(len(trace) - 1, -1, -1):
             st, ctx, post = trace[k]
-            if st.out_index in pending:
-                d = d + pending.pop(st.out_index)
+            d = pending.pop(st.out_index)
+            src = st.feed if st.feed is not None else (trace[k - 1][0].out_index if k > 0 else -1)
             name = st.layer.name
-            d = self.run_backward(st, d, self.params[name], self.grads[name], ctx, post, k > 0)
-            if st.skip is not None and st.skip >= 0:
-                ds = ctx.pop("dskip")
-                pending[st.skip] = ds if st.skip not in pending else pending[st.skip] + ds
+            dx = self.run_backward(st, d, self.params[name], self.grads[name], ctx, post, src >= 0)
+            if src >= 0:
+                send(src, dx)
+            for e, de in zip(st.extras, ctx.pop("dextras", ())):
+                send(e, de)
         return loss, correct
 
-    def predict(self, x, batch=256, tta=None):
+    def predict(self, x, batch=256, tta=None, weights=None):
         """Probabilities (softmax) or outputs (squared) for every sample, in evaluation mode.
         tta="hflip": test-time augmentation, the mean of the outputs for each image and its
-        mirror image."""
+        mirror image. weights: a list of checkpoints (or Nets) of this model: an ensemble, the
+        mean of their outputs (this Net's own weights take no part)."""
+        if weights is not None:
+            members = self.members(weights)
+            x = self.as_input(x)
+            return sum(m.predict(x, batch, tta) for m in members) / np.float32(len(members))
         check_tta(tta, self.model.input_shape)
         x = self.as_input(x)
         outs = []
@@ -160,6 +176,20 @@ class Net:
                 out = (out + self.loss_layer.forward(self.forward(xb[:, :, ::-1]), None, {}, False)) / np.float32(2)
             outs.append(out)
         return np.concatenate(outs) if outs else np.zeros((0,) + self.loss_layer.out, np.float32)
+
+    def members(self, weights):
+        """Nets of this model, one per checkpoint path (a Net is taken as it is)."""
+        if isinstance(weights, (str, bytes)) or not len(weights):
+            raise FlowError("weights= takes a list of checkpoints, e.g. weights=['a.npz', 'b.npz']")
+        out = []
+        for w in weights:
+            if isinstance(w, Net):
+                out.append(w)
+                continue
+            m = Net(self.model, seed=0)
+            m.load_weights(w)
+            out.append(m)
+        return out
 
     def focus(self, name, x, png_dir=None, names=None, scale="minmax"):
         """Activations of the named layer for input x: (N, H, W, C) for maps, (N, D) for vectors.

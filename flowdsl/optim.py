@@ -1,6 +1,7 @@
 """Optimizers: one class, configured by the train block's optimizer call (sgd, momentum, adam,
 rmsprop), stepping the network's flat parameter buffer in one parallel pass. L2 decay applies
-to weights only (not biases or batchnorm parameters)."""
+to weights only (not biases or batchnorm parameters); a trainable=false layer's parameters are
+never moved."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,16 +23,20 @@ class Optimizer:
         self.v = np.zeros(n, np.float32) if self.kind in ("adam", "rmsprop") else np.zeros(1, np.float32)
         self.t = 0
         self.decay = np.zeros(n, np.float32)
+        self.live = np.ones(n, np.uint8)   # 0: a trainable=false layer's parameter, never moved
         for l, pname, shape, off in net._spec:
+            size = int(np.prod(shape))
             if pname == "w":
-                self.decay[off:off + int(np.prod(shape))] = 1.0
+                self.decay[off:off + size] = 1.0
+            if not l.trainable:
+                self.live[off:off + size] = 0
         self.mask_any = bool(self.decay.any())
 
     def step(self, lr=None):
         self.t += 1
         lr = self.lr if lr is None else lr
         h = self.hyper
-        _step(KINDS[self.kind], self.net.flat, self.net.gflat, self.m, self.v, self.decay,
+        _step(KINDS[self.kind], self.net.flat, self.net.gflat, self.m, self.v, self.decay, self.live,
               np.float32(lr), np.float32(h.get("mu", 0.0)), np.float32(h.get("beta1", 0.0)),
               np.float32(h.get("beta2", h.get("rho", 0.0))), np.float32(h.get("eps", 1e-8)),
               np.float32(self.l2), self.t)
@@ -47,7 +52,7 @@ class Optimizer:
 
 
 @kernel
-def _step(kind, w, g, m, v, decay, lr, mu, b1, b2, eps, l2, t):
+def _step(kind, w, g, m, v, decay, live, lr, mu, b1, b2, eps, l2, t):
     n = w.shape[0]
     one = np.float32(1.0)
     if kind == 2:
@@ -57,6 +62,8 @@ def _step(kind, w, g, m, v, decay, lr, mu, b1, b2, eps, l2, t):
         c1 = one
         c2 = one
     for i in prange(n):
+        if live[i] == 0:
+            continue
         gi = g[i] + l2 * decay[i] * w[i]
         if kind == 0:
             w[i] -= lr * gi

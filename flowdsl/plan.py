@@ -9,9 +9,9 @@ Rewrites are decided here, once, from what layers say they can do, never from th
 - a pooled layer (evaluation only): a layer that can apply the following max window itself
   (`Layer.can_pool(n)`, conv's planar strategy) absorbs the maxpool step, so its full-size
   output is never written; its deferred activation (if any) runs on the pooled output;
-- skip taps: the outputs a later layer adds (add(from=...)) are saved.
-Nothing is rewritten around a layer whose own output is needed: one a skip connection reads, or
-one the caller keeps (focus). The executor (Net.forward / Net.loss_grad) loops over the steps
+- taps: the outputs a later layer reads (a branch's input, add(from=...), concat(...)) are saved.
+Nothing is rewritten around a layer whose own output is needed: one a later layer reads, or one
+the caller keeps (focus). The executor (Net.forward / Net.loss_grad) loops over the steps
 through `run_forward` / `run_backward`; `Timer` wraps those two to time each layer (bench)."""
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ class Step:
     pool: tuple | None = None  # (size, stride, PH, PW): the max window the layer applies itself
     absorbs: object = None     # the layer whose work `pool` does (it runs no step of its own)
     post: tuple | None = None  # (kind, alpha): an activation applied to this step's output
-    skip: int | None = None    # index of the layer whose output this layer adds (-1: the input)
-    save: bool = False         # keep this step's output: a later skip connection reads it
+    feed: int | None = None    # index of the layer whose output is this step's input, when it is
+                               # not the step before (a branch; -1: the network input)
+    extras: tuple = ()         # indices of the layers whose outputs it also reads (add, concat)
+    save: bool = False         # keep this step's output: a later step reads it (feed or extras)
 
     @property
     def out_index(self):
@@ -63,7 +65,7 @@ class Step:
 @dataclass(frozen=True)
 class Plan:
     steps: tuple
-    save_input: bool           # a skip connection adds the network input
+    save_input: bool           # a later step reads the network input
 
     def deferred(self):
         """Names of the layers whose activation runs after the next step's max window."""
@@ -86,9 +88,12 @@ def monotone(act):
 def build(layers, training, n, keep=(), fuse=True):
     """The plan for running `layers` (the loss layer excluded) on a batch of n samples.
     keep: names of layers whose own outputs the caller wants whole (no rewrite may hide them)."""
-    src = {k: (-1 if l.src.role == "input" else layers.index(l.src))
-           for k, l in enumerate(layers) if getattr(l, "src", None) is not None}
-    tapped = set(src.values())
+    def at(layer):
+        return -1 if layer.role == "input" else layers.index(layer)
+
+    feeds = {k: at(l.feed) for k, l in enumerate(layers) if l.feed is not None}
+    extras = {k: tuple(at(m) for m in l.inputs()) for k, l in enumerate(layers) if l.inputs()}
+    tapped = set(feeds.values()) | {e for es in extras.values() for e in es}
     keep = set(keep or ())
     steps = []
     post = None   # an activation deferred by the step before, for this one
@@ -98,16 +103,19 @@ def build(layers, training, n, keep=(), fuse=True):
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         act = l.own_act()
         window = nxt.max_window() if nxt is not None else None
-        free = fuse and window is not None and i not in tapped and l.name not in keep
+        free = (fuse and window is not None and i not in tapped and l.name not in keep
+                and i + 1 not in feeds)   # the next layer reads this one
         defer = free and act is not None and act != LINEAR and monotone(act)
         if free and not training and (defer or act == LINEAR) and l.can_pool(n):
             _, ph, pw = nxt.out
             steps.append(Step(i, l, act=LINEAR, pool=(window[0], window[1], ph, pw), absorbs=nxt,
-                              post=act if defer else None, skip=src.get(i), save=i + 1 in tapped))
+                              post=act if defer else None, feed=feeds.get(i), extras=extras.get(i, ()),
+                              save=i + 1 in tapped))
             i += 2
             post = None
             continue
-        steps.append(Step(i, l, act=LINEAR if defer else None, post=post, skip=src.get(i), save=i in tapped))
+        steps.append(Step(i, l, act=LINEAR if defer else None, post=post, feed=feeds.get(i),
+                          extras=extras.get(i, ()), save=i in tapped))
         post = act if defer else None
         i += 1
     return Plan(tuple(steps), -1 in tapped)

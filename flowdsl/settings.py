@@ -10,7 +10,7 @@ SOURCES = {
                P("bad", "name", "error", choices=("error", "skip"))),
     "idx": (P("images", "str"), P("labels", "str")),
     "npz": (P("file", "str"), P("x", "str", "x"), P("y", "str", "y")),
-    "csv": (P("file", "str"), P("label", "int", 0, lo=0)),
+    "csv": (P("file", "str"), P("label", "int", 0)),   # a negative column counts from the end
     "fashion_mnist": (P("part", "name", "train", choices=("train", "test")),),
 }
 TEST_SOURCES = dict(SOURCES, split=(P("fraction", "float", lo=0.0, hi=1.0, lo_open=True, hi_open=True),))
@@ -32,8 +32,13 @@ SCHEDULES = {
 }
 
 AUGMENTS = {
-    "shift": (P("px", "int", 2, lo=1),),
+    "shift": (P("px", "extent", 2),),       # pixels, or a fraction of each side (shift(0.1): up to 10%)
     "hflip": (),
+    "vflip": (),
+    "rotate": (P("degrees", "float", 15.0, lo=0.0, hi=180.0, lo_open=True),
+               P("fill", "name", "nearest", choices=("nearest", "zeros", "mirror", "reflect", "wrap"))),
+    "zoom": (P("fraction", "float", 0.1, lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+             P("fill", "name", "nearest", choices=("nearest", "zeros", "mirror", "reflect", "wrap"))),
     "cutout": (P("size", "int", 8, lo=1), P("p", "float", 1.0, lo=0.0, hi=1.0)),
     "noise": (P("std", "float", 0.05, lo=0.0, lo_open=True),),
     "flip_pixels": (P("n", "int", 5, lo=1),),
@@ -46,6 +51,8 @@ INITS = {
     "glorot": (),
     "zeros": (),
     "constant": (P("value", "float", 0.0),),
+    "kirsch": (),   # fixed edge filters for a field-3 conv: flowdsl.init.FIXED
+    "sobel": (),
 }
 
 TRAIN = (

@@ -42,47 +42,57 @@ class History:
         return np.array([[r[c] for c in HISTORY_COLS] for r in self.rows], np.float64).reshape(-1, len(HISTORY_COLS))
 
 
-def evaluate(net, data, y=None, batch=256, tta=None, check=True):
+def evaluate(net, data, y=None, batch=256, tta=None, check=True, top=1, members=None):
     """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) on a Dataset
     (or arrays x, y), a batch at a time.
     tta="hflip": classify by the mean probabilities of each image and its mirror image (the
-    loss is then the cross-entropy of those mean probabilities). check=False skips the label and
-    NaN checks (fit checked its test set once, not every epoch)."""
+    loss is then the cross-entropy of those mean probabilities). members: several Nets of the
+    same model (an ensemble): classify by the mean of their probabilities (net is the first).
+    top=K: also 'topk', the accuracies counting the best 1..K guesses as right. check=False skips
+    the label and NaN checks (fit checked its test set once, not every epoch)."""
     ds = data if isinstance(data, Dataset) else as_dataset(data, y)
     if check:
         _check_data(net, ds, "the evaluation data")
     loss_layer = net.loss_layer
     n = len(ds)
     if n == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "confusion": None}
+        return {"loss": float("nan"), "acc": float("nan"), "confusion": None, "topk": [float("nan")] * top}
     labels = getattr(loss_layer, "targets", "labels") == "labels"
     k = loss_layer.out[0]
     conf = np.zeros((k, k), np.int64) if labels else None
+    hits = np.zeros(max(1, top), np.int64)   # hits[r]: samples whose true class ranks r-th
     tot = 0.0
     probs = []
+    by_probs = tta is not None or (members is not None and len(members) > 1)
     for i in range(0, n, batch):
         idx = np.arange(i, min(n, i + batch))
         xb, yb = ds.batch(idx), ds.y[idx]
-        if tta is not None:
-            p = net.predict(xb, batch=batch, tta=tta)
-            probs.append(p)
-            if labels:
-                np.add.at(conf, (yb, p.argmax(axis=1)), 1)
-            continue
-        z = net.forward(xb)
-        l, _, _ = loss_layer.loss(z, yb)
-        tot += l * len(z)
+        if by_probs:
+            z = sum(m.predict(xb, batch=batch, tta=tta) for m in (members or [net]))
+            if members:
+                z = z / np.float32(len(members))
+            probs.append(z)
+        else:
+            z = net.forward(xb)
+            l, _, _ = loss_layer.loss(z, yb)
+            tot += l * len(z)
         if labels:
             np.add.at(conf, (yb, z.argmax(axis=1)), 1)
-    if tta is not None:
+            if top > 1:
+                # rank of the true class: how many classes score higher (ties count for it)
+                rank = (z > z[np.arange(len(yb)), yb][:, None]).sum(axis=1)
+                np.add.at(hits, rank[rank < top], 1)
+    topk = list(np.cumsum(hits) / n) if top > 1 and labels else []
+    if by_probs:
         p = np.concatenate(probs)
         if not labels:
             d = p.astype(np.float64) - np.asarray(ds.y, np.float64).reshape(p.shape)
-            return {"loss": float((d * d).sum() / (2 * n)), "acc": float("nan"), "confusion": None}
-        return {"loss": loss_layer.prob_loss(p, ds.y), "acc": float(np.trace(conf) / n), "confusion": conf}
+            return {"loss": float((d * d).sum() / (2 * n)), "acc": float("nan"), "confusion": None, "topk": topk}
+        return {"loss": loss_layer.prob_loss(p, ds.y), "acc": float(np.trace(conf) / n), "confusion": conf,
+                "topk": topk}
     if not labels:
-        return {"loss": tot / n, "acc": float("nan"), "confusion": None}
-    return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf}
+        return {"loss": tot / n, "acc": float("nan"), "confusion": None, "topk": topk}
+    return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf, "topk": topk}
 
 
 class _Stop:

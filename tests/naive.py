@@ -51,11 +51,13 @@ def ref_flatten(layer, x, params, training, state=None):
 def ref_conv(layer, x, params, training, state=None):
     f, s, k = layer.args["field"], layer.args["stride"], layer.args["filters"]
     pad = (f - 1) // 2 if layer.args["pad"] == "same" else layer.args["pad"]
-    w, b = params["w"], params["b"]
+    w, b = params["w"], params.get("b", np.zeros(k))     # bias=false: no "b"
     n, h, wd, c = x.shape
     assert w.shape == (f, f, c, k)
-    xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c))
-    xp[:, pad:pad + h, pad:pad + wd, :] = x
+    # numpy's names for scipy.ndimage's modes: nearest a a|a b, mirror c b|a b c, reflect b a|a b, wrap
+    mode = {None: "constant", "zeros": "constant", "constant": "constant", "nearest": "edge",
+            "mirror": "reflect", "reflect": "symmetric", "wrap": "wrap"}[layer.args.get("pad_mode")]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
     oh = (h + 2 * pad - f) // s + 1
     ow = (wd + 2 * pad - f) // s + 1
     z = np.zeros((n, oh, ow, k))
@@ -70,35 +72,42 @@ def ref_conv(layer, x, params, training, state=None):
 
 def ref_dense(layer, x, params, training, state=None):
     x2 = x.reshape(x.shape[0], -1)
-    z = x2 @ params["w"] + params["b"]
+    z = x2 @ params["w"] + params.get("b", 0.0)
     return activation(*_act_of(layer), z)
 
 
-def window_starts(n, size, stride, ceil):
-    """Starts of the pooling windows along an axis of length n: slide until a window reaches
-    the end (ceil: a last window may hang over the end, and is clipped) or would leave it."""
-    starts = [0]
+def window_starts(n, size, stride, ceil, pad=0):
+    """Starts of the pooling windows along an axis of length n, in input coordinates (a window
+    may begin in the left padding, -pad): slide until a window reaches the end of the right
+    padding (ceil: a last window may hang over it, and must start inside the input) or would
+    leave it."""
+    starts = [-pad]
     while True:
         nxt = starts[-1] + stride
         if ceil:
-            if starts[-1] + size >= n or nxt >= n:
+            if starts[-1] + size >= n + pad or nxt >= n:
                 break
-        elif nxt + size > n:
+        elif nxt + size > n + pad:
             break
         starts.append(nxt)
     return starts
 
 
 def _pool(layer, x, reduce):
+    """reduce(values) over each window's input pixels (padding holds none: max pads with -inf,
+    avg counts only the input pixels, l2 adds nothing for it)."""
     k, s, ceil = layer.args["size"], layer.args["stride"] or layer.args["size"], layer.args["ceil"]
+    pad = layer.args.get("pad") or 0
     n, h, w, c = x.shape
-    rows, cols = window_starts(h, k, s, ceil), window_starts(w, k, s, ceil)
+    rows, cols = window_starts(h, k, s, ceil, pad), window_starts(w, k, s, ceil, pad)
     y = np.zeros((n, len(rows), len(cols), c))
     for q in range(n):
         for i, r0 in enumerate(rows):
             for j, c0 in enumerate(cols):
                 for cc in range(c):
-                    y[q, i, j, cc] = reduce(x[q, r0:min(r0 + k, h), c0:min(c0 + k, w), cc])
+                    win = x[q, max(r0, 0):min(r0 + k, h), max(c0, 0):min(c0 + k, w), cc]
+                    assert win.size, "a window holds no input pixel"
+                    y[q, i, j, cc] = reduce(win)
     return y
 
 
@@ -108,6 +117,14 @@ def ref_maxpool(layer, x, params, training, state=None):
 
 def ref_avgpool(layer, x, params, training, state=None):
     return _pool(layer, x, np.mean)
+
+
+def ref_l2pool(layer, x, params, training, state=None):
+    return _pool(layer, x, lambda v: np.sqrt(np.sum(v * v)))
+
+
+def ref_globalavgpool(layer, x, params, training, state=None):
+    return x.mean(axis=(1, 2))
 
 
 def ref_dropout(layer, x, params, training, state=None):
@@ -137,9 +154,14 @@ def ref_squared(layer, x, params, training, state=None):
     return x
 
 
-def ref_add(layer, x, params, training, state=None, skip=None):
-    assert skip is not None and skip.shape == x.shape, "add needs the output of its source layer"
+def ref_add(layer, x, params, training, state=None, extras=None):
+    (skip,) = extras
+    assert skip.shape == x.shape, "add needs the output of its source layer"
     return x + skip
+
+
+def ref_concat(layer, x, params, training, state=None, extras=None):
+    return np.concatenate([x] + list(extras), axis=-1)
 
 
 REFERENCES = {
@@ -149,19 +171,22 @@ REFERENCES = {
     "flatten": ref_flatten,
     "maxpool": ref_maxpool,
     "avgpool": ref_avgpool,
+    "l2pool": ref_l2pool,
+    "globalavgpool": ref_globalavgpool,
     "dropout": ref_dropout,
     "batchnorm": ref_batchnorm,
     "softmax": ref_softmax,
     "squared": ref_squared,
     **{a: ref_activation for a in ACTS},
     "add": ref_add,
+    "concat": ref_concat,
 }
 
 
-def reference(layer, x, params, training, state=None, skip=None):
-    """skip: for a layer with a source (add), the source layer's output."""
-    if getattr(layer, "src", None) is not None:
-        return REFERENCES[layer.kind](layer, x, params, training, state, skip=skip)
+def reference(layer, x, params, training, state=None, extras=None):
+    """extras: for a layer with sources (add, concat), the source layers' outputs."""
+    if layer.inputs():
+        return REFERENCES[layer.kind](layer, x, params, training, state, extras=extras)
     return REFERENCES[layer.kind](layer, x, params, training, state)
 
 
@@ -190,11 +215,13 @@ LOSSES = {"softmax": loss_softmax, "squared": loss_squared}
 def network_loss(model, x, params, targets, training=True, states=None):
     """The whole model's loss in float64: every layer's reference in turn, then the loss.
     params: {layer name: {param: float64 array}}."""
-    outs = {model.layers[0].name: x}  # every layer's output, for skip connections
+    outs = {model.layers[0].name: x}  # every layer's output, for branches and skip connections
     layers = [l for l in model.layers if l.role != "input"]
     for l in layers[:-1]:
-        skip = outs[l.src.name] if getattr(l, "src", None) is not None else None
-        x = reference(l, x, params.get(l.name, {}), training, (states or {}).get(l.name), skip=skip)
+        if l.feed is not None:       # a branch's first layer (or a concat that starts a chain)
+            x = outs[l.feed.name]
+        extras = [outs[s.name] for s in l.inputs()]
+        x = reference(l, x, params.get(l.name, {}), training, (states or {}).get(l.name), extras=extras)
         outs[l.name] = x
     return LOSSES[layers[-1].kind](layers[-1], x, targets)
 
@@ -234,6 +261,20 @@ EXAMPLES = {
         ("conv(filters=5, field=3, act=relu)", "7x6x32"),            # F(4x4): pad 0, partial tiles
         ("conv(filters=6, field=3, pad=1)", "9x5x33"),               # F(4x4): three tiles across
         ("conv(filters=7, field=3, pad=2)", "4x3x32"),               # F(4x4): pad 2, one tile
+        ("conv(filters=2, field=3, stride=2)", "6x7x1"),             # stride leaves a row and a column unread
+        ("conv(filters=6, field=3, stride=2, pad=1)", "8x6x3"),      # gemm, unread border
+        ("conv(filters=5, field=2, stride=3, pad=1)", "7x8x9"),      # gemm, unread border
+        ("conv(filters=2, field=3, pad=1, bias=false)", "5x4x2"),     # rows, no bias
+        ("conv(filters=6, field=3, pad=1, bias=false, act=relu)", "5x4x3"),  # planar, no bias
+        ("conv(filters=6, field=3, bias=false, trainable=false)", "6x5x12"),  # Winograd, no bias
+        ("conv(filters=6, field=2, stride=2, bias=false)", "6x4x9"),  # gemm, no bias
+        ("conv(filters=2, field=3, pad=1, pad_mode=nearest)", "5x4x2"),   # rows
+        ("conv(filters=6, field=3, pad=same, pad_mode=mirror, act=relu)", "5x4x3"),  # planar
+        ("conv(filters=5, field=5, pad=3, pad_mode=reflect)", "4x5x2"),  # planar, pad > half the input
+        ("conv(filters=7, field=3, pad=1, pad_mode=wrap)", "5x6x12"),  # Winograd
+        ("conv(filters=6, field=3, stride=2, pad=2, pad_mode=mirror)", "7x6x9"),  # gemm
+        ("conv(filters=3, field=3, pad=1, pad_mode=constant)", "4x4x1"),  # zeros by another name
+        ("conv(filters=6, field=3, pad=4, pad_mode=wrap)", "3x2x1"),  # wraps round more than once
     ],
     "dense": [
         ("dense(4)", "3x2x2"),                      # flattens a map in NHWC order
@@ -241,6 +282,8 @@ EXAMPLES = {
         ("linear(1, act=relu)", "5"),
         ("dense(7, act=gelu)", "2x3x2"),
         ("dense(4, act=silu)", "3x2x2"),
+        ("dense(3, bias=false, act=tanh)", "5"),
+        ("dense(2, trainable=false)", "3x2x1"),
     ],
     "flatten": [("flatten", "3x4x2")],
     "maxpool": [
@@ -250,6 +293,10 @@ EXAMPLES = {
         ("maxpool(3, stride=2, ceil=true)", "8x6x3"),  # overlapping and partial
         ("maxpool(2, stride=3, ceil=true)", "7x6x1"),  # gaps between windows
         ("maxpool(3, stride=1)", "5x4x2"),
+        ("maxpool(3, stride=1, pad=1)", "5x4x2"),    # keeps the size (Inception's pool branch)
+        ("maxpool(2, pad=1)", "5x6x2"),
+        ("maxpool(3, stride=2, pad=1, ceil=true)", "8x7x2"),
+        ("maxpool(4, stride=3, pad=2)", "9x7x1"),    # overlap, pad 2
     ],
     "avgpool": [
         ("avgpool", "6x4x2"),
@@ -258,12 +305,23 @@ EXAMPLES = {
         ("avgpool(3, stride=2, ceil=true)", "8x6x3"),
         ("avg2d(2, stride=3, ceil=true)", "7x6x1"),
         ("avgpool(3, stride=1)", "5x4x2"),
+        ("avgpool(3, stride=1, pad=1)", "5x4x2"),    # count_include_pad=false
+        ("avgpool(2, pad=1, ceil=true)", "5x6x2"),
+        ("avgpool(4, stride=3, pad=2)", "9x7x1"),
     ],
+    "l2pool": [
+        ("l2pool", "6x4x2"),
+        ("l2pool(3, stride=2)", "7x5x2"),
+        ("l2pool(2, ceil=true)", "5x7x1"),
+        ("l2pool(3, stride=1, pad=1)", "5x4x3"),
+    ],
+    "globalavgpool": [("globalavgpool", "5x4x3"), ("gap", "3x6x2")],
     "dropout": [("dropout", "5x4x3"), ("dropout(0.25)", "9"), ("dropout(p=0)", "4x3x2")],
     "batchnorm": [
         ("batchnorm", "4x3x3"),
         ("batchnorm(momentum=0.5, eps=0.001)", "5"),
         ("bn", "2x2x1"),
+        ("batchnorm(trainable=false)", "3x2x2"),
     ],
     "softmax": [("softmax", "4"), ("crossentropy", "2"), ("softmax(smoothing=0.1)", "5"),
                 ("softmax(0.9)", "3")],
@@ -279,4 +337,5 @@ EXAMPLES = {
     "swish": [("swish", "5x4x2"), ("silu", "6")],
     # the layer tests build `input(shape) :: <layer> :: squared`, so the source is the input
     "add": [("add(input1)", "5x4x2"), ("shortcut(from=input1)", "6")],
+    "concat": [("concat(input1)", "5x4x2"), ("concat(input1, input1)", "3x2x1"), ("concatenate(from=[input1])", "6")],
 }

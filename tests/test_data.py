@@ -476,6 +476,15 @@ def test_csv_label_column_and_unit_values(tmp_path):
     ds = load(tmp_path, 'csv("d.csv", label=2)', "3")
     assert ds.y.tolist() == [1, 0]
     np.testing.assert_allclose(ds.x, [[0.5, 0.25, 1.0], [0, 1, 0.75]])       # already 0..1: not scaled
+    # label=-1: the last column, counting from the end as Python does
+    (tmp_path / "e.csv").write_text("p0,p1,p2,label\n0.5,0.25,1,1\n0,1,0.75,0\n")
+    ds = load(tmp_path, 'csv("e.csv", label=-1)', "3")
+    assert ds.y.tolist() == [1, 0]
+    np.testing.assert_allclose(ds.x, [[0.5, 0.25, 1.0], [0, 1, 0.75]])
+    np.testing.assert_array_equal(load(tmp_path, 'csv("e.csv", label=-4)', "3").x,
+                                  load(tmp_path, 'csv("e.csv", label=0)', "3").x)
+    e = err(load, tmp_path, 'csv("e.csv", label=-5)', "3")
+    assert "label=-5" in str(e) and "-1..-4 from the end" in str(e)
 
 
 def test_csv_bad_rows_with_line_numbers(tmp_path):

@@ -18,11 +18,12 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.flow"))
 IDS = [p.stem for p in EXAMPLES]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SEED = "conv(400x400x3, field=3, stride=1, pad=1) :: dense(2) :: softmax"
+UNSHIPPED = {"letters": "idx", "cifar_keras": "images"}   # examples whose data the user fetches
 
 
 def test_there_are_examples():
     names = {p.stem for p in EXAMPLES}
-    assert {"seed", "glasses", "letters", "nielsen", "fashion", "hellodl"} <= names
+    assert {"seed", "glasses", "letters", "nielsen", "fashion", "hellodl", "kirsch", "lenet5", "cifar_keras"} <= names
 
 
 # ------------------------------------------------------------------------------ parse, build, check
@@ -38,8 +39,10 @@ def test_example_builds_and_round_trips(path):
 def test_flowdsl_check_passes_every_example(path, capsys):
     assert cli.main(["check", str(path)]) == 0
     out, err = capsys.readouterr()
-    if path.stem == "letters":   # its data is not shipped: a warning at the source's position
-        assert err.startswith(f"{path}:14:3: warning: data = idx(") and "no such file" in err, err
+    if path.stem in UNSHIPPED:   # its data is not shipped: a warning at the source's position
+        line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if l.strip().startswith("data ="))
+        assert err.startswith(f"{path}:{line}:3: warning: data = {UNSHIPPED[path.stem]}("), err
+        assert "no such file" in err or "no such folder" in err, err
     else:
         assert err == ""
     assert out.startswith(f"{path}: ok\n"), out
@@ -58,7 +61,7 @@ def smoke_data(path, model):
     if data is not None and data.name == "fashion_mnist" and not FASHION.exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
     rng = np.random.default_rng(0)
-    if data is not None and data.name != "idx":
+    if data is not None and path.stem not in UNSHIPPED:
         train, _ = load_data(model, model.train)
         pick = rng.permutation(len(train.x))[:SMOKE_SAMPLES]   # both classes of a sorted folder
         return train.x[pick], train.y[pick], True
@@ -81,8 +84,11 @@ def test_example_smoke_run(path):
     assert len(h.rows) == SMOKE_STEPS and np.isfinite(loss).all(), loss
     # min, not last: glasses_bright's bright init makes its first steps overshoot and come back
     assert min(loss[1:]) < loss[0] - 1e-3, f"the loss does not go down: {loss}"
-    still = [k for k, v in net.named_params().items() if np.array_equal(v, before[k])]
+    frozen = {f"{l.name}.{p}" for l in model.layers if not l.trainable for p in l.param_shapes(l.in_shape)}
+    still = [k for k, v in net.named_params().items() if np.array_equal(v, before[k]) and k not in frozen]
     assert not still, f"parameters no step changed (no gradient reaches them?): {still}"
+    moved = [k for k in frozen if not np.array_equal(net.named_params()[k], before[k])]
+    assert not moved, f"trainable=false parameters moved: {moved}"
     classes = model.layers[-1].out[0]
     if real and classes >= 10:  # fashion's ten classes: well above chance on its own batch
         assert max(h["train_acc"]) >= 2 / classes, h["train_acc"]

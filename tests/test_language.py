@@ -297,3 +297,17 @@ def test_summary_sizes_in_readable_units():
     assert "300,000,300 weights (1.12 GB float32)" in big
     huge = build_text("network = input(100000x100000x3) :: dense(4000) :: softmax").summary()
     assert "(436.56 TB float32)" in huge and "TB (estimated" in huge
+
+
+def test_stride_rounds_down_and_check_notes_the_unread_border():
+    """(W + 2P - F) / S + 1 rounds down, as in PyTorch and Keras: the ResNet downsampling conv on
+    14x14 gives 7x7, and the summary notes the border rows/columns a layer never reads."""
+    m = build_text("input(14x14x1) :: conv(filters=16, field=3, stride=2, pad=1) :: "
+                   "conv(filters=4, field=3, stride=3) :: conv(filters=2, field=2, stride=2) :: dense(10) :: softmax")
+    assert m.layers[1].out == (16, 7, 7) and m.layers[2].out == (4, 2, 2) and m.layers[3].out == (2, 1, 1)
+    notes = [line for line in m.summary().splitlines() if line.startswith("note:")]
+    assert notes == ["note: conv1: stride 2 does not tile the padded 14x14x1 input: its last 1 row and 1 column "
+                     "are never read",
+                     "note: conv2: stride 3 does not tile the padded 7x7x16 input: its last 1 row and 1 column "
+                     "are never read"]
+    assert "note:" not in build_text("conv(28x28x1, filters=2, stride=1) :: dense(2) :: softmax").summary()

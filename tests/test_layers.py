@@ -96,20 +96,20 @@ def params_of(net, layer):
 
 
 def ctx_of(net, layer, x=None):
-    """The context Net.forward gives the layer. A layer with a source (add) gets the source's
-    output as ctx["skip"]: in these one-layer nets the source is the network input, x."""
+    """The context Net.forward gives the layer. A layer with sources (add, concat) gets their
+    outputs as ctx["extras"]: in these one-layer nets every source is the network input, x."""
     ctx = {"state": net.state.get(layer.name, {}), "rng": net.rng}
-    if x is not None and skip_of(layer, x) is not None:
-        ctx["skip"] = x
+    if x is not None and extras_of(layer, x):
+        ctx["extras"] = extras_of(layer, x)
     return ctx
 
 
-def skip_of(layer, x):
-    """What the reference adds for a layer with a source: the network input x (see ctx_of)."""
-    if getattr(layer, "src", None) is None:
-        return None
-    assert layer.src.role == "input", "registry examples of layers with a source name the input"
-    return x
+def extras_of(layer, x):
+    """What the reference reads besides its input for a layer with sources: the network input x
+    once per source (see ctx_of)."""
+    srcs = layer.inputs()
+    assert all(l.role == "input" for l in srcs), "registry examples of layers with sources name the input"
+    return [x] * len(srcs)
 
 
 def deterministic(net, layer, x):
@@ -170,7 +170,7 @@ def test_forward_matches_reference(kind, text, shape):
     for training in modes:
         state = f64(net.state.get(layer.name, {}))  # before a training pass moves it
         x64 = x.astype(np.float64)
-        want = naive.reference(layer, x64, f64(p), training, state, skip=skip_of(layer, x64))
+        want = naive.reference(layer, x64, f64(p), training, state, extras=extras_of(layer, x64))
         y = layer.forward(x, p, ctx_of(net, layer, x), training)
         what = f"{text} on {shape}, training={training}"
         assert y.dtype == np.float32, what
@@ -181,7 +181,7 @@ def test_forward_matches_reference(kind, text, shape):
         if layer.role not in ("input", "loss"):
             # the same through Net.forward (the layer is the last before the loss)
             state = f64(net.state.get(layer.name, {}))
-            want = naive.reference(layer, x64, f64(p), training, state, skip=skip_of(layer, x64))
+            want = naive.reference(layer, x64, f64(p), training, state, extras=extras_of(layer, x64))
             y = net.forward(x, training=training)
             assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape == want.shape, what
             np.testing.assert_allclose(y, want, rtol=1e-5, atol=atol_for(layer, want), err_msg=what)
@@ -210,14 +210,16 @@ def test_backward_matches_finite_differences(kind, text, shape):
         assert dx.dtype == np.float32 and dx.shape == x.shape, text
         assert np.array_equal(dy, dy_before), f"{text}: backward wrote into dy"
         x64, p64 = x.astype(np.float64), f64(p)
-        skip64 = skip_of(layer, x64)  # held fixed: its gradient is ctx["dskip"]
+        extras64 = extras_of(layer, x64)  # held fixed: their gradients are ctx["dextras"]
 
-        def loss(xv, pv, sv=skip64):
-            return np.sum(naive.reference(layer, xv, pv, training, state, skip=sv) * dy64)
+        def loss(xv, pv, ev=extras64):
+            return np.sum(naive.reference(layer, xv, pv, training, state, extras=ev) * dy64)
 
         fd_check(f"{text} dx", dx, lambda xv: loss(xv, p64), x64, rng)
-        if skip64 is not None:
-            fd_check(f"{text} dskip", ctx["dskip"], lambda sv: loss(x64, p64, sv), skip64, rng)
+        for j, e64 in enumerate(extras64):
+            def le(ev, j=j):
+                return loss(x64, p64, extras64[:j] + [ev] + extras64[j + 1:])
+            fd_check(f"{text} dextras[{j}]", ctx["dextras"][j], le, e64, rng)
         for name in p:
             def lp(v, name=name):
                 return loss(x64, {**p64, name: v})
@@ -492,6 +494,21 @@ NETS = [
           :: conv(filters=3, field=3, pad=same, act=tanh) :: add(b) :: elu :: add(b) :: add(input1)
           :: c :: maxpool(2, stride=1) :: conv(filters=3, field=2, pad=1) :: add(c) :: conv(filters=3, field=1) :: add(add3)
           :: maxpool(2, ceil=true) :: dense(4) :: add(dense1) :: softmax"""),
+    # branches: an Inception block (four branches from one stem, a padded pool branch, a stem
+    # whose gradient sums over its consumers, the stem itself joined too), a branch from the
+    # input, a conv + maxpool (fused in evaluation) feeding two branches, and l2pool / gap
+    ("inception", """stem = input(9x8x2) :: conv(filters=4, field=3, pad=same, bias=false) :: batchnorm :: relu
+        a = stem :: conv(filters=3, field=1, act=relu)
+        b = stem :: conv(filters=2, field=1, act=relu) :: conv(filters=3, field=3, pad=1, pad_mode=mirror)
+        c = stem :: conv(filters=2, field=1) :: relu :: conv(filters=2, field=5, pad=2, act=tanh)
+        d = stem :: maxpool(3, stride=1, pad=1) :: conv(filters=2, field=1)
+        network = concat(a, b, c, d, stem) :: maxpool(2, ceil=true) :: relu :: l2pool(2) :: dense(3) :: softmax"""),
+    ("branches", """inp = input(8x6x1)
+        t = inp :: conv(filters=3, field=3, pad=1, act=relu) :: maxpool
+        u = t :: conv(filters=2, field=1, act=relu)
+        v = t :: avgpool(3, stride=1, pad=1) :: conv(filters=3, field=1, bias=false)
+        w = inp :: conv(filters=4, field=2, stride=2, act=elu)
+        network = concat(u, v, w) :: concat(v) :: conv(filters=3, field=3, pad=1) :: add(v) :: gap :: dense(2) :: softmax"""),
 ]
 
 

@@ -97,10 +97,6 @@ CASES = [
      "c0 = conv(8x8x1, field=3)\nc1 = conv(field=3)\nc2 = conv(field=5)\n"
      "network = c0 :: c1 :: c2 :: dense(2) :: softmax", 3, 17,
      ["conv c2", "field 5 does not fit the 4x4x1 input"]),
-    ("stride-does-not-tile", "conv(28x28x1, field=3, stride=2) :: dense(2) :: softmax", 1, 31,
-     ["stride 2 does not tile the 28x28x1 input", "Received: stride=2"]),
-    ("stride-does-not-tile-hint", "conv(10x10x1, field=3, stride=3) :: dense(2) :: softmax", 1, 31,
-     ["stride 3 does not tile the 10x10x1 input", "pad=1 would fit"]),
     ("softmax-after-map", "conv(28x28x1) :: softmax", 1, 18,
      ["softmax", "vector of class scores", "26x26x1", "dense"]),
     ("softmax-one-class", "input(8) :: dense(1) :: softmax", 1, 25, ["at least 2 classes"]),

@@ -413,3 +413,33 @@ def test_fashion_mnist_subset_reaches_accuracy():
                         "train { optimizer = adam(lr=2e-3)  batch = 64  seed = 0 }")
     h = net.fit(x, y, epochs=3, test=(xt, yt))
     assert h["test_acc"][-1] >= 0.78, h["test_acc"]
+
+
+def test_eval_ensemble_and_top_k_cli(npz_model, tmp_path):
+    """eval --weights a b c: each member's accuracy, then the ensemble's (mean probabilities);
+    --top K: top-1 .. top-K. predict takes several checkpoints too."""
+    runs = []
+    for seed in (1, 2, 3):
+        out = tmp_path / f"r{seed}"
+        r = run_cli("train", str(npz_model), "--out", str(out), "--epochs", "1", "--seed", str(seed))
+        assert r.returncode == 0, r.stderr
+        runs.append(str(out / "last.npz"))
+    r = run_cli("eval", str(npz_model), "--weights", *runs, "--top", "2")
+    assert r.returncode == 0, r.stderr
+    members = [l for l in r.stdout.splitlines() if l.startswith("member ")]
+    assert [m.split(":")[0] for m in members] == [f"member {p}" for p in runs]
+    ens = next(l for l in r.stdout.splitlines() if l.startswith("ensemble of 3 (mean probabilities): accuracy"))
+    accs = [float(m.split("accuracy ")[1].split()[0]) for m in members]
+    acc = float(ens.split("accuracy ")[1].split()[0])
+    assert f"against the best member, {max(accs):.4f}" in ens and f"{acc - max(accs):+.4f}" in ens
+    top = next(l for l in r.stdout.splitlines() if l.startswith("top-1 "))
+    t1, t2 = [float(v) for v in top.replace("top-1", "").replace("top-2", "").split()]
+    assert t1 == acc and t2 == 1.0                       # two classes: the top 2 always hold it
+    img = tmp_path / "left.png"
+    from PIL import Image
+    x = np.zeros((8, 8), np.uint8)
+    x[:, :4] = 230
+    Image.fromarray(x, "L").save(img)
+    r = run_cli("predict", str(npz_model), str(img), "--weights", *runs)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{img}: 0 ")

@@ -8,8 +8,8 @@ the two must have the same shape. This is how residual blocks are written:
       :: add(stem) :: relu :: ...
 
 The model resolves the name when it is built (`src`, the source layer). The Net keeps the source's
-output and hands it over as ctx["skip"]; backward returns dy as the input gradient and leaves the
-same dy in ctx["dskip"], which the Net adds to the gradient of the source's output. Plain numpy:
+output and hands it over as ctx["extras"]; backward returns dy as the input gradient and leaves the
+same dy in ctx["dextras"], which the Net adds to the gradient of the source's output. Plain numpy:
 one memory-bound sum."""
 from ..layers import register
 from .base import Layer, LayerError, P, show_shape
@@ -20,6 +20,9 @@ class Add(Layer):
     params = (P("from", "layer"),)
     src = None  # the source Layer, set by the model builder
 
+    def inputs(self):
+        return [self.src]
+
     def out_shape(self, s):
         src = self.src
         if src.out != tuple(s):
@@ -28,8 +31,8 @@ class Add(Layer):
         return s
 
     def forward(self, x, p, ctx, training):
-        return x + ctx["skip"]
+        return x + ctx["extras"][0]
 
     def backward(self, dy, p, g, ctx, need_dx):
-        ctx["dskip"] = dy
+        ctx["dextras"] = [dy]
         return dy if need_dx else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..args import P, fmt
 
 
@@ -47,6 +49,12 @@ class Layer:
     he_init = False          # activations: the layer before defaults to he init (else glorot)
     spatial_filters = False  # its "w" is (F, F, C, K) filters that focus --kernels can draw
 
+    @property
+    def trainable(self):
+        """False for a layer written with trainable=false: the optimizer never moves its
+        parameters (and L2 leaves them alone), while gradients still pass through it."""
+        return self.args.get("trainable") is not False
+
     def __init__(self, args: dict, name: str | None = None, pos=None, where=None):
         self.args = args
         self.name = name
@@ -65,6 +73,21 @@ class Layer:
 
     def n_params(self, s: tuple) -> int:
         return sum(math.prod(v) for v in self.param_shapes(s).values())
+
+    feed = None          # the Layer whose output is this layer's input, when it is not the one
+                         # before it in Model.layers (a branch's first layer; set by the model)
+    feed_name = None     # how the .flow file named that layer (`b = stem :: ...`: "stem")
+    feed_pos = None      # and where
+
+    def inputs(self) -> list:
+        """The layers whose outputs this layer reads besides its input (add's source, concat's
+        branches): the Net hands them over as ctx["extras"] and takes their gradients from
+        ctx["dextras"]."""
+        return []
+
+    def notes(self) -> list:
+        """Remarks on the built layer that are not errors (flowdsl check prints them)."""
+        return []
 
     def describe(self) -> str:
         """Canonical .flow text of this layer: every argument spelled out."""
@@ -146,10 +169,32 @@ class Layer:
         return out, out, 0
 
 
+# keyword-only arguments of layers with weights (None: the default, not printed, so a model
+# written before they existed prints as it did)
+TRAINABLE = P("trainable", "bool", None, positional=False)
+BIAS = P("bias", "bool", None, positional=False)
+
+
+def biased(layer, p, g=None):
+    """(p, g) with a bias entry for a layer built with bias=false: zeros in p, a scratch array in
+    g (the kernels add a bias and sum its gradient either way; with bias=false there is nothing
+    to learn, so nothing is stored or saved)."""
+    if "b" in p:
+        return p, g
+    zero = getattr(layer, "_no_bias", None)
+    k = p["w"].shape[-1]
+    if zero is None or zero.shape[0] != k:
+        zero = layer._no_bias = np.zeros(k, np.float32)
+    p = dict(p, b=zero)
+    if g is not None:
+        g = dict(g, b=np.empty(k, np.float32))
+    return p, g
+
+
 def need_map(layer, s, what="an image input (WxHxC)"):
     if len(s) != 3:
         raise LayerError(f"needs {what}, but gets a vector of {show_shape(s)} "
                          f"(put it before dense/flatten)")
 
 
-__all__ = ["Layer", "LayerError", "P", "show_shape", "from_written", "need_map"]
+__all__ = ["Layer", "LayerError", "P", "show_shape", "from_written", "need_map", "TRAINABLE", "BIAS", "biased"]

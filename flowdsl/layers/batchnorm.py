@@ -1,4 +1,4 @@
-"""batchnorm(momentum=0.9, eps=1e-5): normalise each channel (or feature) with the batch
+"""batchnorm(momentum=0.9, eps=1e-5, trainable=true): normalise each channel (or feature) with the batch
 statistics in training and running averages in evaluation, then scale and shift (2 learned
 parameters per channel). Shape unchanged.
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..jit import kernel, prange
 from ..layers import register
-from .base import Layer, P
+from .base import TRAINABLE, Layer, P
 
 CHUNKS = 64   # parallel row chunks for the column reductions
 
@@ -21,7 +21,7 @@ CHUNKS = 64   # parallel row chunks for the column reductions
 @register("batchnorm", aliases=("bn",))
 class BatchNorm(Layer):
     params = (P("momentum", "float", 0.9, lo=0.0, hi=1.0, hi_open=True),
-              P("eps", "float", 1e-5, lo=0.0, lo_open=True))
+              P("eps", "float", 1e-5, lo=0.0, lo_open=True), TRAINABLE)
     has_weights = True
 
     def param_shapes(self, s):

@@ -1,7 +1,12 @@
-"""conv(WxHxC?, filters=1, field=3, stride=1, pad=0|same, act=linear)
+"""conv(WxHxC?, filters=1, field=3, stride=1, pad=0|same, act=linear,
+     pad_mode=zeros|nearest|mirror|reflect|wrap, bias=true, trainable=true)
 
-Square `field` x `field` filters over all input channels, one learned bias per filter.
-Shape rule: W' = (W + 2*pad - field) / stride + 1, which must be whole; same for H.
+Square `field` x `field` filters over all input channels, one learned bias per filter (none with
+bias=false: a conv followed by batchnorm has no use for one). trainable=false: fixed filters.
+Shape rule: W' = floor((W + 2*pad - field) / stride) + 1, same for H (as PyTorch and Keras: a
+stride that does not tile the input leaves its last rows/columns unread; `check` notes them).
+pad_mode (scipy.ndimage's meanings, _padmodes.py): zeros (alias constant) is done inside each
+algorithm; the others pad a copy of the input and run the algorithm with pad=0 on it.
 
 Weights are stored (field, field, C_in, filters) so that, with channels-last activations, a
 convolution is one matrix product: im2col rows of length field*field*C_in times the weights.
@@ -21,10 +26,10 @@ one each conv runs.
 """
 import numpy as np
 
-from . import _gemm, _planar, _rows, _winograd, _winograd4
+from . import _gemm, _padmodes, _planar, _rows, _winograd, _winograd4
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
-from .base import Layer, LayerError, P, need_map, show_shape
+from .base import BIAS, TRAINABLE, Layer, LayerError, P, biased, need_map, show_shape
 
 STRATEGIES = {"rows": _rows, "planar": _planar, "gemm": _gemm, "winograd": _winograd, "winograd4": _winograd4}
 DIRECT_MAX_FILTERS = 4   # at or below this many filters: "rows"
@@ -57,6 +62,9 @@ class Conv(Layer):
         P("stride", "int", 1, lo=1),
         P("pad", "pad", 0),
         P("act", "call", "linear", table=activation_table),
+        P("pad_mode", "name", None, choices=_padmodes.MODES, positional=False),
+        BIAS,
+        TRAINABLE,
     )
     has_weights = True
     spatial_filters = True
@@ -71,6 +79,27 @@ class Conv(Layer):
     def padding(self):
         return _fix_pad(self.args["field"], self.args["pad"])
 
+    @property
+    def pad_mode(self):
+        """The padding mode when it is not zeros (None: zeros, done inside each algorithm)."""
+        m = self.args.get("pad_mode")
+        return None if m in (None, "zeros", "constant") or not self.padding else m
+
+    def _run_as(self):
+        """The conv the algorithms run: this one, or for another pad_mode a pad=0 twin over the
+        input padded by _padmodes (so every algorithm supports every mode)."""
+        if self.pad_mode is None:
+            return self
+        twin = getattr(self, "_twin", None)
+        if twin is None or twin.in_shape[0] != self.in_shape[0]:
+            twin = Conv(dict(self.args, pad=0, pad_mode=None), self.name, self.pos, self.where)
+            c, h, w = self.in_shape
+            p = self.padding
+            twin.in_shape = (c, h + 2 * p, w + 2 * p)
+            twin.out = twin.out_shape(twin.in_shape)
+            self._twin = twin
+        return twin
+
     def out_shape(self, s):
         need_map(self, s)
         c, h, w = s
@@ -78,20 +107,27 @@ class Conv(Layer):
         if f > w + 2 * p or f > h + 2 * p:
             raise LayerError(f"field {f} does not fit the {show_shape(s)} input (pad {p}). "
                              f"Received: field={f}", "field")
-        outs = []
+        outs, self.ignored = [], []
         for size in (h, w):
-            if (size + 2 * p - f) % st:
-                fits = [q for q in range(0, min(f, st)) if (size + 2 * q - f) % st == 0]
-                hint = f"; pad={fits[0]} would fit" if fits else ""
-                raise LayerError(
-                    f"({size} + 2*{p} - {f})/{st} + 1 is not a whole number, so stride {st} "
-                    f"does not tile the {show_shape(s)} input{hint}. Received: stride={st}", "stride")
-            outs.append((size + 2 * p - f) // st + 1)
+            # rounded down, as in PyTorch, Keras and NeuroFlow: a stride that does not tile the
+            # padded input leaves its last rows/columns unread (check notes how many)
+            o = (size + 2 * p - f) // st + 1
+            outs.append(o)
+            self.ignored.append(size + 2 * p - ((o - 1) * st + f))
         return (self.args["filters"], outs[0], outs[1])
+
+    def notes(self):
+        rows, cols = getattr(self, "ignored", (0, 0))
+        if not rows and not cols:
+            return []
+        what = " and ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in
+                            ((rows, "row"), (cols, "column")) if n)
+        return [f"{self.name}: stride {self.args['stride']} does not tile the padded "
+                f"{show_shape(self.in_shape)} input: its last {what} are never read"]
 
     def param_shapes(self, s):
         f, k = self.args["field"], self.args["filters"]
-        return {"w": (f, f, s[0], k), "b": (k,)}
+        return {"w": (f, f, s[0], k), "b": (k,)} if self.args.get("bias") is not False else {"w": (f, f, s[0], k)}
 
     def fans(self):
         f, k, c = self.args["field"], self.args["filters"], self.in_shape[0]
@@ -99,6 +135,8 @@ class Conv(Layer):
 
     @property
     def algo(self):
+        if self.pad_mode is not None:
+            return self._run_as().algo
         a = self.args
         if a["filters"] <= DIRECT_MAX_FILTERS:
             return "rows"
@@ -110,6 +148,8 @@ class Conv(Layer):
 
     def algo_for(self, n):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles."""
+        if self.pad_mode is not None:
+            return self._run_as().algo_for(n)
         algo = self.algo
         th, tw = _winograd.tiles(self.out[1], self.out[2])
         return "gemm" if STRATEGIES[algo] in (_winograd, _winograd4) and n * th * tw < WINO_MIN_TILES else algo
@@ -123,7 +163,11 @@ class Conv(Layer):
 
     def bytes_per_sample(self):
         kept, dz, _ = super().bytes_per_sample()
-        more, dx = STRATEGIES[self.algo].bytes_per_sample(self)
+        run = self._run_as()
+        more, dx = STRATEGIES[run.algo].bytes_per_sample(run)
+        if run is not self:   # the padded copy of the input, and its gradient
+            padded = 4 * run.in_shape[0] * run.in_shape[1] * run.in_shape[2]
+            more, dx = more + padded, dx + padded
         return kept + more, dz, dx
 
     # --- engine -----------------------------------------------------------------------------
@@ -131,14 +175,18 @@ class Conv(Layer):
         return self.forward_fused(x, p, ctx, training, act_spec(self), None)
 
     def forward_fused(self, x, p, ctx, training, act, pool):
+        p, _ = biased(self, p)
         w, b = p["w"], p["b"]
-        algo = ctx["algo"] = self.algo_for(x.shape[0])
+        run = self._run_as()
+        if run is not self:
+            x = _padmodes.pad(x, self.padding, self.pad_mode)
+        algo = ctx["algo"] = run.algo_for(x.shape[0])
         strategy = STRATEGIES[algo]
         if training or pool is not None:
-            z = strategy.forward(self, x, w, b, training, ctx, pool)
+            z = strategy.forward(run, x, w, b, training, ctx, pool)
         else:  # in chunks whose work buffers stay in cache
-            step = strategy.eval_chunk(self, x.shape[0], CHUNK_FLOATS)
-            z = _in_chunks(x, step, lambda xi: strategy.forward(self, xi, w, b, False, ctx))
+            step = strategy.eval_chunk(run, x.shape[0], CHUNK_FLOATS)
+            z = _in_chunks(x, step, lambda xi: strategy.forward(run, xi, w, b, False, ctx))
         y = act_forward(act[0], act[1], z, out=None if training else z)  # z is ours: in place
         if training:
             ctx["x"], ctx["z"], ctx["y"], ctx["act"] = x, z, y, act
@@ -147,7 +195,13 @@ class Conv(Layer):
     def backward(self, dy, p, g, ctx, need_dx):
         kind, alpha = ctx["act"]
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
-        return STRATEGIES[ctx["algo"]].backward(self, dz, p["w"], g, ctx, need_dx)
+        p, g = biased(self, p, g)
+        run = self._run_as()
+        dx = STRATEGIES[ctx["algo"]].backward(run, dz, p["w"], g, ctx, need_dx)
+        if run is not self and dx is not None:
+            _, h, w = self.in_shape
+            dx = _padmodes.fold(dx, h, w, self.padding, self.pad_mode)
+        return dx
 
 
 def _in_chunks(x, step, run):

@@ -1,4 +1,5 @@
-"""dense(units, act=linear), alias linear(units): a fully connected layer with a learned bias.
+"""dense(units, act=linear, bias=true, trainable=true), alias linear(units): a fully connected
+layer with a learned bias (none with bias=false).
 It flattens its input (in channels-last order). Shape rule: anything -> (units,).
 
 The products go to numpy's BLAS; bias and activation are fused into one numba pass."""
@@ -9,7 +10,7 @@ import numpy as np
 from ..blas import colsum, mm
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
-from .base import Layer, P
+from .base import BIAS, TRAINABLE, Layer, P, biased
 
 
 @register("dense", aliases=("fc",), call_aliases=("linear",))
@@ -17,6 +18,8 @@ class Dense(Layer):
     params = (
         P("units", "int", lo=1),
         P("act", "call", "linear", table=activation_table),
+        BIAS,
+        TRAINABLE,
     )
     has_weights = True
 
@@ -24,7 +27,10 @@ class Dense(Layer):
         return (self.args["units"],)
 
     def param_shapes(self, s):
-        return {"w": (math.prod(s), self.args["units"]), "b": (self.args["units"],)}
+        shapes = {"w": (math.prod(s), self.args["units"]), "b": (self.args["units"],)}
+        if self.args.get("bias") is False:
+            del shapes["b"]
+        return shapes
 
     def fans(self):
         return (math.prod(self.in_shape), self.args["units"])
@@ -32,7 +38,8 @@ class Dense(Layer):
     def forward(self, x, p, ctx, training):
         x2 = x.reshape(x.shape[0], -1)
         z = mm(x2, p["w"])
-        z += p["b"]
+        if "b" in p:
+            z += p["b"]
         kind, alpha = act_spec(self)
         y = act_forward(kind, alpha, z, out=None if training else z)  # z is ours: in place
         if training:
@@ -43,7 +50,8 @@ class Dense(Layer):
         kind, alpha = act_spec(self)
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         g["w"][...] = mm(ctx["x"].T, dz)  # (not matmul(out=...): that path skips BLAS, 40x slower)
-        colsum(dz, g["b"])
+        if "b" in g:
+            colsum(dz, g["b"])
         if not need_dx:
             return None
         return mm(dz, p["w"].T).reshape(ctx["x"].shape[0], *_nhwc(self.in_shape))

@@ -1,6 +1,8 @@
-"""maxpool(size=2, stride=size, ceil=false), alias max2d: the maximum of each size x size window.
-Shape rule: W' = floor((W - size) / stride) + 1, or with ceil=true the ceiling (a last partial
-window is kept, as in hello-dl's 11 -> 6; it is clipped to the input).
+"""maxpool(size=2, stride=size, ceil=false, pad=0), alias max2d: the maximum of each size x size window.
+Shape rule: W' = floor((W + 2*pad - size) / stride) + 1, or with ceil=true the ceiling (a last
+partial window is kept, as in hello-dl's 11 -> 6; it is clipped to the input), as PyTorch.
+pad (at most size // 2) pads with -inf: `maxpool(3, stride=1, pad=1)` keeps the size (an
+Inception pool branch).
 
 Forward records, per output value, the flat index y*W + x of the input pixel that won (int32;
 the first one on ties). Backward scatters the gradient to those pixels; the parallel tasks own
@@ -18,29 +20,33 @@ from .base import Layer, LayerError, P, need_map, show_shape
 def pooled(layer, s):
     need_map(layer, s)
     c, h, w = s
-    k, st = layer.size, layer.stride
-    if k > h or k > w:
+    k, st, pad = layer.size, layer.stride, layer.pad
+    if k > h + 2 * pad or k > w + 2 * pad:
         raise LayerError(f"window {k} does not fit the {show_shape(s)} input. "
                          f"Received: size={k}", "size")
     outs = []
     for n in (h, w):
         if layer.args["ceil"]:
-            o = -(-(n - k) // st) + 1
-            if (o - 1) * st >= n:  # the last window must start inside the input
+            o = -(-(n + 2 * pad - k) // st) + 1
+            if (o - 1) * st >= n + pad:  # the last window must start inside the input (or left pad)
                 o -= 1
         else:
-            o = (n - k) // st + 1
+            o = (n + 2 * pad - k) // st + 1
         outs.append(o)
     return (c, outs[0], outs[1])
 
 
 class Pool(Layer):
-    params = (P("size", "int", 2, lo=1), P("stride", "int", None, lo=1), P("ceil", "bool", False))
+    params = (P("size", "int", 2, lo=1), P("stride", "int", None, lo=1), P("ceil", "bool", False),
+              P("pad", "int", None, lo=0))
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         if self.args["stride"] is None:
             self.args["stride"] = self.args["size"]
+        if self.pad > self.size // 2:
+            raise LayerError(f"pad may be at most half the window ({self.size // 2} for size {self.size}), so "
+                             f"every window holds an input pixel. Received: pad={self.pad}", "pad")
 
     @property
     def size(self):
@@ -50,6 +56,10 @@ class Pool(Layer):
     def stride(self):
         return self.args["stride"]
 
+    @property
+    def pad(self):
+        return self.args.get("pad") or 0
+
     def out_shape(self, s):
         return pooled(self, s)
 
@@ -57,7 +67,7 @@ class Pool(Layer):
 @register("maxpool", aliases=("max2d", "maxpool2d"))
 class MaxPool(Pool):
     def max_window(self):
-        return self.size, self.stride
+        return (self.size, self.stride) if not self.pad else None   # fusions assume unpadded windows
 
     def bytes_per_sample(self):
         return 4 * math.prod(self.out), 0, 0   # the winners (int32)
@@ -66,10 +76,10 @@ class MaxPool(Pool):
         c, oh, ow = self.out
         y = np.empty((x.shape[0], oh, ow, c), np.float32)
         if not training:  # no winners to record
-            _max_eval(x, y, self.size, self.stride)
+            _max_eval(x, y, self.size, self.stride, self.pad)
             return y
         arg = np.empty((x.shape[0], oh, ow, c), np.int32)
-        _max_fwd(x, y, arg, self.size, self.stride)
+        _max_fwd(x, y, arg, self.size, self.stride, self.pad)
         ctx["arg"], ctx["in"] = arg, x.shape
         return y
 
@@ -78,14 +88,15 @@ class MaxPool(Pool):
             return None
         n, h, w, c = ctx["in"]
         dx = np.empty((n, h * w, c), np.float32)
-        _max_bwd(dy, ctx["arg"], dx, h, self.size, self.stride)
+        _max_bwd(dy, ctx["arg"], dx, h, self.size, self.stride, self.pad)
         return dx.reshape(n, h, w, c)
 
 
 # ------------------------------------------------------------------------------------ kernels
 @kernel
-def _max_fwd(x, y, arg, k, s):
-    """y[n,i,j,c] = max of x[n, i*s : i*s+k, j*s : j*s+k, c] (clipped to the input);
+def _max_fwd(x, y, arg, k, s, p):
+    """y[n,i,j,c] = max of x[n, i*s-p : i*s-p+k, j*s-p : j*s-p+k, c] (clipped to the input: padding
+    is -inf);
     arg[n,i,j,c] = y_in * W + x_in of the first maximum. The running maximum lives in a
     C-long local buffer updated with selects, which vectorises (2.5x faster than branching on
     the output arrays, measured on one thread)."""
@@ -94,13 +105,13 @@ def _max_fwd(x, y, arg, k, s):
     for row in prange(n_ * oh):
         n = row // oh
         i = row % oh
-        y0 = i * s
-        y1 = min(y0 + k, h)
+        y0 = max(i * s - p, 0)
+        y1 = min(i * s - p + k, h)
         best = np.empty(c, np.float32)
         where = np.empty(c, np.int32)
         for j in range(ow):
-            x0 = j * s
-            x1 = min(x0 + k, w)
+            x0 = max(j * s - p, 0)
+            x1 = min(j * s - p + k, w)
             for cc in range(c):
                 best[cc] = x[n, y0, x0, cc]
                 where[cc] = y0 * w + x0
@@ -118,19 +129,19 @@ def _max_fwd(x, y, arg, k, s):
 
 
 @kernel
-def _max_eval(x, y, k, s):
+def _max_eval(x, y, k, s, p):
     """_max_fwd without the winners (evaluation): y[n,i,j,c] = the window's maximum."""
     n_, h, w, c = x.shape
     _, oh, ow, _ = y.shape
     for row in prange(n_ * oh):
         n = row // oh
         i = row % oh
-        y0 = i * s
-        y1 = min(y0 + k, h)
+        y0 = max(i * s - p, 0)
+        y1 = min(i * s - p + k, h)
         best = np.empty(c, np.float32)
         for j in range(ow):
-            x0 = j * s
-            x1 = min(x0 + k, w)
+            x0 = max(j * s - p, 0)
+            x1 = min(j * s - p + k, w)
             for cc in range(c):
                 best[cc] = x[n, y0, x0, cc]
             for yy in range(y0, y1):
@@ -143,10 +154,10 @@ def _max_eval(x, y, k, s):
 
 
 @kernel
-def _max_bwd(dy, arg, dx, h, k, s):
+def _max_bwd(dy, arg, dx, h, k, s, p):
     """dx[n, q, c] (q = y_in * W + x_in) = sum of dy[n,i,j,c] over the windows whose maximum was q.
     A scatter whose tasks own disjoint parts of dx: without overlap (s >= k) output row i owns
-    input rows [i*s, (i+1)*s) (the last one through the bottom); with overlap a task is a
+    input rows [i*s-p, (i+1)*s-p) (the first from the top, the last through the bottom); with overlap a task is a
     whole sample (batches of one then run on one core)."""
     n_, hw, c = dx.shape
     _, oh, ow, _ = dy.shape
@@ -157,8 +168,8 @@ def _max_bwd(dy, arg, dx, h, k, s):
         n = t * per // oh
         i0 = t * per % oh
         i1 = i0 + per
-        r0 = i0 * s
-        r1 = h if i1 == oh else min(i1 * s, h)
+        r0 = 0 if i0 == 0 else min(max(i0 * s - p, 0), h)
+        r1 = h if i1 == oh else min(max(i1 * s - p, 0), h)
         for q in range(r0 * w, r1 * w):
             for cc in range(c):
                 dx[n, q, cc] = zero
