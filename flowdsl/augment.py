@@ -122,7 +122,7 @@ def random_zoom(x, fraction, fill, rng):
     return affine_images(x, _about_centre(x.shape[1], x.shape[2], np.zeros(len(x)), z), fill)
 
 
-@kernel
+@kernel(parallel=False)
 def _fill_index(q, n, mode):
     """The pixel a source index q (any integer) reads along an axis of n, or -1 for zeros."""
     if 0 <= q < n:

@@ -79,8 +79,18 @@ class Model:
         out.append(f"Training memory at batch {batch}: about {size_text(self.memory_estimate(batch))} (estimated, not allocated)")
         for a, (i, j) in self.aliases.items():
             if i != j:
-                start = [self.layers[i].feed_name] if self.layers[i].feed_name else []
-                out.append(f"{a} = {' :: '.join(start + [l.name for l in self.layers[i:j + 1]])}")
+                parts = [self.layers[i].feed_name] if self.layers[i].feed_name else []
+                k = i
+                while k <= j:   # a sub-chain inside by its name (b1 = stem :: conv2 :: ...)
+                    inner = [(q, b) for b, (p, q) in self.aliases.items() if p == k and q < j and b != a]
+                    if inner:
+                        q, b = max(inner)
+                        parts.append(b)
+                        k = q + 1
+                    else:
+                        parts.append(self.layers[k].name)
+                        k += 1
+                out.append(f"{a} = {' :: '.join(parts)}")
         out += [f"note: {n}" for l in self.layers for n in l.notes()]
         return "\n".join(out)
 
@@ -322,7 +332,7 @@ def _build(program: Program) -> Model:
             l.name, l.auto_name = cand, True
             taken.add(cand)
 
-    _resolve_refs(layers, aliases, program)
+    _resolve_refs(layers, aliases, program, set(bindings))
     _resolve_feeds(layers, aliases, program)
 
     # input shape
@@ -392,11 +402,15 @@ def _refs(layer):
     return out
 
 
-def _find(ref, i, l, what, pos, layers, aliases, program):
+def _find(ref, i, l, what, pos, layers, aliases, program, bound=()):
     """The index of the layer a name refers to (a layer's own name, or a sub-chain's last
     layer), which must come before layer i."""
     index = {m.name: j for j, m in enumerate(layers)}
     j = index.get(ref, aliases[ref][1] if ref in aliases else None)
+    if j is None and ref in bound:
+        raise _err(f"{l.kind} {l.name}: '{ref}' is not built before this layer (no chain uses it yet). A "
+                   f"concat first in a chain builds the branches it names: write concat(..., {ref}) at the start "
+                   f"of a chain, or use {ref} in a chain before this one", pos, program)
     if j is None:
         earlier = [m.name for m in layers[:i]] + [a for a, (_, e) in aliases.items() if e < i]
         raise _err(f"{l.kind} {l.name}: no layer named '{ref}'{did_you_mean(ref, earlier)}", pos, program)
@@ -407,7 +421,7 @@ def _find(ref, i, l, what, pos, layers, aliases, program):
     return j
 
 
-def _resolve_refs(layers, aliases, program):
+def _resolve_refs(layers, aliases, program, bound=()):
     """Point each layer argument that names another layer (add(from=stem), concat(a, b)) at that
     layer: a layer's own name or a sub-chain's name (its last layer), which must come earlier."""
     for i, l in enumerate(layers):
@@ -416,7 +430,7 @@ def _resolve_refs(layers, aliases, program):
                 continue
             refs = l.args[p.name]
             pos = l.where.get(p.name, l.pos)
-            found = [layers[_find(r, i, l, f"{p.name}=", pos, layers, aliases, program)]
+            found = [layers[_find(r, i, l, f"{p.name}=", pos, layers, aliases, program, bound)]
                      for r in (refs if isinstance(refs, tuple) else (refs,))]
             if isinstance(refs, tuple):
                 l.srcs = found

@@ -142,3 +142,56 @@ def test_nielsen_builds():
     assert m.layers[-2].out == (10,)
     assert m.n_params() == 520 + 20_040 + 641_000 + 1_001_000 + 10_010
     assert [l.kind for l in m.layers].count("dropout") == 2
+
+
+def _header_script(path):
+    """The python snippet in an example's header comment (between `python - <<'PY'` and `PY`)."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip() == "#   python - <<'PY'")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == "#   PY")
+    return "\n".join(l[len("#   "):] for l in lines[start + 1:end])
+
+
+def test_letters_header_turns_emnist_into_the_files_it_reads(tmp_path, monkeypatch):
+    """Run the header's conversion on a small fake EMNIST letters file pair (transposed images,
+    labels 1..26): the result is what letters.flow reads, upright, labelled 0..25."""
+    import gzip
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    lab = np.array([1, 26, 3, 4, 5], np.uint8)
+    (tmp_path / "gzip").mkdir()
+    with gzip.open(tmp_path / "gzip" / "emnist-letters-train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\0\0\x08\x03" + (5).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + img.tobytes())
+    with gzip.open(tmp_path / "gzip" / "emnist-letters-train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\0\0\x08\x01" + (5).to_bytes(4, "big") + lab.tobytes())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_header_script(ROOT / "examples" / "letters.flow"), "letters.flow", "exec"), {})
+    from flowdsl.data import load_source, parse_source
+    ds = load_source(parse_source('idx("letters/train-images-idx3-ubyte.gz", "letters/train-labels-idx1-ubyte.gz")'),
+                     str(tmp_path), (1, 28, 28))
+    assert ds.y.tolist() == [0, 25, 2, 3, 4]
+    np.testing.assert_array_equal(ds.x[..., 0], img.transpose(0, 2, 1) / np.float32(255))
+
+
+def test_cifar_header_writes_the_png_folders_it_reads(tmp_path, monkeypatch):
+    """The header's conversion on fake CIFAR-10 python batches: class folders of 32x32 RGB PNGs
+    that cifar_keras.flow's images(...) source reads back pixel for pixel."""
+    import pickle
+    rng = np.random.default_rng(0)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    names = [f"class{i}" for i in range(10)]
+    pickle.dump({"label_names": names}, open(d / "batches.meta", "wb"))
+    rows = {}
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows[f] = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+        pickle.dump({b"data": rows[f], b"labels": [1, 7]}, open(d / f, "wb"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_header_script(ROOT / "examples" / "cifar_keras.flow"), "cifar_keras.flow", "exec"), {})
+    from flowdsl.data import load_source, parse_source
+    monkeypatch.setenv("FLOWDSL_DATA_CACHE", str(tmp_path / "cache"))
+    ds = load_source(parse_source('images("cifar10/test", size=32x32, color=rgb)'), str(tmp_path), (3, 32, 32))
+    assert ds.classes == ["class1", "class7"] and ds.y.tolist() == [0, 1]
+    want = rows["test_batch"].reshape(2, 3, 32, 32).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(ds.x, want / np.float32(255))
+    assert len(list((tmp_path / "cifar10" / "train").rglob("*.png"))) == 10

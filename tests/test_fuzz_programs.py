@@ -378,19 +378,26 @@ def reference_out(l, s):
         f, st_, p = a["field"], a["stride"], a["pad"]
         if p == "same":
             p = (f - 1) // 2
-        assert (h + 2 * p - f) % st_ == 0 and (w + 2 * p - f) % st_ == 0
         assert f <= h + 2 * p and f <= w + 2 * p
-        return (a["filters"], (h + 2 * p - f) // st_ + 1, (w + 2 * p - f) // st_ + 1)
-    if l.kind in ("maxpool", "avgpool"):
+        # rounded down, as PyTorch and Keras
+        return (a["filters"], math.floor((h + 2 * p - f) / st_) + 1, math.floor((w + 2 * p - f) / st_) + 1)
+    if l.kind in ("maxpool", "avgpool", "l2pool"):
         c, h, w = s
-        k, st_ = a["size"], a["stride"]
-        assert k <= h and k <= w
+        k, st_, p = a["size"], a["stride"], a.get("pad") or 0
+        assert k <= h + 2 * p and k <= w + 2 * p and p <= k // 2
         if a["ceil"]:
-            o = [math.ceil((n - k) / st_) + 1 for n in (h, w)]
-            o = [oi - 1 if (oi - 1) * st_ >= n else oi for oi, n in zip(o, (h, w))]
+            o = [math.ceil((n + 2 * p - k) / st_) + 1 for n in (h, w)]
+            o = [oi - 1 if (oi - 1) * st_ >= n + p else oi for oi, n in zip(o, (h, w))]
         else:
-            o = [(n - k) // st_ + 1 for n in (h, w)]
+            o = [(n + 2 * p - k) // st_ + 1 for n in (h, w)]
         return (c, o[0], o[1])
+    if l.kind == "globalavgpool":
+        assert len(s) == 3
+        return (s[0],)
+    if l.kind == "concat":
+        ins = [s] + [m.out for m in l.inputs()]
+        assert len(ins) >= 2 and all(len(t) == len(s) and t[1:] == s[1:] for t in ins)
+        return (sum(t[0] for t in ins),) + tuple(s[1:])
     if l.kind == "dense":
         return (a["units"],)
     if l.kind == "flatten":
@@ -402,10 +409,11 @@ def reference_out(l, s):
 
 def reference_params(l, s):
     a = l.args
+    bias = a.get("bias") is not False
     if l.kind == "conv":
-        return a["field"] ** 2 * s[0] * a["filters"] + a["filters"]
+        return a["field"] ** 2 * s[0] * a["filters"] + a["filters"] * bias
     if l.kind == "dense":
-        return math.prod(s) * a["units"] + a["units"]
+        return math.prod(s) * a["units"] + a["units"] * bias
     if l.kind == "batchnorm":
         return 2 * s[0]
     return 0
@@ -416,6 +424,9 @@ def check_model(m, text):
     shape = m.layers[0].in_shape
     assert len(shape) in (1, 3) and all(isinstance(d, int) and d >= 1 for d in shape)
     for i, l in enumerate(m.layers):
+        if l.feed is not None:   # a branch (or a concat that starts a chain) reads an earlier output
+            assert m.layers.index(l.feed) < i, (l.name, l.feed.name)
+            shape = l.feed.out
         assert l.in_shape == shape, (i, l.name)
         assert l.out == reference_out(l, l.in_shape), (l.name, l.describe(), l.in_shape, l.out)
         assert all(isinstance(d, int) and d >= 1 for d in l.out), (l.name, l.out)
@@ -471,9 +482,39 @@ def outcome(text):
         signal.signal(signal.SIGALRM, old)
 
 
+@st.composite
+def branchy(draw):
+    """An Inception-like program: a stem, branches from it (`bi = stem :: ...`), a concat of
+    some of them (and maybe the stem) that starts the network or follows a layer, then a head.
+    Many fail (unequal map sizes, a branch nothing joins): the error must be positioned."""
+    stem = [f"input({draw(st.sampled_from(['6x6x2', '8x5x1', '7x7x3']))})"]
+    stem += draw(st.lists(st.sampled_from(MAP_KINDS).flatmap(lambda k: layer_text(name=k, ok=True)), max_size=2))
+    lines = [f"stem = {' :: '.join(stem)}"]
+    names = []
+    for i in range(draw(st.integers(1, 4))):
+        body = draw(st.lists(st.sampled_from(MAP_KINDS + ["conv(filters=2, field=1)", "maxpool(3, stride=1, pad=1)"])
+                             .flatmap(lambda k: layer_text(name=k, ok=True) if "(" not in k else st.just(k)),
+                             min_size=1, max_size=3))
+        lines.append(f"b{i} = stem :: {' :: '.join(body)}")
+        names.append(f"b{i}")
+    joined = draw(st.lists(st.sampled_from(names + ["stem"]), min_size=1, max_size=len(names) + 1, unique=True))
+    head = draw(st.sampled_from(["", ":: maxpool(2, ceil=true) ", ":: gap ", ":: relu "]))
+    if draw(st.booleans()):
+        net = f"network = concat({', '.join(joined)}) {head}:: dense(3) :: softmax"
+    else:
+        net = f"network = {joined[0]} :: concat({', '.join(joined[1:]) or joined[0]}) {head}:: dense(3) :: softmax"
+    return "\n".join(lines + [net]) + "\n"
+
+
 @FUZZ
 @given(programs())
 def test_grammatical_programs(text):
+    outcome(text)
+
+
+@FUZZ
+@given(branchy())
+def test_branchy_programs(text):
     outcome(text)
 
 
