@@ -75,7 +75,7 @@ def _cmd_eval(a):
     from .model import load_model
     m = load_model(a.file)
     with _kernels_note():
-        run_eval(m, a.weights, data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out,
+        run_eval(m, a.weights if len(a.weights) > 1 else a.weights[0], data=a.data, perturb=_perturb(a.perturb) if a.perturb else None, out=a.out,
                  tta=a.tta, top=a.top)
     return 0
 
@@ -94,9 +94,16 @@ def _perturb(text):
 def _cmd_predict(a):
     from .jobs import run_predict
     from .model import load_model
+    # `--weights a.npz b.npz img.png ...`: --weights takes several checkpoints, so images written
+    # after it land there; the checkpoints are the leading .npz files, the rest are images
+    weights, images = list(a.weights), list(a.images)
+    cut = next((i for i, w in enumerate(weights) if i and not w.lower().endswith(".npz")), len(weights))
+    weights, images = weights[:cut], weights[cut:] + images
+    if not images:
+        raise UsageError("predict needs images: flowdsl predict FILE IMG... --weights CKPT...")
     m = load_model(a.file)
     with _kernels_note():
-        run_predict(m, a.weights, a.images, top=a.top, tta=a.tta)
+        run_predict(m, weights if len(weights) > 1 else weights[0], images, top=a.top, tta=a.tta)
     return 0
 
 
@@ -146,11 +153,11 @@ def make_parser():
     pr = sub.add_parser("predict", help="top classes with probabilities for each image")
     pr.add_argument("file")
     pr.add_argument("--weights", required=True, metavar="CKPT", nargs="+",
-                    help="a checkpoint, or several of the same model: an ensemble (put the images "
-                         "before --weights, or after --)")
+                    help="a checkpoint, or several of the same model: an ensemble (the leading .npz "
+                         "files; what follows them is taken as images)")
     pr.add_argument("--top", type=_positive, default=3)
     pr.add_argument("--tta", metavar="hflip", help="test-time augmentation: also average each image's mirror image")
-    pr.add_argument("images", nargs="+", metavar="IMG")
+    pr.add_argument("images", nargs="*", metavar="IMG")
     pr.set_defaults(run=_cmd_predict)
     fo = sub.add_parser("focus", help="write a layer's activations as PNGs")
     fo.add_argument("file")

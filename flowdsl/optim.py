@@ -28,7 +28,7 @@ class Optimizer:
             size = int(np.prod(shape))
             if pname == "w":
                 self.decay[off:off + size] = 1.0
-            if not l.trainable:
+            if not getattr(l, "trainable", True):
                 self.live[off:off + size] = 0
         self.mask_any = bool(self.decay.any())
 

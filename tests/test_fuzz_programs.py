@@ -225,7 +225,10 @@ FIRST_LAYERS = sorted(n for n in registry.all_names()
                       if (c := registry.lookup(n, False) or registry.lookup(n, True)).role != "input"
                       and any(p.kind == "shape" for p in c.params))
 assert FIRST_LAYERS
-assert set(MAP_KINDS) | set(VECTOR_KINDS) == set(BODY_KINDS), set(BODY_KINDS) - set(MAP_KINDS) - set(VECTOR_KINDS)
+# a bridge kind takes a map and gives a vector, and takes no vector (globalavgpool)
+BRIDGE_KINDS = [k for k in BODY_KINDS if len(_out_after(k, "6x6x2") or (0, 0)) == 1 and k not in VECTOR_KINDS]
+assert set(MAP_KINDS) | set(VECTOR_KINDS) | set(BRIDGE_KINDS) == set(BODY_KINDS), \
+    set(BODY_KINDS) - set(MAP_KINDS) - set(VECTOR_KINDS) - set(BRIDGE_KINDS)
 
 
 @st.composite
@@ -266,7 +269,7 @@ def chains(draw, ok):
         body = draw(st.lists(st.sampled_from(MAP_KINDS).flatmap(lambda k: layer_text(name=k, ok=True)),
                              max_size=4))
         if draw(st.booleans()):
-            body.append(draw(st.sampled_from(["flatten", "dense(4)", "fc(8, act=relu)", "linear(3)"])))
+            body.append(draw(st.sampled_from(["flatten", "dense(4)", "fc(8, act=relu)", "linear(3)"] + BRIDGE_KINDS)))
         body += draw(st.lists(st.sampled_from(VECTOR_KINDS).flatmap(lambda k: layer_text(name=k, ok=True)),
                               max_size=3))
     else:
@@ -562,15 +565,19 @@ def test_extreme_shapes_build_without_allocating(text):
         assert m.n_params() >= 0
 
 
-def test_conv_stride_hint_is_fast():
+def test_huge_strided_conv_is_only_estimated_and_quick():
+    """Strides round down now (no search for a fitting pad): a billion-wide field with a stride
+    that does not tile builds at once, with its unread border noted, allocating nothing."""
     text = "conv(4x4x1, field=1000000000, pad=600000000, stride=7) :: dense(2) :: softmax"
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, 2)
     try:
-        with pytest.raises(FlowError):
-            build_text(text, "fuzz.flow")
+        m = build_text(text, "fuzz.flow")
+        side = (4 + 1_200_000_000 - 1_000_000_000) // 7 + 1
+        assert m.layers[0].out == (1, side, side)
+        assert "note: conv1: stride 7 does not tile" in m.summary()
     except Hang:
-        pytest.fail("conv's stride hint took more than 2 s")
+        pytest.fail("building a huge strided conv took more than 2 s")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

@@ -443,3 +443,7 @@ def test_eval_ensemble_and_top_k_cli(npz_model, tmp_path):
     r = run_cli("predict", str(npz_model), str(img), "--weights", *runs)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{img}: 0 ")
+    r2 = run_cli("predict", str(npz_model), "--weights", *runs, str(img))   # images after the checkpoints
+    assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
+    r = run_cli("predict", str(npz_model), "--weights", *runs)
+    assert r.returncode == 2 and "predict needs images" in r.stderr
