@@ -107,6 +107,17 @@ def _cmd_predict(a):
     return 0
 
 
+def _cmd_export(a):
+    from .jobs import load_trained
+    from .model import load_model
+    m = load_model(a.file)
+    net, _ = load_trained(m, a.weights)
+    out = a.out or os.path.splitext(a.file)[0] + ".onnx"
+    net.export_onnx(out, a.layout)
+    print(f"wrote {out} ({a.layout.upper()} input, opset 17)")
+    return 0
+
+
 def _cmd_focus(a):
     from .jobs import run_focus
     from .model import load_model
@@ -159,6 +170,13 @@ def make_parser():
     pr.add_argument("--tta", metavar="hflip", help="test-time augmentation: also average each image's mirror image")
     pr.add_argument("images", nargs="*", metavar="IMG")
     pr.set_defaults(run=_cmd_predict)
+    ex = sub.add_parser("export", help="write the trained network as an ONNX file")
+    ex.add_argument("file")
+    ex.add_argument("--weights", required=True, metavar="CKPT")
+    ex.add_argument("--out", metavar="FILE", help="the ONNX file (default: FILE with .onnx)")
+    ex.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
+                    help="the input's layout: NHWC (default, as flowdsl's images) or NCHW (PyTorch's)")
+    ex.set_defaults(run=_cmd_export)
     fo = sub.add_parser("focus", help="write a layer's activations as PNGs")
     fo.add_argument("file")
     fo.add_argument("--weights", metavar="CKPT", help="trained weights (default: the initialised ones)")

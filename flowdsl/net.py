@@ -247,6 +247,12 @@ class Net:
         from .train import evaluate
         return evaluate(self, self.as_input(x), np.asarray(y), batch)
 
+    def export_onnx(self, path, layout="nhwc"):
+        """Write this net (its current weights) as an ONNX file: NHWC input by default (layout=
+        "nchw" for NCHW), probabilities or values out (flowdsl.onnx_export). Needs flowdsl[onnx]."""
+        from .onnx_export import export
+        return export(self, path, layout)
+
     def summary(self):
         return self.model.summary()
 

@@ -64,3 +64,16 @@ def test_training_through_the_library_does_not_import_the_cli():
     step, bad = json.loads(r.stdout.splitlines()[-1])
     assert step == 1
     assert not bad, f"training a Net imports {', '.join(bad)}: an upward import (engine below CLI)"
+
+
+HEAVY = ("onnx", "onnxruntime", "mpi4py")   # optional extras: imported only where they are needed
+
+
+def test_check_and_training_import_no_optional_extra():
+    code = FIT.replace("print(json.dumps([h.step,", "from flowdsl import cli\n"
+                       "cli.main(['check', 'examples/fashion.flow'])\nprint(json.dumps([h.step,")
+    code = code.replace(f"for m in {list(UPPER)!r}", f"for m in {list(HEAVY)!r}")
+    r = python(code)
+    assert r.returncode == 0, r.stderr
+    step, bad = json.loads(r.stdout.splitlines()[-1])
+    assert step == 1 and not bad, f"check or training imports {', '.join(bad)}"

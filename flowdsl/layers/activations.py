@@ -10,6 +10,7 @@ import numpy as np
 
 from ..jit import kernel, prange
 from . import REGISTRY, register
+from ..errors import FlowError
 from .base import Layer, P
 
 class Activation(Layer):
@@ -44,6 +45,21 @@ class Activation(Layer):
         _bwd(z.reshape(-1), y.reshape(-1), dy.reshape(-1), dz.reshape(-1), cls.code, np.float32(alpha))
         return dz
 
+    onnx_op = None        # the ONNX operator of y = act(x) (alpha: its attribute, where it has one)
+
+    @classmethod
+    def to_onnx_act(cls, g, x, alpha, name):
+        """Nodes computing act(x) into the tensor `name` (flowdsl.onnx_export.Graph g)."""
+        if cls.code == 0:
+            return g.op("Identity", [x], name)
+        if cls.onnx_op is None:
+            raise FlowError(f"activation {cls.kind} has no ONNX mapping")
+        attrs = {"alpha": alpha} if any(p.name == "alpha" for p in cls.params) else {}
+        return g.op(cls.onnx_op, [x], name, **attrs)
+
+    def to_onnx(self, g, x, p, state, extras):
+        return g.act((self.kind, self.args.get("alpha", 0.0)), x, self.name)
+
     def forward(self, x, p, ctx, training):
         y = self.apply(x, self.args.get("alpha", 0.0))
         ctx["z"], ctx["y"] = x, y
@@ -58,21 +74,35 @@ class Activation(Layer):
 @register("relu")
 class ReLU(Activation):
     code, he_init, monotone = 1, True, True
+    onnx_op = "Relu"
 
 
 @register("gelu")
 class GELU(Activation):
     code, he_init = 2, True
 
+    @classmethod
+    def to_onnx_act(cls, g, x, alpha, name):
+        # the tanh form written out (opset 20's Gelu(approximate="tanh") is newer than opset 17):
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        c = lambda v: g.const(f"{name}/c", np.array(v, np.float32))  # noqa: E731
+        x3 = g.op("Mul", [g.op("Mul", [x, x], f"{name}/x2"), x], f"{name}/x3")
+        inner = g.op("Add", [x, g.op("Mul", [x3, c(0.044715)], f"{name}/ax3")], f"{name}/inner")
+        t = g.op("Tanh", [g.op("Mul", [inner, c(np.sqrt(2.0 / np.pi))], f"{name}/scaled")], f"{name}/tanh")
+        half = g.op("Mul", [x, c(0.5)], f"{name}/half")
+        return g.op("Mul", [half, g.op("Add", [t, c(1.0)], f"{name}/onept")], name)
+
 
 @register("sigmoid")
 class Sigmoid(Activation):
     code = 3
+    onnx_op = "Sigmoid"
 
 
 @register("tanh")
 class Tanh(Activation):
     code = 4
+    onnx_op = "Tanh"
 
 
 @register("linear", aliases=("identity",))
@@ -84,6 +114,7 @@ class Linear(Activation):
 class LeakyReLU(Activation):
     params = (P("alpha", "float", 0.01, lo=0.0),)
     code, he_init = 5, True
+    onnx_op = "LeakyRelu"
 
     @classmethod
     def monotone_for(cls, alpha):
@@ -94,11 +125,13 @@ class LeakyReLU(Activation):
 class ELU(Activation):
     params = (P("alpha", "float", 1.0, lo=0.0),)
     code, he_init = 6, True
+    onnx_op = "Elu"
 
 
 @register("softplus")
 class Softplus(Activation):
     code = 7
+    onnx_op = "Softplus"
 
 
 # ------------------------------------------------------------------------------ entry points

@@ -30,6 +30,9 @@ class Add(Layer):
                              f"its input ({show_shape(s)}): the shapes must be equal", "from")
         return s
 
+    def to_onnx(self, g, x, p, state, extras):
+        return g.op("Add", [x, extras[0]], self.name, kind=g.kind[x])
+
     def forward(self, x, p, ctx, training):
         return x + ctx["extras"][0]
 

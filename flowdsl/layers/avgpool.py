@@ -13,6 +13,7 @@ from .maxpool import Pool
 
 @register("avgpool", aliases=("avg2d", "avgpool2d"))
 class AvgPool(Pool):
+    onnx_op, onnx_attrs = "AveragePool", {"count_include_pad": 0}   # windows average input pixels only
     def forward(self, x, p, ctx, training):
         c, oh, ow = self.out
         y = np.empty((x.shape[0], oh, ow, c), np.float32)

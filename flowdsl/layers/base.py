@@ -158,6 +158,11 @@ class Layer:
         need_dx). Never write into dy: add hands the same array to two branches."""
         return dy if need_dx else None
 
+    def to_onnx(self, g, x, p, state, extras):
+        """Write this layer's nodes into g (flowdsl.onnx_export.Graph) reading tensor x (and the
+        outputs of inputs() as extras); return the output tensor's name (the layer's name)."""
+        raise g.unsupported(self, "no ONNX mapping for this kind")
+
     def bytes_per_sample(self):
         """Training memory per sample besides this layer's output, as three byte counts: what
         forward keeps for backward, what backward allocates before the input gradient, and

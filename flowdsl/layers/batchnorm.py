@@ -32,6 +32,11 @@ class BatchNorm(Layer):
         c = self.in_shape[0]
         return {"mean": np.zeros(c, np.float32), "var": np.ones(c, np.float32)}
 
+    def to_onnx(self, g, x, p, state, extras):
+        ins = [x] + [g.const(f"{self.name}.{k}", v) for k, v in
+                     (("gamma", p["gamma"]), ("beta", p["beta"]), ("mean", state["mean"]), ("var", state["var"]))]
+        return g.op("BatchNormalization", ins, self.name, kind=g.kind[x], epsilon=float(self.args["eps"]))
+
     def forward(self, x, p, ctx, training):
         c = x.shape[-1]
         x2 = x.reshape(-1, c)

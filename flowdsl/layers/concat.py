@@ -47,6 +47,9 @@ class Concat(Layer):
                                  f"the {what} must be equal", "from")
         return (sum(sh[0] for sh in shapes),) + first[1:]
 
+    def to_onnx(self, g, x, p, state, extras):
+        return g.op("Concat", [x] + list(extras), self.name, kind=g.kind[x], axis=1)
+
     def forward(self, x, p, ctx, training):
         parts = [x] + list(ctx["extras"])
         if training:

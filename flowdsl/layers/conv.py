@@ -192,6 +192,23 @@ class Conv(Layer):
             ctx["x"], ctx["z"], ctx["y"], ctx["act"] = x, z, y, act
         return y
 
+    def to_onnx(self, g, x, p, state, extras):
+        f, s, pad = self.args["field"], self.args["stride"], self.padding
+        if self.pad_mode is not None:   # flowdsl's own index tables: every mode, exactly
+            _, h, w = self.in_shape
+            rows, cols = _padmodes.indices(h, w, pad, self.pad_mode)
+            x = g.op("Gather", [x, g.const(f"{self.name}/rows", rows, np.int64)], f"{self.name}/pad_h", axis=2)
+            x = g.op("Gather", [x, g.const(f"{self.name}/cols", cols, np.int64)], f"{self.name}/pad_w", axis=3)
+            pad = 0
+        ins = [x, g.const(f"{self.name}.w", p["w"].transpose(3, 2, 0, 1))]
+        if "b" in p:
+            ins.append(g.const(f"{self.name}.b", p["b"]))
+        act = act_spec(self)
+        linear = act[0] == "linear"
+        z = g.op("Conv", ins, self.name if linear else f"{self.name}/z", kind="map", kernel_shape=[f, f],
+                 strides=[s, s], pads=[pad] * 4)
+        return z if linear else g.act(act, z, self.name)
+
     def backward(self, dy, p, g, ctx, need_dx):
         kind, alpha = ctx["act"]
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)

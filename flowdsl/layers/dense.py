@@ -46,6 +46,18 @@ class Dense(Layer):
             ctx["x"], ctx["z"], ctx["y"] = x2, z, y
         return y
 
+    def to_onnx(self, g, x, p, state, extras):
+        xv = g.vector(x, self.name)
+        w = g.const(f"{self.name}.w", p["w"])
+        act = act_spec(self)
+        linear = act[0] == "linear"
+        out = self.name if linear else f"{self.name}/z"
+        if "b" in p:
+            z = g.op("Gemm", [xv, w, g.const(f"{self.name}.b", p["b"])], out, kind="vec")
+        else:
+            z = g.op("MatMul", [xv, w], out, kind="vec")
+        return z if linear else g.act(act, z, self.name)
+
     def backward(self, dy, p, g, ctx, need_dx):
         kind, alpha = act_spec(self)
         dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)

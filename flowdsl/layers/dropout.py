@@ -15,6 +15,9 @@ from .base import Layer, P
 class Dropout(Layer):
     params = (P("p", "float", 0.5, lo=0.0, hi=1.0, hi_open=True),)
 
+    def to_onnx(self, g, x, p, state, extras):
+        return x   # the identity in evaluation: no node
+
     def forward(self, x, p, ctx, training):
         rate = self.args["p"]
         if not training or rate == 0.0:

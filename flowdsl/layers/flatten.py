@@ -10,6 +10,9 @@ class Flatten(Layer):
     def out_shape(self, s):
         return (math.prod(s),)
 
+    def to_onnx(self, g, x, p, state, extras):
+        return g.vector(x, self.name, out=self.name)
+
     def forward(self, x, p, ctx, training):
         ctx["shape"] = x.shape
         return x.reshape(x.shape[0], -1)

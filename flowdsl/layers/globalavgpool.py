@@ -14,6 +14,10 @@ class GlobalAvgPool(Layer):
         need_map(self, s)
         return (s[0],)
 
+    def to_onnx(self, g, x, p, state, extras):
+        m = g.op("GlobalAveragePool", [x], f"{self.name}/map")
+        return g.op("Flatten", [m], self.name, kind="vec", axis=1)
+
     def forward(self, x, p, ctx, training):
         n, h, w, c = x.shape
         if training:

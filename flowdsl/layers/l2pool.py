@@ -12,6 +12,7 @@ from .maxpool import Pool
 
 @register("l2pool", aliases=("l2pool2d",))
 class L2Pool(Pool):
+    onnx_op, onnx_attrs = "LpPool", {"p": 2}
     def bytes_per_sample(self):
         return 0, 0, 0    # keeps its input and output, both held anyway
 

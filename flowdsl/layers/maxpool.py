@@ -63,9 +63,19 @@ class Pool(Layer):
     def out_shape(self, s):
         return pooled(self, s)
 
+    onnx_op, onnx_attrs = None, {}
+
+    def to_onnx(self, g, x, p, state, extras):
+        from ..onnx_export import pool_pads
+        _, h, w = self.in_shape
+        _, oh, ow = self.out
+        return g.op(self.onnx_op, [x], self.name, kind="map", kernel_shape=[self.size] * 2,
+                    strides=[self.stride] * 2, pads=pool_pads(self, h, w, oh, ow), **self.onnx_attrs)
+
 
 @register("maxpool", aliases=("max2d", "maxpool2d"))
 class MaxPool(Pool):
+    onnx_op = "MaxPool"
     def max_window(self):
         return (self.size, self.stride) if not self.pad else None   # fusions assume unpadded windows
 

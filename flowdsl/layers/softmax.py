@@ -23,6 +23,9 @@ class Softmax(Layer):
             raise LayerError(f"needs at least 2 classes, but gets {s[0]}; use squared for one output")
         return s
 
+    def to_onnx(self, g, x, p, state, extras):
+        return g.op("Softmax", [g.vector(x, self.name)], self.name, kind="vec", axis=1)   # probabilities
+
     def forward(self, z, p, ctx, training):
         m = z.max(axis=1, keepdims=True)
         e = np.exp(z - m)

@@ -17,6 +17,10 @@ class Swish(Activation):
     he_init = True
 
     @classmethod
+    def to_onnx_act(cls, g, x, alpha, name):
+        return g.op("Mul", [x, g.op("Sigmoid", [x], f"{name}/sigmoid")], name)
+
+    @classmethod
     def apply(cls, z, alpha, out=None):
         y = np.empty_like(z) if out is None else out
         _fwd(z.reshape(-1), y.reshape(-1))
