@@ -118,6 +118,23 @@ def _cmd_export(a):
     return 0
 
 
+def _cmd_import(a):
+    from .onnx_import import to_model
+    flow = a.out or os.path.splitext(a.file)[0] + ".flow"
+    weights = os.path.splitext(flow)[0] + ".npz"
+    model, net, text = to_model(a.file)
+    try:
+        with open(flow, "w") as f:
+            f.write(f"# imported from {os.path.basename(a.file)} by flowdsl import; weights in "
+                    f"{os.path.basename(weights)}\n" + text)
+    except OSError as e:
+        raise FlowError(f"cannot write {flow}: {e.strerror or e}") from None
+    net.save(weights)
+    print(f"wrote {flow} ({len(model.layers)} layers, {model.n_params():,} weights) and {weights}")
+    print(f"next: flowdsl check {flow}; flowdsl focus {flow} --weights {weights} --all --input IMG")
+    return 0
+
+
 def _cmd_focus(a):
     from .jobs import run_focus
     from .model import load_model
@@ -177,6 +194,10 @@ def make_parser():
     ex.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
                     help="the input's layout: NHWC (default, as flowdsl's images) or NCHW (PyTorch's)")
     ex.set_defaults(run=_cmd_export)
+    im = sub.add_parser("import", help="turn an ONNX CNN into .flow source and weights")
+    im.add_argument("file", metavar="MODEL.onnx")
+    im.add_argument("--out", metavar="FILE.flow", help="the .flow file (default: MODEL.flow; weights beside it, .npz)")
+    im.set_defaults(run=_cmd_import)
     fo = sub.add_parser("focus", help="write a layer's activations as PNGs")
     fo.add_argument("file")
     fo.add_argument("--weights", metavar="CKPT", help="trained weights (default: the initialised ones)")

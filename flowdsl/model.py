@@ -113,6 +113,8 @@ class Model:
         for i, l in enumerate(self.layers):
             seg.append(i if i == 0 or l.feed is not None else seg[-1])
 
+        outside = set()   # branch layers whose `stem ::` is written in the chain that names them
+
         def shown(r):
             return (max(r[0], seg[r[1]]), r[1])
 
@@ -149,12 +151,16 @@ class Model:
                     if best is None or r[1] > best[0][1]:
                         best = (r, k)
                 if best is not None:
+                    l = self.layers[i]
+                    if l.feed_name is not None and i == lo:   # a branch whose first layer is bound
+                        parts.append(l.feed_name)
+                        outside.add(i)
                     emit(*best)
                     parts.append(named[best[0]][best[1]])
                     i = best[0][1] + 1
                 else:
                     l = self.layers[i]
-                    if l.feed_name is not None:   # a branch: `stem :: ...`
+                    if l.feed_name is not None and i not in outside:   # a branch: `stem :: ...`
                         parts.append(l.feed_name)
                     refs_first(i)
                     parts.append(self._layer_text(i))
@@ -282,8 +288,16 @@ def _build(program: Program) -> Model:
                                f"output with `x = {el.name} :: ...`", el.pos, program)
                 used_names[el.name] = el.pos
                 expanding.append(el.name)
+                n0 = len(layers)
                 expand(bindings[el.name].chain, el.name)
                 expanding.pop()
+                if branch is not None:   # `b = stem :: c3` with c3 bound: c3 reads stem's output
+                    first = layers[n0]
+                    if first.feed_name is not None or getattr(first, "starts_chain", False):
+                        raise _err(f"'{el.name}' starts with a branch or a join of its own, so it cannot follow "
+                                   f"'{branch.name}' here", el.pos, program)
+                    first.feed_name, first.feed_pos = branch.name, branch.pos
+                    branch = None
                 continue
             if isinstance(el, Call) and el.name in bindings:
                 raise _err(f"'{el.name}' is a bound layer, not a kind: write {el.name} without arguments",

@@ -52,7 +52,7 @@ class Graph:
 
     def const(self, base, array, dtype=np.float32):
         name = self.unique(base)
-        self.inits.append(self.nh.from_array(np.ascontiguousarray(np.asarray(array, dtype)), name))
+        self.inits.append(self.nh.from_array(np.require(np.asarray(array, dtype), requirements="C"), name))
         return name
 
     def op(self, op_type, inputs, out=None, kind=None, **attrs):
@@ -111,8 +111,12 @@ def export(net, path, layout="nhwc"):
     for l in model.layers[1:] if first.role == "input" else model.layers:
         xin = outs[l.feed.name] if l.feed is not None else prev
         extras = [outs[m.name] for m in l.inputs()]
+        n0 = len(g.nodes)
         y = l.to_onnx(g, xin, net.params.get(l.name, {}), net.state.get(l.name, {}), extras)
         outs[l.name] = prev = y
+        hints = _hints(l)
+        if hints and len(g.nodes) > n0:   # on the layer's first node, for `flowdsl import`
+            g.nodes[n0].doc_string = "flowdsl: " + ", ".join(hints)
     final = prev
     out_name = model.layers[-1].name
     k = model.layers[-1].out
@@ -128,12 +132,32 @@ def export(net, path, layout="nhwc"):
     proto = helper.make_model(graph, producer_name="flowdsl", opset_imports=[helper.make_opsetid("", OPSET)])
     proto.ir_version = IR_VERSION
     proto.doc_string = str(model)
+    # what the graph cannot say, for `flowdsl import`: whether the source had an input(...) layer
+    # and the names of its sub-chains (binding name -> the layer it ends with)
+    import json
+    helper.set_model_props(proto, {"flowdsl.input_layer": "yes" if first.role == "input" else "no",
+                                   "flowdsl.aliases": json.dumps({a: model.layers[j].name
+                                                                  for a, (i, j) in model.aliases.items()})})
     onnx.checker.check_model(proto, full_check=True)
     try:
         onnx.save(proto, str(path))
     except OSError as e:
         raise FlowError(f"cannot write {path}: {e.strerror or e}") from None
     return proto
+
+
+def _hints(layer):
+    """What the source wrote that the graph cannot say (it computes the same either way):
+    pad=same, trainable=false, softmax's label smoothing."""
+    a = layer.args
+    out = []
+    if a.get("pad") == "same":
+        out.append("pad=same")
+    if a.get("trainable") is False:
+        out.append("trainable=false")
+    if a.get("smoothing"):
+        out.append(f"smoothing={a['smoothing']!r}")
+    return out
 
 
 def _stem(path):

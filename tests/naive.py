@@ -155,9 +155,8 @@ def ref_squared(layer, x, params, training, state=None):
 
 
 def ref_add(layer, x, params, training, state=None, extras=None):
-    (skip,) = extras
-    assert skip.shape == x.shape, "add needs the output of its source layer"
-    return x + skip
+    assert extras and all(e.shape == x.shape for e in extras), "add needs the outputs of its sources"
+    return x + sum(extras)
 
 
 def ref_concat(layer, x, params, training, state=None, extras=None):
@@ -336,6 +335,6 @@ EXAMPLES = {
     "softplus": [("softplus", "3x3x2")],
     "swish": [("swish", "5x4x2"), ("silu", "6")],
     # the layer tests build `input(shape) :: <layer> :: squared`, so the source is the input
-    "add": [("add(input1)", "5x4x2"), ("shortcut(from=input1)", "6")],
+    "add": [("add(input1)", "5x4x2"), ("shortcut(from=input1)", "6"), ("add(input1, input1)", "3x2x2")],
     "concat": [("concat(input1)", "5x4x2"), ("concat(input1, input1)", "3x2x1"), ("concatenate(from=[input1])", "6")],
 }

@@ -261,3 +261,19 @@ def test_a_shared_stem_is_one_layer_and_round_trips():
     x = np.random.default_rng(1).random((4, 8, 8, 1)).astype(np.float32)
     net.loss_grad(x, np.array([0, 1, 1, 0]))
     assert np.abs(net.grads["conv1"]["w"]).sum() > 0 and np.isfinite(net.gflat).all()
+
+
+def test_add_first_in_a_chain_sums_the_named_outputs():
+    src = (STEM + "a = stem :: conv(filters=2, field=1)\nb = stem :: relu\n"
+           "network = add(a, b, stem) :: add(a) :: dense(2) :: softmax\n")
+    m = build_text(src)
+    s1, s2 = [l for l in m.layers if l.kind == "add"]
+    assert s1.feed is m.layer("a") and [x.name for x in s1.inputs()] == ["b", "conv1"]
+    assert [x.name for x in s2.inputs()] == ["conv2"] and "network = add(a, b, stem) :: add(from=a)" in str(m)
+    assert build_text(str(m)).spec() == m.spec()
+    net = Net(m, seed=1)
+    x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
+    _, kept = net.forward(x, keep={"conv2", "b", "conv1", s1.name, s2.name})
+    np.testing.assert_allclose(kept[s1.name], kept["conv2"] + kept["b"] + kept["conv1"], rtol=1e-6)
+    np.testing.assert_allclose(kept[s2.name], kept[s1.name] + kept["conv2"], rtol=1e-6)
+    _error_at(STEM + "a = stem :: relu\nnetwork = add(a) :: dense(2) :: softmax\n", "a)", 3, "name at least two")

@@ -509,6 +509,11 @@ NETS = [
         v = t :: avgpool(3, stride=1, pad=1) :: conv(filters=3, field=1, bias=false)
         w = inp :: conv(filters=4, field=2, stride=2, act=elu)
         network = concat(u, v, w) :: concat(v) :: conv(filters=3, field=3, pad=1) :: add(v) :: gap :: dense(2) :: softmax"""),
+    # add first in a chain (the sum of two branches), and after a layer with two names
+    ("sums", """inp = input(6x5x2)
+        p = inp :: conv(filters=3, field=3, pad=1, act=tanh)
+        q = inp :: conv(filters=3, field=1, bias=false)
+        network = add(p, q) :: relu :: add(p, q) :: dense(3) :: softmax"""),
 ]
 
 

@@ -108,3 +108,128 @@ def test_export_cli_and_errors(tmp_path):
     assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(FlowError, match="--layout must be"):
         net.export_onnx(tmp_path / "x.onnx", "nwhc")
+
+
+# ------------------------------------------------------------------------------ import
+def _table(model):
+    """`flowdsl check`'s layer table and totals (not the train block's batch in the memory line)."""
+    return [l for l in model.summary().splitlines() if " = " not in l and not l.startswith("Training memory")]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_export_then_import_gives_the_same_layout_and_outputs(path, tmp_path):
+    from flowdsl.onnx_import import to_model
+    net = _net(load_model(path), seed=4)
+    net.export_onnx(tmp_path / "m.onnx")
+    model, back, text = to_model(tmp_path / "m.onnx")
+    assert _table(model) == _table(net.model), text
+    s = net.model.input_shape
+    x = np.random.default_rng(2).random((2, s[1], s[2], s[0])).astype(np.float32)
+    np.testing.assert_array_equal(back.predict(x), net.predict(x))
+    # import -> export -> ONNX Runtime: the original file's outputs
+    back.export_onnx(tmp_path / "again.onnx")
+    np.testing.assert_allclose(_run(tmp_path / "again.onnx", x), _run(tmp_path / "m.onnx", x), rtol=0, atol=0)
+
+
+def _pytorch_like(tmp_path, rng):
+    """An ONNX file in the shape PyTorch's exporter writes (NCHW, '/module/Op' names, Flatten in
+    NCHW order before Gemm with transB=1): conv-relu-maxpool, a residual block with
+    BatchNormalization and Add, a Concat, a Flatten, Gemm, Softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+    f32 = np.float32
+    inits = {
+        "c1.w": rng.normal(0, 0.5, (4, 1, 3, 3)).astype(f32), "c1.b": rng.normal(0, 0.1, 4).astype(f32),
+        "c2.w": rng.normal(0, 0.5, (4, 4, 3, 3)).astype(f32), "c2.b": rng.normal(0, 0.1, 4).astype(f32),
+        "bn.g": rng.uniform(0.5, 1.5, 4).astype(f32), "bn.b": rng.normal(0, 0.1, 4).astype(f32),
+        "bn.m": rng.normal(0, 0.1, 4).astype(f32), "bn.v": rng.uniform(0.5, 2, 4).astype(f32),
+        "fc.w": rng.normal(0, 0.2, (3, 8 * 4 * 4)).astype(f32), "fc.b": rng.normal(0, 0.1, 3).astype(f32),
+    }
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "c1.w", "c1.b"], ["t1"], name="/conv1/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("Relu", ["t1"], ["t2"], name="/relu/Relu"),
+        n("MaxPool", ["t2"], ["t3"], name="/pool/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+        n("Conv", ["t3", "c2.w", "c2.b"], ["t4"], name="/block/conv/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("BatchNormalization", ["t4", "bn.g", "bn.b", "bn.m", "bn.v"], ["t5"], name="/block/bn/BatchNormalization",
+          epsilon=1e-5),
+        n("Add", ["t5", "t3"], ["t6"], name="/block/Add"),
+        n("Relu", ["t6"], ["t7"], name="/block/relu/Relu"),
+        n("Concat", ["t7", "t3"], ["t8"], name="/Concat", axis=1),
+        n("Flatten", ["t8"], ["t9"], name="/Flatten", axis=1),
+        n("Gemm", ["t9", "fc.w", "fc.b"], ["t10"], name="/fc/Gemm", transB=1),
+        n("Softmax", ["t10"], ["y"], name="/Softmax", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "torch_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, producer_name="pytorch", opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "torch_like.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_pytorch_style_file_imports_and_matches_onnxruntime(tmp_path):
+    from conftest import run_cli
+    rng = np.random.default_rng(0)
+    path = _pytorch_like(tmp_path, rng)
+    x = rng.random((3, 1, 8, 8)).astype(np.float32)
+    want = _run(path, x)
+    r = run_cli("import", path, "--out", tmp_path / "imported.flow")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "imported.flow").read_text()
+    assert "input(8x8x1) :: conv1" in text and "add(from=" in text and "concat(" in text, text
+    import flowdsl
+    net = flowdsl.load(tmp_path / "imported.flow", weights=tmp_path / "imported.npz")
+    np.testing.assert_allclose(net.predict(x), want, atol=1e-6, rtol=1e-5)   # NCHW accepted by predict
+    for verb in (["check", tmp_path / "imported.flow"],):
+        assert run_cli(*verb).returncode == 0
+    # and it trains (fine-tuning): one step moves the weights
+    before = net.flat.copy()
+    net.fit(np.random.default_rng(1).random((8, 8, 8, 1)).astype(np.float32), np.arange(8) % 3, epochs=1,
+            batch=8, verbose=0)
+    assert not np.array_equal(before, net.flat)
+
+
+def test_unsupported_op_is_a_clear_error(tmp_path):
+    from onnx import TensorProto, helper
+    from conftest import run_cli
+    nodes = [helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="/rnn/LSTM", hidden_size=2)]
+    f = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "rnn", [f("x", TensorProto.FLOAT, [5, 1, 3]), f("w", TensorProto.FLOAT, [1, 8, 3]),
+                                             f("r", TensorProto.FLOAT, [1, 8, 2])],
+                              [f("y", TensorProto.FLOAT, [5, 1, 1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "rnn.onnx"))
+    r = run_cli("import", tmp_path / "rnn.onnx")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    r2 = run_cli("import", tmp_path / "junk.onnx")
+    assert r2.returncode == 1 and "not an ONNX model" in r2.stderr and "Traceback" not in r2.stderr
+    # one input: the message names the problem; a single-input LSTM names the op, node, opset
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="/rnn/LSTM", hidden_size=2)],
+                              "rnn", [f("x", TensorProto.FLOAT, [5, 1, 3])], [f("y", TensorProto.FLOAT, [5, 1, 1, 2])],
+                              initializer=[onnx.numpy_helper.from_array(np.zeros((1, 8, 3), np.float32), "w"),
+                                           onnx.numpy_helper.from_array(np.zeros((1, 8, 2), np.float32), "r")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "rnn1.onnx"))
+    r3 = run_cli("import", tmp_path / "rnn1.onnx")
+    assert r3.returncode == 1 and "Traceback" not in r3.stderr
+    assert all(s in r3.stderr for s in ("LSTM", "/rnn/LSTM", "opset 17", "Conv, Gemm")), r3.stderr
+
+
+def test_glasses_focus_is_the_same_after_export_and_import(tmp_path):
+    from conftest import run_cli
+    net = _net(load_model(ROOT / "examples" / "glasses.flow"), seed=5)
+    net.save(tmp_path / "w.npz")
+    net.export_onnx(tmp_path / "g.onnx")
+    assert run_cli("import", tmp_path / "g.onnx").returncode == 0
+    img = ROOT / "examples" / "glasses" / "glasses" / "000.png"
+    a = run_cli("focus", ROOT / "examples" / "glasses.flow", "--weights", tmp_path / "w.npz", "--layer", "c3",
+                "--input", img, "--out", tmp_path / "fa")
+    b = run_cli("focus", tmp_path / "g.flow", "--weights", tmp_path / "g.npz", "--layer", "c3",
+                "--input", img, "--out", tmp_path / "fb")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    pa, pb = sorted(p.name for p in (tmp_path / "fa").glob("*.png")), sorted(p.name for p in (tmp_path / "fb").glob("*.png"))
+    assert pa == pb and pa
+    assert all((tmp_path / "fa" / n).read_bytes() == (tmp_path / "fb" / n).read_bytes() for n in pa)

@@ -1,6 +1,8 @@
 """add(from=name), alias shortcut: a skip connection. The output is this layer's input plus the
 output of the earlier layer `name` (a bound layer or sub-chain, or any layer's automatic name);
-the two must have the same shape. This is how residual blocks are written:
+the two must have the same shape. add(a, b, ...) after a layer adds each named output to it;
+written first in a chain, it is the sum of the named outputs only (as concat joins them: the
+branches not built yet are built there). This is how residual blocks are written:
 
     stem = conv(filters=32, pad=same) :: batchnorm :: relu
     network = input(28x28x1) :: stem
@@ -17,25 +19,44 @@ from .base import Layer, LayerError, P, show_shape
 
 @register("add", aliases=("shortcut",))
 class Add(Layer):
-    params = (P("from", "layer"),)
-    src = None  # the source Layer, set by the model builder
+    params = (P("from", "layer", rest=True),)
+    srcs = ()             # the source Layers, set by the model builder
+    starts_chain = False  # True (written first in a chain): the sum of the named outputs only
+
+    @property
+    def src(self):
+        return self.srcs[0] if self.srcs else None
+
+    def describe(self):
+        names = self.args["from"]
+        return f"add(from={names[0]})" if len(names) == 1 else f"add({', '.join(names)})"
 
     def inputs(self):
-        return [self.src]
+        return list(self.srcs[1:]) if self.starts_chain else list(self.srcs)
 
     def out_shape(self, s):
-        src = self.src
-        if src.out != tuple(s):
-            raise LayerError(f"cannot add the output of {self.args['from']} ({show_shape(src.out)}) to "
-                             f"its input ({show_shape(s)}): the shapes must be equal", "from")
+        if self.starts_chain and len(self.srcs) < 2:
+            raise LayerError("add first in a chain sums the outputs it names: name at least two, e.g. "
+                             "add(a, b)", "from")
+        names = list(self.args["from"])
+        first = names[0] if self.starts_chain else "its input"
+        for nm, src in zip(names[1:] if self.starts_chain else names, self.inputs()):
+            if src.out != tuple(s):
+                raise LayerError(f"cannot add the output of {nm} ({show_shape(src.out)}) to "
+                                 f"{first} ({show_shape(s)}): the shapes must be equal", "from")
         return s
 
     def to_onnx(self, g, x, p, state, extras):
-        return g.op("Add", [x, extras[0]], self.name, kind=g.kind[x])
+        for k, e in enumerate(extras):
+            x = g.op("Add", [x, e], self.name if k == len(extras) - 1 else f"{self.name}/{k}", kind=g.kind[x])
+        return x
 
     def forward(self, x, p, ctx, training):
-        return x + ctx["extras"][0]
+        y = x + ctx["extras"][0]
+        for e in ctx["extras"][1:]:
+            y += e
+        return y
 
     def backward(self, dy, p, g, ctx, need_dx):
-        ctx["dextras"] = [dy]
+        ctx["dextras"] = [dy] * len(ctx["extras"])
         return dy if need_dx else None

@@ -16,7 +16,9 @@ class Dropout(Layer):
     params = (P("p", "float", 0.5, lo=0.0, hi=1.0, hi_open=True),)
 
     def to_onnx(self, g, x, p, state, extras):
-        return x   # the identity in evaluation: no node
+        # the identity in evaluation (ONNX Runtime drops the node); kept so that an import has it
+        ratio = g.const(f"{self.name}.p", np.array(self.args["p"], np.float32))
+        return g.op("Dropout", [x, ratio], self.name, kind=g.kind[x])
 
     def forward(self, x, p, ctx, training):
         rate = self.args["p"]
