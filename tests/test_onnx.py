@@ -183,8 +183,12 @@ def test_a_pytorch_style_file_imports_and_matches_onnxruntime(tmp_path):
     import flowdsl
     net = flowdsl.load(tmp_path / "imported.flow", weights=tmp_path / "imported.npz")
     np.testing.assert_allclose(net.predict(x), want, atol=1e-6, rtol=1e-5)   # NCHW accepted by predict
-    for verb in (["check", tmp_path / "imported.flow"],):
-        assert run_cli(*verb).returncode == 0
+    assert run_cli("check", tmp_path / "imported.flow").returncode == 0
+    xs = (np.random.default_rng(3).random((12, 8, 8, 1)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=xs, y=np.arange(12) % 3)
+    r = run_cli("eval", tmp_path / "imported.flow", "--weights", tmp_path / "imported.npz",
+                "--data", f'npz("{tmp_path / "d.npz"}")')
+    assert r.returncode == 0 and "accuracy" in r.stdout, r.stderr
     # and it trains (fine-tuning): one step moves the weights
     before = net.flat.copy()
     net.fit(np.random.default_rng(1).random((8, 8, 8, 1)).astype(np.float32), np.arange(8) % 3, epochs=1,
