@@ -560,8 +560,9 @@ def to_model(path):
 
 
 def _num(v):
+    """A float from ONNX (float32) as the number it was written as: 0.2, not 0.20000000298023224."""
     from .args import fmt
-    return fmt(float(v))
+    return fmt(float(str(np.float32(v))))
 
 
 def _is_kind(name):

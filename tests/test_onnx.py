@@ -237,3 +237,40 @@ def test_glasses_focus_is_the_same_after_export_and_import(tmp_path):
     pa, pb = sorted(p.name for p in (tmp_path / "fa").glob("*.png")), sorted(p.name for p in (tmp_path / "fb").glob("*.png"))
     assert pa == pb and pa
     assert all((tmp_path / "fa" / n).read_bytes() == (tmp_path / "fb" / n).read_bytes() for n in pa)
+
+
+def test_a_keras_style_file_imports_and_matches_onnxruntime(tmp_path):
+    """tf2onnx's shape of a Keras CNN: NHWC input behind a Transpose, the map transposed back to
+    NHWC before a Reshape to (N, -1), Dense as MatMul + Add, a LeakyRelu with its alpha, an
+    AveragePool with ceil_mode, a GlobalAveragePool branch joined by Concat."""
+    from onnx import TensorProto, helper, numpy_helper
+    from flowdsl.onnx_import import to_model
+    rng = np.random.default_rng(4)
+    f32 = np.float32
+    inits = {"k": rng.normal(0, 0.5, (3, 2, 3, 3)).astype(f32), "kb": rng.normal(0, 0.1, 3).astype(f32),
+             "shape": np.array([-1, 27], np.int64),
+             "d": rng.normal(0, 0.3, (27, 4)).astype(f32), "db": rng.normal(0, 0.1, 4).astype(f32)}
+    n = helper.make_node
+    nodes = [
+        n("Transpose", ["in"], ["t0"], name="conv2d/transpose", perm=[0, 3, 1, 2]),
+        n("Conv", ["t0", "k", "kb"], ["t1"], name="conv2d", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("LeakyRelu", ["t1"], ["t2"], name="leaky", alpha=0.2),
+        n("AveragePool", ["t2"], ["t3"], name="avg", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        n("Transpose", ["t3"], ["t4"], name="flatten/transpose", perm=[0, 2, 3, 1]),
+        n("Reshape", ["t4", "shape"], ["t5"], name="flatten/Reshape"),
+        n("MatMul", ["t5", "d"], ["t6"], name="dense/MatMul"),
+        n("Add", ["t6", "db"], ["t7"], name="dense/BiasAdd"),
+        n("Softmax", ["t7"], ["out"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "keras_like", [helper.make_tensor_value_info("in", TensorProto.FLOAT, ["N", 5, 5, 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, producer_name="tf2onnx", opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp_path / "k.onnx"))
+    x = rng.random((3, 5, 5, 2)).astype(np.float32)
+    m, net, text = to_model(tmp_path / "k.onnx")
+    assert "conv(filters=3, field=3, stride=1, pad=1, act=leakyrelu(alpha=0.2))" in text, text
+    assert "avgpool(size=2, stride=2, ceil=true)" in text and "dense(units=4, act=linear)" in text, text
+    np.testing.assert_allclose(net.predict(x), _run(tmp_path / "k.onnx", x), atol=1e-6, rtol=1e-5)
