@@ -22,6 +22,37 @@ IMAGE_ONLY = ("shift", "hflip", "vflip", "rotate", "zoom", "cutout")
 FILLS = {"zeros": 0, "nearest": 1, "mirror": 2, "reflect": 3, "wrap": 4}
 
 
+class Draws:
+    """The random numbers of one batch's augmentation, drawn for the whole global batch (`total`
+    images) and cut to this rank's `rows` (data-parallel ranks draw what one process draws, and
+    keep their share); with rows None, exactly rng's own draws for the batch."""
+
+    def __init__(self, rng, n, rows=None, total=None):
+        self.rng, self.n = rng, n
+        self.rows = rows
+        self.total = n if rows is None else total
+
+    def _cut(self, a, axis=0):
+        return a if self.rows is None else np.take(a, self.rows, axis=axis)
+
+    def integers(self, lo, hi, lead=()):
+        """(lead..., n) integers in [lo, hi)."""
+        return self._cut(self.rng.integers(lo, hi, size=tuple(lead) + (self.total,)), axis=len(lead))
+
+    def random(self):
+        return self._cut(self.rng.random(self.total))
+
+    def uniform(self, lo, hi):
+        return self._cut(self.rng.uniform(lo, hi, size=self.total))
+
+    def standard_normal(self, shape):
+        return self._cut(self.rng.standard_normal((self.total,) + tuple(shape[1:]), dtype=np.float32))
+
+
+def _draws(rng, x):
+    return rng if isinstance(rng, Draws) else Draws(_rng(rng), len(x))
+
+
 def _rng(rng):
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
@@ -64,19 +95,20 @@ def random_shift(x, px, rng):
     """Random integer translation in [-px, px] on each axis, per image, zero fill. A fraction px
     < 1 is that share of each side: up to round(px * H) down, round(px * W) across."""
     _need_images(x, "shift")
+    d = _draws(rng, x)
     if px < 1:
         py_, px_ = int(round(px * x.shape[1])), int(round(px * x.shape[2]))
-        dy = rng.integers(-py_, py_ + 1, size=len(x))
-        dx = rng.integers(-px_, px_ + 1, size=len(x))
+        dy = d.integers(-py_, py_ + 1)
+        dx = d.integers(-px_, px_ + 1)
         return shift_images(x, dy, dx)
-    d = rng.integers(-px, px + 1, size=(2, len(x)))
-    return shift_images(x, d[0], d[1])
+    s = d.integers(-px, px + 1, (2,))
+    return shift_images(x, s[0], s[1])
 
 
 def random_vflip(x, rng):
     """Mirror each image top-bottom with probability 0.5."""
     _need_images(x, "vflip")
-    flip = rng.random(len(x)) < 0.5
+    flip = _draws(rng, x).random() < 0.5
     out = x.copy()
     out[flip] = x[flip, ::-1]
     return out
@@ -110,7 +142,7 @@ def _about_centre(h, w, angles, scales):
 def random_rotate(x, degrees, fill, rng):
     """Rotate each image by a uniform angle in [-degrees, degrees] about its centre (bilinear)."""
     _need_images(x, "rotate")
-    a = rng.uniform(-degrees, degrees, size=len(x)) * (math.pi / 180.0)
+    a = _draws(rng, x).uniform(-degrees, degrees) * (math.pi / 180.0)
     return affine_images(x, _about_centre(x.shape[1], x.shape[2], a, np.ones(len(x))), fill)
 
 
@@ -118,7 +150,7 @@ def random_zoom(x, fraction, fill, rng):
     """Scale each image by a uniform factor in [1 - fraction, 1 + fraction] about its centre (a
     factor above 1 magnifies: 1.25 shows the middle 80% of each side)."""
     _need_images(x, "zoom")
-    z = rng.uniform(1.0 - fraction, 1.0 + fraction, size=len(x))
+    z = _draws(rng, x).uniform(1.0 - fraction, 1.0 + fraction)
     return affine_images(x, _about_centre(x.shape[1], x.shape[2], np.zeros(len(x)), z), fill)
 
 
@@ -180,7 +212,7 @@ def _affine(x, mats, out, mode):
 def random_hflip(x, rng):
     """Mirror each image left-right with probability 0.5."""
     _need_images(x, "hflip")
-    flip = rng.random(len(x)) < 0.5
+    flip = _draws(rng, x).random() < 0.5
     out = x.copy()
     out[flip] = x[flip, :, ::-1]
     return out
@@ -206,9 +238,10 @@ def random_cutout(x, size, p, rng):
     image (DeVries & Taylor 2017, "cutout"); squares near the border are clipped."""
     _need_images(x, "cutout")
     n, h, w = x.shape[:3]
-    cy = rng.integers(0, h, size=n)
-    cx = rng.integers(0, w, size=n)
-    hit = rng.random(n) < p
+    d = _draws(rng, x)
+    cy = d.integers(0, h)
+    cx = d.integers(0, w)
+    hit = d.random() < p
     out = cutout_at(x, cy, cx, size)
     if not hit.all():
         out[~hit] = x[~hit]
@@ -217,7 +250,7 @@ def random_cutout(x, size, p, rng):
 
 def add_noise(x, std, rng):
     """Add N(0, std) to every value, then clip to [0, 1]."""
-    out = rng.standard_normal(x.shape, dtype=np.float32)
+    out = _draws(rng, x).standard_normal(x.shape)
     out *= np.float32(std)
     out += x
     np.clip(out, 0.0, 1.0, out=out)
@@ -257,7 +290,11 @@ def flip_pixels_at(x, pos):
 
 def random_flip_pixels(x, n, rng):
     """For n random pixel positions per image, set the value to 1 - value (all channels)."""
-    return flip_pixels_at(x, flip_positions(x, n, rng))
+    d = _draws(rng, x)
+    if d.rows is None:
+        return flip_pixels_at(x, flip_positions(x, n, d.rng))
+    proxy = np.broadcast_to(x[:1], (d.total,) + x.shape[1:])   # the global batch's shape, no copy
+    return flip_pixels_at(x, flip_positions(proxy, n, d.rng)[d.rows])
 
 
 def _npix(x):
@@ -316,10 +353,14 @@ class Augmenter:
                 if arg > npix:
                     raise FlowError(f"augment flip_pixels({arg}): the input has only {npix} pixels", file)
 
-    def apply(self, x, rng=None):
+    def apply(self, x, rng=None, rows=None, total=None):
         """A new, augmented copy of the batch x (N, H, W, C) float32 (or (N, D) for noise and
-        flip_pixels). rng: a numpy Generator (default: the one seeded at construction)."""
+        flip_pixels). rng: a numpy Generator (default: the one seeded at construction). rows,
+        total: x is the rows `rows` of a global batch of `total` (a data-parallel rank's share):
+        the draws are the global batch's, so every rank augments as one process would."""
         rng = self.rng if rng is None else _rng(rng)
+        if rows is not None:
+            rng = Draws(rng, len(x), rows, total)
         x = _as_batch(x)
         out = x
         for name, arg in self.ops:

@@ -157,30 +157,40 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1, overwrite
     from .report import write_report
     from .train import fit
 
+    from .dist import threads_per_rank, world
+    w = world()
     settings = apply_overrides(model, overrides or {})
     out = out or (settings["checkpoint"] and os.path.join(base_dir(model), settings["checkpoint"])) or \
         os.path.join("runs", model_name(model))
-    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if resume is None and not overwrite:
+    # one writer: rank 0 prints, chooses the run folder and writes it; the other ranks compute
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if w.root else (lambda s: None)  # noqa: E731
+    if resume is None and not overwrite and w.root:
         out = free_run_folder(out, say)
-    _check_writable(out)
+    out = w.bcast(out)
+    if w.root:
+        _check_writable(out)
     check_training(model, 1, "--batch ")  # before loading anything: a model that cannot train one sample
-    threads = jit.threads(settings["threads"])
+    # ranks on one host share its cores: mpiexec -n 2 on 2 cores runs 1 kernel thread each
+    threads = jit.threads(settings["threads"] or (threads_per_rank() if w.size > 1 else None))
     train, test = load_data(model, settings, budget=data_budget(model, settings["batch"]), say=say)
     resident = train.resident_bytes + (test.resident_bytes if test is not None else 0)
     # with the data loaded (available memory now counts it)
     check_training(model, max(1, min(settings["batch"], len(train))), "--batch ")
     net = Net(model, seed=settings["seed"])
     mode = "streamed from the cache" if train.streamed else f"{size_text(resident)} in memory"
+    ranks = f"; {w.size} MPI ranks x {threads} threads (batch {settings['batch']} in all)" if w.size > 1 else \
+        f"; {threads} threads"
     say(f"{model_name(model)}: {model.n_params():,} weights; train {len(train):,} samples "
-        f"({train.source}; {mode}); test {len(test) if test else 0:,}; batch {settings['batch']}; "
-        f"{threads} threads; writing {out}/")
+        f"({train.source}; {mode}); test {len(test) if test else 0:,}; batch {settings['batch']}"
+        f"{ranks}; writing {out}/")
     hist = fit(net, train, None, test,
                epochs=settings["epochs"], iterations=settings["iterations"], batch=settings["batch"],
                optimizer=settings["optimizer"], schedule=settings["schedule"], l2=settings["l2"],
                seed=settings["seed"], augment=settings["augment"], patience=settings["patience"],
                out_dir=out, resume=resume, classes=train.classes, verbose=verbose, log=say,
                checkpoint_every=None)
+    if not w.root:
+        return hist
     try:
         write_report(hist, os.path.join(out, "report.png"), title=f"{model_name(model)}: {model.n_params():,} weights")
     except OSError as e:

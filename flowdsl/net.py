@@ -43,6 +43,8 @@ class Net:
         self._plans = {}
         self.run_forward, self.run_backward = plan.run_forward, plan.run_backward  # Timer wraps them
         self.rng = np.random.default_rng()  # dropout masks; reseeded by initialise()
+        self.world = None          # flowdsl.dist world while training on several ranks
+        self.batch_rows = None     # (positions of this rank's samples in the global batch, its size)
         self.initialise(model.train["seed"] if seed is None else seed)
 
     # --- parameters ------------------------------------------------------------------------------
@@ -114,8 +116,11 @@ class Net:
         saved = {-1: x}
         kept = {}
         self._trace = []
+        dist = self.world if training and self.world is not None and self.world.size > 1 else None
         for st in steps:
             ctx = {"state": self.state[st.layer.name], "rng": self.rng}
+            if dist is not None:   # batchnorm's statistics and dropout's masks span the global batch
+                ctx["world"], ctx["rows"] = dist, self.batch_rows
             if st.feed is not None:   # a branch: its input is an earlier output
                 x = saved[st.feed]
             if st.extras:
@@ -130,11 +135,15 @@ class Net:
                 self._trace.append((st, ctx, post))
         return (x, kept) if keep is not None else x
 
-    def loss_grad(self, x, y):
+    def loss_grad(self, x, y, total=None):
         """One training forward and backward pass: gradients land in self.grads.
-        Returns (loss, number correct)."""
+        Returns (loss, number correct). total: the global batch this batch is part of (data-
+        parallel ranks): the gradients are then this batch's share of the global mean, so that
+        summing them over the ranks gives one process's gradient."""
         z = self.forward(x, training=True)
         loss, d, correct = self.loss_layer.loss(z, np.asarray(y))
+        if total is not None and total != len(z):
+            d = d * np.float32(len(z) / total)
         trace, self._trace = self._trace, []
         # pending: layer index -> the gradient reaching its output so far (from the step after
         # it, from branches that start from it, from the layers that add or join it); -1 is the

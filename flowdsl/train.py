@@ -60,6 +60,9 @@ def evaluate(net, data, y=None, batch=256, tta=None, check=True, top=1, members=
     labels = getattr(loss_layer, "targets", "labels") == "labels"
     k = loss_layer.out[0]
     conf = np.zeros((k, k), np.int64) if labels else None
+    world = getattr(net, "world", None)
+    if world is not None and world.size > 1 and tta is None and not members:
+        return _evaluate_sharded(net, ds, batch, world, conf, labels)
     hits = np.zeros(max(1, top), np.int64)   # hits[r]: samples whose true class ranks r-th
     tot = 0.0
     probs = []
@@ -95,6 +98,26 @@ def evaluate(net, data, y=None, batch=256, tta=None, check=True, top=1, members=
     return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf, "topk": topk}
 
 
+def _evaluate_sharded(net, ds, batch, world, conf, labels):
+    """evaluate() on data-parallel ranks: each rank takes its contiguous share of the samples;
+    the loss sums and the confusion matrix are reduced."""
+    n = len(ds)
+    r0, r1 = world.rank * n // world.size, (world.rank + 1) * n // world.size
+    tot = 0.0
+    for i in range(r0, r1, batch):
+        idx = np.arange(i, min(r1, i + batch))
+        z = net.forward(ds.batch(idx))
+        l, _, _ = net.loss_layer.loss(z, ds.y[idx])
+        tot += l * len(z)
+        if labels:
+            np.add.at(conf, (ds.y[idx], z.argmax(axis=1)), 1)
+    tot = float(world.allreduce(np.array([tot]))[0])
+    if not labels:
+        return {"loss": tot / n, "acc": float("nan"), "confusion": None, "topk": []}
+    conf = world.allreduce(conf.astype(np.float64)).round().astype(np.int64)
+    return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf, "topk": []}
+
+
 class _Stop:
     """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves. A second
     Ctrl-C interrupts at once."""
@@ -102,6 +125,7 @@ class _Stop:
     def __init__(self):
         self.flag = None
         self.signum = 0
+        self.synced = False   # data-parallel ranks: every rank knows that one of them stops
         self.old = {}
 
     def __enter__(self):
@@ -141,7 +165,11 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     from .optim import Optimizer, lr_at
     from .settings import OPTIMIZERS
 
+    from .dist import world as _world
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    w = net.world = _world()
+    if not w.root:   # one writer: rank 0 prints, logs and saves; the others only compute
+        verbose, out_dir = 0, None
     ds = x if isinstance(x, Dataset) else as_dataset(x, y)
     if test is not None and not isinstance(test, Dataset):
         test = as_dataset(*test)
@@ -196,18 +224,20 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
             perms.clear()
             perms[epoch] = np.random.default_rng([seed, 2, epoch]).permutation(n)
         idx = perms[epoch][i * batch:(i + 1) * batch]
+        mine, rows = w.shard(idx)   # on data-parallel ranks: this rank's share, read by it alone
         try:
-            return idx, ds.fetch(idx)
+            return (mine, rows, len(idx)), ds.fetch(mine)
         except OSError as e:
             raise FlowError(f"cannot read the training data ({ds.source}): {e}") from None
 
-    def finish(step, idx, fetched):
+    def finish(step, part, fetched):
         """Scaled to float32 and augmented, on the training thread: CPU work that a prefetch
         thread would take from numba's workers when every core runs one (2-core machines)."""
+        idx, rows, total = part
         xb = ds.scale(fetched)
         if aug is not None:
-            xb = aug.apply(xb, np.random.default_rng([seed, 3, step]))
-        return idx, xb, ds.y[idx]
+            xb = aug.apply(xb, np.random.default_rng([seed, 3, step]), rows=rows, total=total)
+        return part, xb, ds.y[idx]
 
     def say(msg):
         if verbose and bar is not None:
@@ -221,6 +251,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
 
     clock = _jit.KernelClock(on_compile=compiling)
     ep_loss, ep_correct, ep_seen = running  # a resumed run continues its epoch's sums
+    ar_secs, ar_steps = 0.0, 0
     last_save = time.monotonic()
     t_epoch = time.perf_counter()
     last_eval = None
@@ -229,15 +260,32 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
         prefetch = prefetcher(ds.streamed)(fetch, step, total)
         try:
             while step < total:
-                if stop.flag:
+                # several ranks stop together, at the step boundary after the one whose reduction
+                # carried somebody's stop flag (a rank that stopped alone would hang the others)
+                if stop.flag if w.size == 1 else stop.synced:
                     hist.stopped, hist.signal = stop.flag, stop.signum
                     break
                 epoch, i = divmod(step, per_epoch)
-                idx, xb, yb = finish(step, *prefetch.get(step))
+                part, xb, yb = finish(step, *prefetch.get(step))
+                idx, rows, gbatch = part
                 net.rng = np.random.default_rng([seed, 4, step])
+                net.batch_rows = (rows, gbatch)
                 lr = lr_at(schedule, opt.lr, step, total, per_epoch)
                 with np.errstate(all="ignore"):  # divergence is reported below, once, clearly
-                    loss, correct = net.loss_grad(xb, yb)
+                    loss, correct = net.loss_grad(xb, yb, total=gbatch)
+                if w.size > 1:
+                    # one Allreduce of the flat gradients (each rank's share of the global mean),
+                    # and one of the step's loss, correct count and stop flag
+                    t_ar = time.perf_counter()
+                    w.allreduce(net.gflat)
+                    sums = w.allreduce(np.array([loss * len(idx), correct, 1.0 if stop.flag else 0.0]))
+                    ar_secs += time.perf_counter() - t_ar
+                    ar_steps += 1
+                    loss, correct = float(sums[0]) / gbatch, int(round(sums[1]))
+                    if sums[2]:
+                        stop.synced = True
+                        if not stop.flag:   # another rank was told to stop: all stop here
+                            stop.flag, stop.signum = "terminated (SIGTERM)", signal.SIGTERM
                 if not math.isfinite(loss):
                     kept = " and the last good checkpoint is kept" if out_dir else ""
                     lower = f"--lr {lr / 10:.3g}" if out_dir else f"lr={lr / 10:.3g}"
@@ -250,9 +298,9 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     say(f"compiled {len(names)} kernels in {ksecs:.1f} s; later runs load them from the cache")
                 if callback is not None and callback(step, loss):
                     stop.flag = "stopped by callback"
-                ep_loss += loss * len(idx)
+                ep_loss += loss * gbatch
                 ep_correct += correct
-                ep_seen += len(idx)
+                ep_seen += gbatch
                 if bar is not None:
                     el = time.perf_counter() - t_epoch
                     bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {ep_loss / ep_seen:.4f} "
@@ -289,6 +337,9 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     line = _epoch_line(row, epochs)
                     if ksecs >= 0.5:
                         line += f" ({ksecs:.1f} s of it loading kernels)"
+                    if ar_steps:   # data-parallel ranks: what the gradient exchange cost
+                        line += f"  allreduce {1e3 * ar_secs / ar_steps:.2f} ms/step ({w.size} ranks)"
+                        ar_secs, ar_steps = 0.0, 0
                     say(line)
                     ep_loss = ep_correct = ep_seen = 0.0
                     t_epoch = time.perf_counter()

@@ -43,10 +43,15 @@ class BatchNorm(Layer):
         m = x2.shape[0]
         st = ctx["state"]
         eps = self.args["eps"]
-        if training:
+        world = ctx.get("world")
+        if training and world is not None:   # data-parallel ranks: the global batch's statistics
+            mean, var, m = _global_stats(world, x2)
+            ctx["count"] = m
+        if training and world is None:
             mean = np.empty(c, np.float64)
             var = np.empty(c, np.float64)
             _bn_stats(x2, mean, var, min(CHUNKS, m))
+        if training:
             mom = self.args["momentum"]
             unbiased = var * (m / (m - 1)) if m > 1 else var
             st["mean"][...] = mom * st["mean"] + (1.0 - mom) * mean
@@ -80,11 +85,27 @@ class BatchNorm(Layer):
         scale = (p["gamma"] * inv).astype(np.float32)
         if ctx["training"]:
             # dx = gamma*inv * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the batch
+            # (over the global batch on data-parallel ranks: the sums are reduced first)
+            if ctx.get("world") is not None:
+                both = ctx["world"].allreduce(np.concatenate([sdy, sdyx]))
+                sdy, sdyx, m = both[:c], both[c:], ctx["count"]
             _bn_dx(x2, dy2, mean, inv, scale, (sdy / m).astype(np.float32),
                    (sdyx / m).astype(np.float32), dx.reshape(-1, c))
         else:  # running statistics are constants
             np.multiply(dy, scale, out=dx)
         return dx
+
+
+def _global_stats(world, x2):
+    """(mean, biased variance, count) per column over every rank's rows, two passes as
+    _bn_stats (float64 sums: the exact mean first, then the squared deviations from it)."""
+    c = x2.shape[1]
+    s = world.allreduce(np.concatenate([x2.sum(axis=0, dtype=np.float64), [float(x2.shape[0])]]))
+    m = int(s[c])
+    mean = s[:c] / m
+    d = x2 - mean.astype(np.float32)
+    var = world.allreduce(np.einsum("ij,ij->j", d, d, dtype=np.float64)) / m
+    return mean, var, m
 
 
 # ------------------------------------------------------------------------------------ kernels

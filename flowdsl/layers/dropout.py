@@ -25,7 +25,11 @@ class Dropout(Layer):
         if not training or rate == 0.0:
             ctx["mask"] = None
             return x
-        keep = ctx["rng"].random(x.shape, dtype=np.float32) >= np.float32(rate)
+        rows = ctx.get("rows")
+        if rows is not None and rows[0] is not None:   # a rank's share: the global batch's mask, its rows
+            keep = ctx["rng"].random((rows[1],) + x.shape[1:], dtype=np.float32)[rows[0]] >= np.float32(rate)
+        else:
+            keep = ctx["rng"].random(x.shape, dtype=np.float32) >= np.float32(rate)
         mask = keep.astype(np.float32)
         mask *= np.float32(1.0 / (1.0 - rate))
         ctx["mask"] = mask
