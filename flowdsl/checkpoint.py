@@ -118,8 +118,9 @@ def _other_model(path, data, net, detail):
                      f"Pass the checkpoint of this model's own run (runs/<model name>/best.npz)")
 
 
-def load_into(net, path) -> dict:
-    data = read(path)
+def load_into(net, path, data=None) -> dict:
+    """Load the checkpoint at path (or its arrays `data`, already read) into net; returns them."""
+    data = read(path) if data is None else data
     params = net.named_params()
     for k, dst in params.items():
         key = f"param.{k}"

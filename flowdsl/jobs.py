@@ -172,7 +172,8 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1, overwrite
     check_training(model, 1, "--batch ")  # before loading anything: a model that cannot train one sample
     # ranks on one host share its cores: mpiexec -n 2 on 2 cores runs 1 kernel thread each
     threads = jit.threads(settings["threads"] or (threads_per_rank() if w.size > 1 else None))
-    train, test = load_data(model, settings, budget=data_budget(model, settings["batch"]), say=say)
+    # every rank loads (and reads only its rows when streaming); a data error is reported once
+    train, test = w.agree(lambda: load_data(model, settings, budget=data_budget(model, settings["batch"]), say=say))
     resident = train.resident_bytes + (test.resident_bytes if test is not None else 0)
     # with the data loaded (available memory now counts it)
     check_training(model, max(1, min(settings["batch"], len(train))), "--batch ")
@@ -231,13 +232,20 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None, top=1)
     from .data import check_labels, load_source
     from .net import check_tta
     from .train import evaluate
+    from . import jit
+    from .dist import threads_per_rank, world
+    wd = world()
     check_tta(tta, model.input_shape)
-    if out:
+    if out and wd.root:
         _check_writable(out)
+    if wd.size > 1:   # under mpiexec: the samples are shared out, the counts reduced, rank 0 prints
+        jit.threads(threads_per_rank())
     paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
     loaded = [load_trained(model, w) for w in paths]
     net, classes = loaded[0]
     members = [m for m, _ in loaded]
+    for m in members:
+        m.world = wd if wd.size > 1 else None
     for w, (_, c) in zip(paths[1:], loaded[1:]):
         if c and classes and c != classes:
             raise FlowError(f"{w} was trained on the classes {', '.join(c)}; {paths[0]} on "
@@ -285,6 +293,8 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None, top=1)
         lines.append("   ".join(f"top-{i + 1} {a:.4f}" for i, a in enumerate(res["topk"])))
     lines.append(_per_class(res["confusion"], classes))
     lines.append(_conf_text(res["confusion"], classes))
+    if not wd.root:
+        return res
     print("\n".join(lines))
     if out:
         from .report import write_confusion

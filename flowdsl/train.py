@@ -197,7 +197,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     step, best, bad = 0, -math.inf, 0
     running = (0.0, 0.0, 0.0)
     if resume is not None:
-        step, best, bad, running = _restore(net, opt, hist, resume)
+        step, best, bad, running = _restore(net, opt, hist, resume, w)
         if verbose:
             log(f"resuming from epoch {min(step // per_epoch + 1, epochs)}, step {step} of {total} ({resume})")
     if out_dir:
@@ -427,8 +427,21 @@ def _save(net, opt, hist, path, step, best, bad, seed, running=(0.0, 0.0, 0.0)):
     net.save(path, extra)
 
 
-def _restore(net, opt, hist, path):
-    data = net.load_weights(path)
+def _restore(net, opt, hist, path, world=None):
+    if world is not None and world.size > 1:   # rank 0 reads the checkpoint and hands it to the others
+        from .checkpoint import load_into, read
+        got = None
+        if world.root:
+            try:
+                got = ("ok", read(path))
+            except FlowError as e:
+                got = ("error", e.message)
+        got = world.bcast(got)
+        if got[0] == "error":
+            raise FlowError(got[1])
+        data = load_into(net, path, got[1])
+    else:
+        data = net.load_weights(path)
     try:
         if str(data["opt.kind"]) != opt.kind:
             raise FlowError(f"{path}: saved with optimizer {data['opt.kind']}, but the model now uses {opt.kind}")

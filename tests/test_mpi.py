@@ -178,3 +178,51 @@ def test_without_mpi4py_a_multi_rank_launch_is_a_clear_error(work):
     r = subprocess.run([sys.executable, "-c", code], cwd=work, env=dict(ENV, OMPI_COMM_WORLD_SIZE="2"),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and 'pip install "flowdsl[mpi]"' in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_stopped_rank_makes_the_others_stop_with_a_message(work):
+    """A rank that hangs (SIGSTOP) would block the others in the Allreduce forever: they wait
+    FLOWDSL_MPI_TIMEOUT seconds (30 by default; 5 here), say so, and end the run."""
+    flow = _flow(work, 100000)
+    out = work / "hang"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "flowdsl", "train", str(flow), "--out", str(out), "--quiet-bar"]
+    p = subprocess.Popen(cmd, cwd=work, env=dict(MPI_ENV, FLOWDSL_TEST_MARK="hang", FLOWDSL_MPI_TIMEOUT="5"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(out, p)
+    victims = _rank_pids("hang", 1)
+    assert victims
+    t0 = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert time.monotonic() - t0 < 30 and p.returncode != 0
+    assert "rank 0 of 2: no answer from the other ranks for 5 s" in err, err[-2000:]
+
+
+def test_eval_under_mpiexec_is_sharded_and_printed_once(work):
+    flow = _flow(work, 10)
+    assert train(work, flow, work / "ev").returncode == 0
+    args = ["eval", str(flow), "--weights", str(work / "ev" / "last.npz")]
+    one = subprocess.run([sys.executable, "-m", "flowdsl", *args], cwd=work, env=MPI_ENV, capture_output=True,
+                         text=True, timeout=120)
+    two = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "flowdsl", *args], cwd=work, env=MPI_ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout.count("accuracy") == 1
+    acc = lambda s: s.split("accuracy ")[1].split()[0]  # noqa: E731
+    assert acc(one.stdout) == acc(two.stdout)
+
+
+def test_a_data_error_is_reported_once(work):
+    flow = work / "bad.flow"
+    flow.write_text(FLOW.replace("ITERS", "5").replace('npz("d.npz")', 'npz("missing.npz")'))
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "flowdsl", "train", str(flow), "--out",
+                        str(work / "b")], cwd=work, env=MPI_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("error: data = npz") == 1 and "no such file" in r.stderr, r.stderr
