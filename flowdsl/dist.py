@@ -10,6 +10,9 @@ a clear error naming the extra (`pip install "flowdsl[mpi]"`)."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 
@@ -58,27 +61,24 @@ class MPIWorld(Solo):
         self.timeout = step_timeout()
 
     def allreduce(self, a, timeout=-1):
-        """Sum over the ranks in place. Within the timeout (seconds; default FLOWDSL_MPI_TIMEOUT),
-        else the rank says so and aborts every rank: a rank that hung would otherwise block the
-        others in the reduction forever (batchnorm's, the gradients', evaluation's)."""
+        """Sum over the ranks in place (a blocking Allreduce). A watchdog thread aborts every rank,
+        with a message, when one reduction has waited longer than the timeout (seconds; default
+        FLOWDSL_MPI_TIMEOUT): a rank that hung would otherwise block the others in it forever
+        (batchnorm's, the gradients', evaluation's)."""
         timeout = self.timeout if timeout == -1 else timeout
-        if timeout is None:
-            self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
-            return a
-        import sys
-        import time
-        req = self.comm.Iallreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
-        deadline = time.monotonic() + timeout
-        pause = 1e-5
-        while not req.Test():
-            if time.monotonic() > deadline:
-                print(f"flowdsl: error: rank {self.rank} of {self.size}: no answer from the other ranks for "
-                      f"{timeout:.0f} s (a rank hung or was stopped); stopping every rank", file=sys.stderr,
-                      flush=True)
-                self.comm.Abort(1)
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-4)
+        if timeout is not None:
+            self._watch().deadline = (time.monotonic() + timeout, timeout)
+        self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+        if timeout is not None:
+            self._dog.deadline = None
         return a
+
+    def _watch(self):
+        dog = getattr(self, "_dog", None)
+        if dog is None:
+            dog = self._dog = _Watchdog(self)
+            dog.start()
+        return dog
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
@@ -113,6 +113,24 @@ class MPIWorld(Solo):
         r0 = self.rank * n // self.size
         r1 = (self.rank + 1) * n // self.size
         return idx[r0:r1], np.arange(r0, r1)
+
+
+class _Watchdog(threading.Thread):
+    """Checks twice a second whether the reduction in progress is past its deadline."""
+
+    def __init__(self, world):
+        super().__init__(daemon=True, name="flowdsl-mpi-watchdog")
+        self.world, self.deadline = world, None
+
+    def run(self):
+        while True:
+            time.sleep(0.5)
+            d = self.deadline
+            if d is not None and time.monotonic() > d[0]:
+                w = self.world
+                print(f"flowdsl: error: rank {w.rank} of {w.size}: no answer from the other ranks for "
+                      f"{d[1]:.0f} s (a rank hung or was stopped); stopping every rank", file=sys.stderr, flush=True)
+                w.comm.Abort(1)
 
 
 def _int_env(names):
