@@ -232,16 +232,15 @@ class _Builder:
 
     def activation(self, node, x, kind, arg, lay):
         """An activation: the act= of the conv or dense before it where that folds, else a layer."""
-        if True:
-            prev = self.of[x]
-            if (prev is not None and prev.weighted and prev.text.endswith("act=linear)") and self._single(x)
-                    and (not self.own or prev.out.endswith("/z"))):
-                prev.text = prev.text[:-len("act=linear)")] + f"act={kind}{arg})"
-                self.of[node.output[0]] = prev
-                self.layout[node.output[0]] = lay
-                prev.out = node.output[0]
-                return
-            return self.add(_Layer(self.name_for(node, kind), f"{kind}{arg}", x), node, lay)
+        prev = self.of[x]
+        if (prev is not None and prev.weighted and prev.text.endswith("act=linear)") and self._single(x)
+                and (not self.own or prev.out.endswith("/z"))):
+            prev.text = prev.text[:-len("act=linear)")] + f"act={kind}{arg})"
+            self.of[node.output[0]] = prev
+            self.layout[node.output[0]] = lay
+            prev.out = node.output[0]
+            return
+        return self.add(_Layer(self.name_for(node, kind), f"{kind}{arg}", x), node, lay)
 
     def composite(self, node, x):
         """(kind, output tensor) when node starts swish (x * Sigmoid(x)) or flowdsl's written-out
@@ -325,7 +324,8 @@ class _Builder:
         raise _fail(node, self.opset, "not supported")
 
     def _single(self, tensor):
-        return sum(1 for n in self._graph_nodes if tensor in n.input) == 1 if hasattr(self, "_graph_nodes") else True
+        """Whether one node alone reads the tensor (an activation folds into act= only then)."""
+        return len(self.consumers.get(tensor, [])) == 1
 
     def _need_map(self, node, lay):
         if lay not in ("map",):
@@ -411,13 +411,9 @@ class _Builder:
         if node.op_type == "AveragePool" and pads != [0, 0, 0, 0] and not a.get("count_include_pad", 0) == 0:
             raise _fail(node, self.opset, "AveragePool with count_include_pad=1 and padding is not supported")
         p = pads[0]
-        out = self.shapes.get(node.output[0])
-        cin = self.shapes.get(x)
         ceil = bool(a.get("ceil_mode", 0)) or pads[2] > p
         text = f"{kind}(size={k[0]}, stride={st[0]}, ceil={'true' if ceil else 'false'}" + (f", pad={p})" if p else ")")
-        L = self.add(_Layer(self.name_for(node, kind), text, x), node, "map")
-        L.expect = out, cin
-        return L
+        return self.add(_Layer(self.name_for(node, kind), text, x), node, "map")
 
     def flatten(self, node, a, x, lay):
         s = self.shapes.get(node.output[0], ())

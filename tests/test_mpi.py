@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ENV, ROOT
+from conftest import ENV
 
 MPIEXEC = shutil.which("mpiexec")
 MPI_ENV = dict(ENV, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",

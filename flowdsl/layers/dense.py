@@ -5,12 +5,11 @@ It flattens its input (in channels-last order). Shape rule: anything -> (units,)
 The products go to numpy's BLAS; bias and activation are fused into one numba pass."""
 import math
 
-import numpy as np
 
 from ..blas import colsum, mm
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
-from .base import BIAS, TRAINABLE, Layer, P, biased
+from .base import BIAS, TRAINABLE, Layer, P
 
 
 @register("dense", aliases=("fc",), call_aliases=("linear",))
