@@ -140,7 +140,8 @@ def _cmd_focus(a):
     from .model import load_model
     m = load_model(a.file)
     with _kernels_note():
-        run_focus(m, a.weights, a.layer, a.all, a.input, out=a.out, kernels=a.kernels, scale=a.scale)
+        run_focus(m, a.weights, a.layer, a.all, a.input, out=a.out, kernels=a.kernels, scale=a.scale,
+                  gradcam=a.gradcam, method=a.method, cls=a.cls, saliency=a.saliency, filters=a.filters)
     return 0
 
 
@@ -206,6 +207,14 @@ def make_parser():
     fo.add_argument("--input", nargs="+", metavar="IMG", default=[], help="input images")
     fo.add_argument("--out", help="output folder (default: runs/<model name>/focus/)")
     fo.add_argument("--kernels", action="store_true", help="also draw conv layers' learned filters (red +, blue -)")
+    fo.add_argument("--gradcam", action="store_true",
+                    help="where the net looks: Grad-CAM of --layer (default: the last map larger than 1x1)")
+    fo.add_argument("--method", choices=("gradcam", "hirescam"), default="gradcam",
+                    help="gradcam (channel weights) or hirescam (gradient x activation, for few channels)")
+    fo.add_argument("--class", dest="cls", metavar="K|NAME", help="the class to explain (default: the predicted one)")
+    fo.add_argument("--saliency", action="store_true", help="|d class score / d pixel|, as a map and an overlay")
+    fo.add_argument("--filters", action="store_true",
+                    help="for each filter of the conv --layer, the input that excites it most (gradient ascent)")
     fo.add_argument("--scale", choices=("minmax", "percentile"), default="minmax",
                     help="map brightness: each map's min..max (default) or its 1st..99th percentile, clipped "
                          "(for deep layers that come out almost black)")

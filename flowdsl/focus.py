@@ -168,3 +168,73 @@ def kernel_png(layer, w, png_dir, tile=None):
     p = os.path.join(png_dir, f"{layer.name}-kernels.png")
     Image.fromarray(g, "RGB").save(p)
     return p
+
+
+# ------------------------------------------------------------------------ where the net looks
+def upsample(maps, h, w):
+    """(N, h0, w0) float maps to (N, h, w), bilinear (pillow's, on float32 images)."""
+    from PIL import Image
+    maps = np.asarray(maps, np.float32)
+    if maps.shape[1:] == (h, w):
+        return maps
+    return np.stack([np.asarray(Image.fromarray(m, "F").resize((w, h), Image.BILINEAR), np.float32)
+                     for m in maps])
+
+
+def jet(v):
+    """A jet-style colour table in numpy: v in [0, 1] (any shape) -> RGB uint8 (shape + (3,))."""
+    v = np.clip(np.asarray(v, np.float32), 0, 1)
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * v - k), 0, 1) for k in (3, 2, 1)], axis=-1)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image, heat, alpha=0.4):
+    """image (H, W, C) in [0, 1] (C = 1 or 3) under a jet colouring of heat (H, W) scaled to its
+    max: (1 - alpha) * image + alpha * colour (alpha 0.4, as keras-io's Grad-CAM example)."""
+    img = np.asarray(image, np.float32)
+    img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+    top = float(heat.max())
+    col = jet(heat / top if top > 0 else heat).astype(np.float32) / 255
+    return (np.clip((1 - alpha) * img + alpha * col, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def write_heat(maps, images, png_dir, stem, names):
+    """`<stem>-<input>.png` (the map, gray, scaled to its max) and `<stem>-overlay-<input>.png`
+    for each input; returns (paths, names of inputs whose map is zero everywhere)."""
+    from PIL import Image
+    os.makedirs(png_dir, exist_ok=True)
+    paths, empty = [], []
+    for m, img, nm in zip(maps, images, names):
+        top = float(m.max())
+        if not top > 0:
+            empty.append(nm)
+        g = np.zeros(m.shape, np.uint8) if not top > 0 else (np.clip(m / top, 0, 1) * 255 + 0.5).astype(np.uint8)
+        for suffix, arr in ((f"{stem}-{nm}.png", g), (f"{stem}-overlay-{nm}.png", overlay(img, m))):
+            path = os.path.join(png_dir, suffix)
+            Image.fromarray(arr).save(path)
+            paths.append(path)
+    return paths, empty
+
+
+def filters_png(images, png_dir, layer_name):
+    """The filter images (K, H, W, C) in [0, 1], tiled into `<layer>-filters.png`."""
+    from PIL import Image
+    k, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(k)))
+    rows = int(np.ceil(k / cols))
+    up = upscale_factor(h, w)
+    tile_h, tile_w = h * up, w * up
+    sheet = np.full((rows * (tile_h + GAP) + GAP, cols * (tile_w + GAP) + GAP, 3), GAP_VALUE, np.uint8)
+    for i in range(k):
+        im = images[i] - images[i].min()   # each tile stretched to its own range (contrast)
+        top = float(im.max())
+        im = (im / top * 255 + 0.5).astype(np.uint8) if top > 0 else np.full(im.shape, 128, np.uint8)
+        im = np.repeat(im, 3, axis=2) if c == 1 else im[..., :3]
+        im = im.repeat(up, axis=0).repeat(up, axis=1)
+        r, q = divmod(i, cols)
+        y0, x0 = GAP + r * (tile_h + GAP), GAP + q * (tile_w + GAP)
+        sheet[y0:y0 + tile_h, x0:x0 + tile_w] = im
+    os.makedirs(png_dir, exist_ok=True)
+    path = os.path.join(png_dir, f"{layer_name}-filters.png")
+    Image.fromarray(sheet).save(path)
+    return path

@@ -206,6 +206,71 @@ def run_train(model, out=None, resume=None, overrides=None, verbose=1, overwrite
     return hist
 
 
+def _class_index(cls, classes, k):
+    """--class K or NAME -> an index, or None (the predicted class)."""
+    if cls is None:
+        return None
+    if str(cls).lstrip("-").isdigit():
+        c = int(cls)
+    elif str(cls) in classes:
+        c = classes.index(str(cls))
+    else:
+        from .errors import closest
+        near = closest(str(cls), classes)
+        raise FlowError(f"no class named '{cls}'" + (f" (did you mean '{near}'?)" if near else "")
+                        + (f"; the classes are: {', '.join(classes)}" if classes else "; give its index"))
+    if not 0 <= c < k:
+        raise FlowError(f"--class {cls}: the network has {k} classes (0..{k - 1})")
+    return c
+
+
+def _where_it_looks(model, net, classes, layers, inputs, out, gradcam, method, cls, saliency, filters):
+    from .data import load_image_files
+    from .focus import filters_png, write_heat
+    out = out or os.path.join("runs", model_name(model), "focus")
+    _check_writable(out)
+    if len(layers) > 1:
+        raise FlowError(f"--gradcam and --filters look at one layer at a time; received {', '.join(layers)}")
+    layer = layers[0] if layers else None
+    if layer is not None:
+        try:
+            layer = model.layer(layer).name if layer not in model.aliases else layer
+        except KeyError:
+            raise FlowError(f"no layer named '{layer}'; layers: {', '.join(model.names())}") from None
+    paths = []
+    k = model.layers[-1].out[0]
+    c = _class_index(cls, classes, k)
+    if gradcam or saliency:
+        if not inputs:
+            raise FlowError("give the images to look at: --input IMG...")
+        x = load_image_files(inputs, model.input_shape)
+        stems = [Path(p).stem for p in inputs]
+        if len(set(stems)) < len(stems):
+            stems = [f"{i}-{s}" for i, s in enumerate(stems)]
+        probs = net.predict(x)
+        label = class_names(classes, k)
+        for i, nm in enumerate(stems):
+            ci = int(probs[i].argmax()) if c is None else c
+            print(f"{nm}: looking at class {label[ci]} (p = {probs[i][ci]:.3f})")
+        if gradcam:
+            at = layer or net.default_cam_layer()
+            maps = net.gradcam(x, at, c, method)
+            got, empty = write_heat(maps, x, out, f"{at}-{method}", stems)
+            paths += got
+            for nm in empty:
+                print(f"note: the {method} map of {at} is zero everywhere for {nm}: no positive evidence "
+                      f"for that class at this layer (drawn black; try --method hirescam or another --layer)")
+        if saliency:
+            got, _ = write_heat(net.saliency(x, c), x, out, "saliency", stems)
+            paths += got
+    if filters:
+        if layer is None:
+            raise FlowError("--filters draws one conv layer's filters: say which with --layer NAME")
+        paths.append(filters_png(net.filter_images(layer), out, layer))
+    print(f"wrote {len(paths)} PNGs to {out}/")
+    return paths
+
+
 def _check_writable(out):
     try:
         os.makedirs(out, exist_ok=True)
@@ -350,16 +415,22 @@ def run_predict(model, weights, images, top=3, tta=None):
     return probs
 
 
-def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=False, scale="minmax"):
-    """Write focus PNGs for the given layers (or all) and input images. Returns the paths."""
+def run_focus(model, weights, layers, all_layers, inputs, out=None, kernels=False, scale="minmax",
+              gradcam=False, method="gradcam", cls=None, saliency=False, filters=False):
+    """Write focus PNGs for the given layers (or all) and input images. Returns the paths.
+    gradcam / saliency / filters: where the net looks (flowdsl.net.Net.gradcam, .saliency,
+    .filter_images) instead of (or besides) the activations."""
     from .data import load_image_files
     from .focus import kernel_png
     from .net import Net
+    classes = []
     if weights:
-        net, _ = load_trained(model, weights)
+        net, classes = load_trained(model, weights)
     else:
         net = Net(model)  # the initialised weights: the "before training" picture
     names = model.names()
+    if gradcam or saliency or filters:
+        return _where_it_looks(model, net, classes, layers, inputs, out, gradcam, method, cls, saliency, filters)
     if all_layers:
         chosen = [l.name for l in model.layers if l.role not in ("input", "loss")]
     else:

@@ -166,6 +166,126 @@ class Net:
                 send(e, de)
         return loss, correct
 
+    def backprop(self, x, seed, upto=None, wrt=()):
+        """Gradients in evaluation mode that touch no parameter gradient and no batchnorm
+        statistic (Grad-CAM, saliency, filter images): the forward pass runs as in evaluation
+        (batchnorm's running statistics, no dropout) up to layer `upto` (None: the class scores
+        the loss reads, pre-softmax), then backward from seed(out), the gradient of the quantity
+        of interest with respect to that output (an array of its shape).
+        Returns (out, {name: (activation, gradient)} for the layers named in wrt, the gradient
+        with respect to the input x (N, H, W, C))."""
+        x = self.as_input(x)
+        keep = set(wrt) | ({upto} if upto else set())
+        for n in keep:
+            self.model.layer(n)   # KeyError for an unknown name
+        names = {n: self.model.layer(n).name for n in keep}
+        steps = self.plan(True, x.shape[0], frozenset(names.values())).steps
+        saved, acts, trace, y = {-1: x}, {}, [], x
+        for st in steps:
+            ctx = {"state": self.state[st.layer.name], "rng": self.rng, "frozen": True}
+            if st.feed is not None:
+                y = saved[st.feed]
+            if st.extras:
+                ctx["extras"] = [saved[e] for e in st.extras]
+            post = {}
+            y = self.run_forward(st, y, self.params[st.layer.name], ctx, post, True)
+            if st.save:
+                saved[st.out_index] = y
+            if st.out_name in names.values():
+                acts[st.out_name] = y
+            trace.append((st, ctx, post))
+            if upto is not None and st.out_name == names[upto]:
+                break
+        d = np.ascontiguousarray(seed(y), dtype=np.float32)
+        pending, got, dinput = {trace[-1][0].out_index: d}, {}, np.zeros_like(x)
+        for k in range(len(trace) - 1, -1, -1):
+            st, ctx, post = trace[k]
+            d = pending.pop(st.out_index)
+            if st.out_name in acts:
+                got[st.out_name] = d
+            src = st.feed if st.feed is not None else (trace[k - 1][0].out_index if k > 0 else -1)
+            scratch = {p: np.empty_like(v) for p, v in self.params[st.layer.name].items()}
+            dx = self.run_backward(st, d, self.params[st.layer.name], scratch, ctx, post, True)
+            for i, g in [(src, dx)] + list(zip(st.extras, ctx.pop("dextras", ()))):
+                if i < 0:
+                    dinput += g
+                else:
+                    pending[i] = g if i not in pending else pending[i] + g
+        return y, {n: (acts[names[n]], got[names[n]]) for n in wrt}, dinput
+
+    def _class_seed(self, cls):
+        """seed() for backprop: one-hot rows selecting each sample's class (None: the predicted
+        one; an int, or a list of one per sample)."""
+        def seed(z):
+            k = z.shape[1]
+            c = z.argmax(axis=1) if cls is None else np.broadcast_to(np.asarray(cls), (z.shape[0],))
+            if np.any((c < 0) | (c >= k)):
+                raise FlowError(f"class {c.tolist()} is out of range: the network has {k} classes (0..{k - 1})")
+            out = np.zeros_like(z)
+            out[np.arange(z.shape[0]), c] = 1
+            return out
+        return seed
+
+    def gradcam(self, x, layer=None, cls=None, method="gradcam"):
+        """Grad-CAM (Selvaraju et al. 2017) maps (N, H, W) at the input's size: ReLU of the
+        layer's channels weighted by the spatial means of the class logit's gradient, bilinearly
+        upsampled. method="hirescam" (Draelos & Carin 2020): ReLU of the element-wise product of
+        gradient and activation summed over channels (exact for layers with few channels).
+        layer: default, the last layer whose output is still a map larger than 1x1; cls: the
+        class (default: the predicted one)."""
+        from .focus import upsample
+        if method not in ("gradcam", "hirescam"):
+            raise FlowError(f"method must be gradcam or hirescam. Received: {method}")
+        layer = layer or self.default_cam_layer()
+        l = self.model.layer(layer)
+        if len(l.out) != 3:
+            raise FlowError(f"Grad-CAM needs a layer with a map output; {layer} gives a vector of {l.out[0]}")
+        _, got, _ = self.backprop(x, self._class_seed(cls), wrt=[layer])
+        a, g = got[layer]
+        if method == "gradcam":
+            cam = np.einsum("nhwc,nc->nhw", a, g.mean(axis=(1, 2)))
+        else:
+            cam = (a * g).sum(axis=3)
+        cam = np.maximum(cam, 0).astype(np.float32)
+        return upsample(cam, self.model.input_shape[1], self.model.input_shape[2])
+
+    def default_cam_layer(self):
+        """The last layer whose output is a map larger than 1x1 (Grad-CAM's usual choice)."""
+        for l in reversed(self.model.layers):
+            if l.role != "input" and len(l.out) == 3 and l.out[1] * l.out[2] > 1:
+                return l.name
+        raise FlowError("no layer of this network outputs a map larger than 1x1: Grad-CAM needs one")
+
+    def saliency(self, x, cls=None):
+        """Gradient saliency (Simonyan et al. 2013): |d class logit / d pixel|, maximum over
+        channels, (N, H, W)."""
+        if len(self.model.input_shape) != 3:
+            raise FlowError("saliency needs image input")
+        _, _, dx = self.backprop(x, self._class_seed(cls))
+        return np.abs(dx).max(axis=3)
+
+    def filter_images(self, layer, steps=30, seed=0, step_size=0.05, filters=None):
+        """For each filter of a conv layer, the input that maximises its mean activation, by
+        gradient ascent from gray plus noise (normalised gradient, as keras-io's "visualizing
+        what convnets learn"), clipped to [0, 1]: (K, H, W, C). Deterministic with the seed."""
+        l = self.model.layer(layer)
+        if not l.spatial_filters or len(self.model.input_shape) != 3:
+            raise FlowError(f"--filters draws the filters of a conv layer; {layer} is {l.kind}")
+        k = l.out[0] if filters is None else min(filters, l.out[0])
+        c, h, w = self.model.input_shape
+        rng = np.random.default_rng([seed, 5])
+        x = (0.5 + 0.1 * rng.standard_normal((k, h, w, c))).astype(np.float32)
+
+        def pick(z):   # sample i: the mean of filter i's map
+            s = np.zeros_like(z)
+            s[np.arange(k), :, :, np.arange(k)] = 1.0 / (z.shape[1] * z.shape[2])
+            return s
+        for _ in range(steps):
+            _, _, g = self.backprop(x, pick, upto=layer)
+            norm = np.sqrt((g.reshape(k, -1) ** 2).mean(axis=1)) + np.float32(1e-5)
+            x = np.clip(x + np.float32(step_size) * g / norm[:, None, None, None], 0, 1).astype(np.float32)
+        return x
+
     def predict(self, x, batch=256, tta=None, weights=None):
         """Probabilities (softmax) or outputs (squared) for every sample, in evaluation mode.
         tta="hflip": test-time augmentation, the mean of the outputs for each image and its

@@ -44,6 +44,8 @@ class BatchNorm(Layer):
         st = ctx["state"]
         eps = self.args["eps"]
         world = ctx.get("world")
+        if ctx.get("frozen"):   # gradients in evaluation mode (focus --gradcam): running statistics
+            training = False
         if training and world is not None:   # data-parallel ranks: the global batch's statistics
             mean, var, m = _global_stats(world, x2)
             ctx["count"] = m

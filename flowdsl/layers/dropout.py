@@ -22,7 +22,7 @@ class Dropout(Layer):
 
     def forward(self, x, p, ctx, training):
         rate = self.args["p"]
-        if not training or rate == 0.0:
+        if not training or rate == 0.0 or ctx.get("frozen"):   # frozen: gradients in evaluation mode
             ctx["mask"] = None
             return x
         rows = ctx.get("rows")
