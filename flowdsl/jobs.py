@@ -371,6 +371,16 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None, top=1)
         except OSError as e:
             raise FlowError(f"cannot write {png}: {e.strerror or e}") from None
         print(f"wrote {png} (confusion matrix)")
+        if len(model.input_shape) == 3 and getattr(net.loss_layer, "targets", "labels") == "labels":
+            from .report import write_errors
+            errs = os.path.join(out, "errors.png")
+            probs = net.predict(ds.x) if len(members) == 1 else net.predict(ds.x, weights=members)
+            try:
+                n = write_errors(ds.x, ds.y, probs, classes, errs)
+            except OSError as e:
+                raise FlowError(f"cannot write {errs}: {e.strerror or e}") from None
+            if n:
+                print(f"wrote {errs} ({n} misclassified images, most confident first)")
     return res
 
 

@@ -133,3 +133,31 @@ def confusion_figure(conf, classes, title):
     fig = plt.figure(figsize=(side + 1.2, side), layout="constrained")
     _confusion(fig, fig.add_subplot(1, 1, 1), conf, classes, title)
     return fig
+
+
+def write_errors(x, y, probs, classes, path, most=100):
+    """errors.png: up to `most` misclassified images (Nielsen's sheet of the 33 mistakes), the
+    most confident mistakes first, each titled with its true class, the prediction and its
+    probability. Returns the number of mistakes drawn (0: nothing is written)."""
+    from .data import class_names
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    if not len(wrong):
+        return 0
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:most]
+    names = class_names(classes, probs.shape[1])
+    plt = _pyplot()
+    cols = min(10, len(wrong))
+    rows = math.ceil(len(wrong) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        img = x[i]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"true {names[y[i]][:12]}\npred {names[pred[i]][:12]} {probs[i, pred[i]]:.2f}", fontsize=7)
+    fig.suptitle(f"{len(wrong)} misclassified (most confident first)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (1.9 * rows)))
+    _save(fig, path)
+    return len(wrong)

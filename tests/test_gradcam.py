@@ -28,7 +28,7 @@ def _logit(net, x, k):
 
 
 SMOOTH = ("network = input(9x8x2) :: conv(filters=3, field=3, pad=1, act=tanh) :: batchnorm :: avgpool(2, ceil=true)"
-          " :: dropout(0.5) :: conv(filters=4, field=3, pad=1) :: softplus :: dense(3) :: softmax")
+          " :: dropout(0.5) :: conv(filters=3, field=3, pad=1) :: add(avgpool1) :: softplus :: dense(3) :: softmax")
 
 
 def test_input_gradient_is_the_logit_gradient_in_evaluation_mode():
@@ -147,3 +147,52 @@ def test_an_all_zero_map_is_drawn_plainly_with_a_note(tmp_path):
                               "c-gradcam", ["a"])
     from PIL import Image
     assert empty == ["a"] and not np.asarray(Image.open(paths[0])).any()
+
+
+def test_gradcam_equals_numpy_from_activations_and_a_finite_difference_gradient():
+    """Grad-CAM of `p` (after conv, batchnorm in evaluation, avgpool) recomputed by hand: the
+    gradient of the logit with respect to p's map by central differences in float64 through the
+    rest of the net (dropout, conv, an add back to p, softplus, dense), run as a second Net that
+    starts at p (the same weights), then ReLU(sum_c mean(grad_c) * A_c), upsampled."""
+    from flowdsl.focus import upsample
+    head = ("a = conv(9x8x2, filters=3, field=3, pad=1, act=tanh)\nb = batchnorm\np = avgpool(2, ceil=true)\n"
+            "c = conv(filters=3, field=3, pad=1)\nd = dense(3)\n"
+            "network = a :: b :: p :: dropout(0.5) :: c :: add(p) :: softplus :: d :: softmax\n")
+    tail = ("inp = input(5x4x3)\nc = conv(filters=3, field=3, pad=1)\nd = dense(3)\n"
+            "network = inp :: c :: add(inp) :: softplus :: d :: softmax\n")
+    net, rest = _net(head), Net(build_text(tail), seed=0)
+    for name in ("c", "d"):
+        for k, v in net.params[name].items():
+            rest.params[name][k][...] = v
+    x = np.random.default_rng(6).random((1, 8, 9, 2)).astype(np.float32)
+    acts = net.focus("p", x).astype(np.float64)                    # (1, 4, 5, 3)
+    k = int(net.predict(x)[0].argmax())
+    grad = np.zeros_like(acts)
+    eps = 1e-3
+    for idx in np.ndindex(acts.shape):
+        up, dn = acts.copy(), acts.copy()
+        up[idx] += eps
+        dn[idx] -= eps
+        grad[idx] = (rest.forward(up.astype(np.float32))[0, k].astype(np.float64)
+                     - rest.forward(dn.astype(np.float32))[0, k]) / (2 * eps)
+    want = np.maximum(np.einsum("nhwc,nc->nhw", acts, grad.mean(axis=(1, 2))), 0)
+    want = upsample(want.astype(np.float32), 8, 9)
+    np.testing.assert_allclose(net.gradcam(x, "p"), want, rtol=2e-2, atol=2e-3 * float(want.max()))
+
+
+def test_eval_out_writes_the_misclassified_sheet_most_confident_first(tmp_path):
+    from flowdsl import report
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 4, 4, 1)).astype(np.float32)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.45, 0.55], [0.1, 0.9]], np.float32)
+    drawn = []
+    real = report._save
+    report._save = lambda fig, path: drawn.append([a.get_title() for a in fig.axes if a.get_title()]) or real(fig, path)
+    try:
+        assert report.write_errors(x, y, probs, ["cat", "dog"], tmp_path / "errors.png") == 3
+    finally:
+        report._save = real
+    assert drawn[0] == ["true dog\npred cat 0.80", "true cat\npred dog 0.60", "true cat\npred dog 0.55"]
+    assert (tmp_path / "errors.png").exists()
+    assert report.write_errors(x, probs.argmax(axis=1), probs, [], tmp_path / "none.png") == 0

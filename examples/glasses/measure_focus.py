@@ -9,6 +9,9 @@ and for the trained one:
   eye/face   mean inside the eye region over the mean on the rest of the face
   eye/map    mean inside the eye region over the mean of the whole map
   glasses/no mean eye-region activation of avatars with glasses over those without
+  cam eye share   the share of the HiResCAM map's mass (for the predicted class) inside the
+                  eye region (the eye boxes cover about 5.5% of an avatar), over all avatars and
+                  over those with glasses
 """
 from __future__ import annotations
 
@@ -44,6 +47,21 @@ def measures(net, layer, x, rows):
             "glasses/no": eye_m[cls].mean() / max(eye_m[~cls].mean(), tiny)}
 
 
+def cam_share(net, layer, x, rows, chunk=16):
+    """The share of the HiResCAM map's mass (at `layer`, for the predicted class, upsampled to
+    400x400) inside the eye region: over all avatars, and over the avatars with glasses."""
+    shares = []
+    for i in range(0, len(x), chunk):
+        maps = net.gradcam(x[i:i + chunk], layer, None, "hirescam")
+        for r, m in zip(rows[i:i + chunk], maps):
+            x0, y0, x1, y1 = (int(r[k]) for k in ("x0", "y0", "x1", "y1"))
+            total = float(m.sum())
+            shares.append(float(m[y0:y1, x0:x1].sum()) / total if total > 0 else 0.0)
+    shares = np.asarray(shares)
+    glasses = np.array([r["class"] == "glasses" for r in rows])
+    return {"cam eye share": shares.mean(), "cam eye share (glasses)": shares[glasses].mean()}
+
+
 def main(argv=None):
     import flowdsl
     from flowdsl.data import load_image_files
@@ -57,11 +75,12 @@ def main(argv=None):
     rows = list(csv.DictReader(open(HERE / "eyes.csv")))[:: a.every]
     x = load_image_files([HERE / r["file"] for r in rows], (3, 400, 400))
     flow = a.flow
-    before = measures(flowdsl.load(flow), a.layer, x, rows)
-    after = measures(flowdsl.load(flow, weights=a.weights), a.layer, x, rows)
-    print(f"{a.layer} on {len(rows)} avatars      before   after")
+    net0, net1 = flowdsl.load(flow), flowdsl.load(flow, weights=a.weights)
+    before = {**measures(net0, a.layer, x, rows), **cam_share(net0, a.layer, x, rows)}
+    after = {**measures(net1, a.layer, x, rows), **cam_share(net1, a.layer, x, rows)}
+    print(f"{a.layer} on {len(rows)} avatars                 before   after")
     for k in before:
-        print(f"  {k:10s}              {before[k]:7.2f} {after[k]:7.2f}")
+        print(f"  {k:26s}  {before[k]:7.3f} {after[k]:7.3f}")
     return before, after
 
 
