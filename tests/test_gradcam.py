@@ -196,3 +196,16 @@ def test_eval_out_writes_the_misclassified_sheet_most_confident_first(tmp_path):
     assert drawn[0] == ["true dog\npred cat 0.80", "true cat\npred dog 0.60", "true cat\npred dog 0.55"]
     assert (tmp_path / "errors.png").exists()
     assert report.write_errors(x, probs.argmax(axis=1), probs, [], tmp_path / "none.png") == 0
+
+
+def test_the_glasses_sheet_script_draws_input_activation_and_cam(tmp_path):
+    import subprocess
+    import sys
+    from PIL import Image
+    net = Net(build_text((ROOT / "examples" / "glasses.flow").read_text()), seed=0)
+    net.save(tmp_path / "w.npz")
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "glasses" / "gradcam_sheet.py"), str(tmp_path / "w.npz"),
+                        "--out", str(tmp_path / "s.png"), "--size", "100"], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "s.png").size == (300, 200)
