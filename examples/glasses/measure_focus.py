@@ -71,8 +71,20 @@ def main(argv=None):
     ap.add_argument("--flow", default=str(HERE.parent / "glasses.flow"),
                     help="the .flow file the weights belong to (default: examples/glasses.flow)")
     ap.add_argument("--every", type=int, default=5, help="use every n-th avatar (speed)")
+    ap.add_argument("--heldout", action="store_true",
+                    help="only the avatars the .flow file's split(...) holds out for testing")
     a = ap.parse_args(argv)
-    rows = list(csv.DictReader(open(HERE / "eyes.csv")))[:: a.every]
+    rows = sorted(csv.DictReader(open(HERE / "eyes.csv")), key=lambda r: (r["class"], r["file"]))
+    if a.heldout:   # the split depends on the labels and the seed only: the same avatars as training's
+        from flowdsl.data import as_dataset, split
+        from flowdsl.model import load_model
+        m = load_model(a.flow)
+        labels = np.array([r["class"] != "glasses" for r in rows], np.int64)   # classes in sorted order
+        frac = m.train["test"]["fraction"]
+        _, test = split(as_dataset(np.zeros((len(rows), 1), np.float32), labels), frac, m.train["seed"])
+        rows = [rows[i] for i in test.rows]
+    else:
+        rows = rows[:: a.every]
     x = load_image_files([HERE / r["file"] for r in rows], (3, 400, 400))
     flow = a.flow
     net0, net1 = flowdsl.load(flow), flowdsl.load(flow, weights=a.weights)
