@@ -48,18 +48,22 @@ def measures(net, layer, x, rows):
 
 
 def cam_share(net, layer, x, rows, chunk=16):
-    """The share of the HiResCAM map's mass (at `layer`, for the predicted class, upsampled to
-    400x400) inside the eye region: over all avatars, and over the avatars with glasses."""
-    shares = []
-    for i in range(0, len(x), chunk):
-        maps = net.gradcam(x[i:i + chunk], layer, None, "hirescam")
-        for r, m in zip(rows[i:i + chunk], maps):
-            x0, y0, x1, y1 = (int(r[k]) for k in ("x0", "y0", "x1", "y1"))
-            total = float(m.sum())
-            shares.append(float(m[y0:y1, x0:x1].sum()) / total if total > 0 else 0.0)
-    shares = np.asarray(shares)
+    """The share of the HiResCAM map's mass (at `layer`, upsampled to 400x400) inside the eye
+    region: for the predicted class over all avatars and over the avatars with glasses, and for
+    the class 'glasses' (index 0: classes are the sorted folder names) over the avatars with it."""
+    def shares(cls):
+        out = []
+        for i in range(0, len(x), chunk):
+            maps = net.gradcam(x[i:i + chunk], layer, cls, "hirescam")
+            for r, m in zip(rows[i:i + chunk], maps):
+                x0, y0, x1, y1 = (int(r[k]) for k in ("x0", "y0", "x1", "y1"))
+                total = float(m.sum())
+                out.append(float(m[y0:y1, x0:x1].sum()) / total if total > 0 else 0.0)
+        return np.asarray(out)
+    pred, as_glasses = shares(None), shares(0)
     glasses = np.array([r["class"] == "glasses" for r in rows])
-    return {"cam eye share": shares.mean(), "cam eye share (glasses)": shares[glasses].mean()}
+    return {"cam eye share": pred.mean(), "cam eye share (glasses)": pred[glasses].mean(),
+            "cam eye share (glasses, class glasses)": as_glasses[glasses].mean()}
 
 
 def main(argv=None):
@@ -90,9 +94,9 @@ def main(argv=None):
     net0, net1 = flowdsl.load(flow), flowdsl.load(flow, weights=a.weights)
     before = {**measures(net0, a.layer, x, rows), **cam_share(net0, a.layer, x, rows)}
     after = {**measures(net1, a.layer, x, rows), **cam_share(net1, a.layer, x, rows)}
-    print(f"{a.layer} on {len(rows)} avatars                 before   after")
+    print(f"{a.layer} on {len(rows)} avatars{'':27s} before   after")
     for k in before:
-        print(f"  {k:26s}  {before[k]:7.3f} {after[k]:7.3f}")
+        print(f"  {k:38s}  {before[k]:7.3f} {after[k]:7.3f}")
     return before, after
 
 
