@@ -118,10 +118,11 @@ class Model:
         def shown(r):
             return (max(r[0], seg[r[1]]), r[1])
 
+        index = {l.name: j for j, l in enumerate(self.layers)}
+
         def refs_first(i):
             # the bindings a layer names (concat's branches) are written before it; a name of a
             # layer inside a binding brings that binding (its outermost name)
-            index = {l.name: j for j, l in enumerate(self.layers)}
             for ref in _refs(self.layers[i]):
                 hits = [(r, names.index(ref)) for r, names in named.items() if ref in names]
                 if not hits and ref in index:
@@ -444,12 +445,9 @@ def _resolve_refs(layers, aliases, program, bound=()):
                 continue
             refs = l.args[p.name]
             pos = l.where.get(p.name, l.pos)
-            found = [layers[_find(r, i, l, f"{p.name}=", pos, layers, aliases, program, bound)]
-                     for r in (refs if isinstance(refs, tuple) else (refs,))]
-            if isinstance(refs, tuple):
-                l.srcs = found
-            else:
-                l.src = found[0]
+            # the layers named, in order: what the layer's inputs() reads besides its input
+            l.srcs = [layers[_find(r, i, l, f"{p.name}=", pos, layers, aliases, program, bound)]
+                      for r in (refs if isinstance(refs, tuple) else (refs,))]
 
 
 def _resolve_feeds(layers, aliases, program):

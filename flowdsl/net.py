@@ -113,14 +113,20 @@ class Net:
         keep: a set of layer names whose outputs to return as well, as a dict."""
         x = self.as_input(x)
         steps = self.plan(training, x.shape[0], keep).steps
-        saved = {-1: x}
-        kept = {}
-        self._trace = []
         dist = self.world if training and self.world is not None and self.world.size > 1 else None
+        # batchnorm's statistics and dropout's masks span the global batch on data-parallel ranks
+        extra = {"world": dist, "rows": self.batch_rows} if dist is not None else {}
+        y, kept, trace = self._run(steps, x, training, extra, keep)
+        self._trace = trace if training else []
+        return (y, kept) if keep is not None else y
+
+    def _run(self, steps, x, training, extra=None, keep=None, stop_after=None):
+        """The forward loop over a plan's steps: (last output, {kept name: output}, trace of
+        (step, ctx, post) for the backward loop). extra: entries every step's ctx gets;
+        stop_after: the name of the step to end at."""
+        saved, kept, trace = {-1: x}, {}, []
         for st in steps:
-            ctx = {"state": self.state[st.layer.name], "rng": self.rng}
-            if dist is not None:   # batchnorm's statistics and dropout's masks span the global batch
-                ctx["world"], ctx["rows"] = dist, self.batch_rows
+            ctx = {"state": self.state[st.layer.name], "rng": self.rng, **(extra or {})}
             if st.feed is not None:   # a branch: its input is an earlier output
                 x = saved[st.feed]
             if st.extras:
@@ -132,8 +138,35 @@ class Net:
             if keep and st.out_name in keep:
                 kept[st.out_name] = x
             if training:
-                self._trace.append((st, ctx, post))
-        return (x, kept) if keep is not None else x
+                trace.append((st, ctx, post))
+            if stop_after is not None and st.out_name == stop_after:
+                break
+        return x, kept, trace
+
+    def _back(self, trace, d, grads, seen=(), dinput=None):
+        """The backward loop over a forward trace from d, the gradient at its last output.
+        grads(layer name) -> the dict the layer writes its parameter gradients into. Returns
+        {name in seen: the gradient reaching that step's output}; with dinput (an array the
+        input's shape), the input's gradient is added into it (else it is never computed)."""
+        # pending: layer index -> the gradient reaching its output so far (from the step after
+        # it, from branches that start from it, from the layers that add or join it); -1 is the
+        # network input
+        pending, got = ({trace[-1][0].out_index: d} if trace else {}), {}
+        for k in range(len(trace) - 1, -1, -1):
+            st, ctx, post = trace[k]
+            d = pending.pop(st.out_index)
+            if st.out_name in seen:
+                got[st.out_name] = d
+            src = st.feed if st.feed is not None else (trace[k - 1][0].out_index if k > 0 else -1)
+            name = st.layer.name
+            dx = self.run_backward(st, d, self.params[name], grads(name), ctx, post,
+                                   src >= 0 or dinput is not None)
+            for i, g in [(src, dx)] + list(zip(st.extras, ctx.pop("dextras", ()))):
+                if i >= 0:
+                    pending[i] = g if i not in pending else pending[i] + g
+                elif dinput is not None:
+                    dinput += g
+        return got
 
     def loss_grad(self, x, y, total=None):
         """One training forward and backward pass: gradients land in self.grads.
@@ -145,25 +178,7 @@ class Net:
         if total is not None and total != len(z):
             d = d * np.float32(len(z) / total)
         trace, self._trace = self._trace, []
-        # pending: layer index -> the gradient reaching its output so far (from the step after
-        # it, from branches that start from it, from the layers that add or join it); -1 is the
-        # network input, whose gradient nobody needs
-        pending = {trace[-1][0].out_index: d} if trace else {}
-
-        def send(i, g):
-            if i >= 0:
-                pending[i] = g if i not in pending else pending[i] + g
-
-        for k in range(len(trace) - 1, -1, -1):
-            st, ctx, post = trace[k]
-            d = pending.pop(st.out_index)
-            src = st.feed if st.feed is not None else (trace[k - 1][0].out_index if k > 0 else -1)
-            name = st.layer.name
-            dx = self.run_backward(st, d, self.params[name], self.grads[name], ctx, post, src >= 0)
-            if src >= 0:
-                send(src, dx)
-            for e, de in zip(st.extras, ctx.pop("dextras", ())):
-                send(e, de)
+        self._back(trace, d, self.grads.__getitem__)
         return loss, correct
 
     def backprop(self, x, seed, upto=None, wrt=()):
@@ -175,42 +190,14 @@ class Net:
         Returns (out, {name: (activation, gradient)} for the layers named in wrt, the gradient
         with respect to the input x (N, H, W, C))."""
         x = self.as_input(x)
-        keep = set(wrt) | ({upto} if upto else set())
-        for n in keep:
-            self.model.layer(n)   # KeyError for an unknown name
-        names = {n: self.model.layer(n).name for n in keep}
+        names = {n: self.model.layer(n).name for n in set(wrt) | ({upto} if upto else set())}
         steps = self.plan(True, x.shape[0], frozenset(names.values())).steps
-        saved, acts, trace, y = {-1: x}, {}, [], x
-        for st in steps:
-            ctx = {"state": self.state[st.layer.name], "rng": self.rng, "frozen": True}
-            if st.feed is not None:
-                y = saved[st.feed]
-            if st.extras:
-                ctx["extras"] = [saved[e] for e in st.extras]
-            post = {}
-            y = self.run_forward(st, y, self.params[st.layer.name], ctx, post, True)
-            if st.save:
-                saved[st.out_index] = y
-            if st.out_name in names.values():
-                acts[st.out_name] = y
-            trace.append((st, ctx, post))
-            if upto is not None and st.out_name == names[upto]:
-                break
-        d = np.ascontiguousarray(seed(y), dtype=np.float32)
-        pending, got, dinput = {trace[-1][0].out_index: d}, {}, np.zeros_like(x)
-        for k in range(len(trace) - 1, -1, -1):
-            st, ctx, post = trace[k]
-            d = pending.pop(st.out_index)
-            if st.out_name in acts:
-                got[st.out_name] = d
-            src = st.feed if st.feed is not None else (trace[k - 1][0].out_index if k > 0 else -1)
-            scratch = {p: np.empty_like(v) for p, v in self.params[st.layer.name].items()}
-            dx = self.run_backward(st, d, self.params[st.layer.name], scratch, ctx, post, True)
-            for i, g in [(src, dx)] + list(zip(st.extras, ctx.pop("dextras", ()))):
-                if i < 0:
-                    dinput += g
-                else:
-                    pending[i] = g if i not in pending else pending[i] + g
+        y, acts, trace = self._run(steps, x, True, {"frozen": True}, set(names.values()),
+                                   names[upto] if upto else None)
+        dinput = np.zeros_like(x)
+        scratch = {l.name: {p: np.empty_like(v) for p, v in self.params[l.name].items()} for l in self.layers}
+        got = self._back(trace, np.ascontiguousarray(seed(y), dtype=np.float32), scratch.__getitem__,
+                         set(acts), dinput)
         return y, {n: (acts[names[n]], got[names[n]]) for n in wrt}, dinput
 
     def _class_seed(self, cls):

@@ -60,15 +60,17 @@ def evaluate(net, data, y=None, batch=256, tta=None, check=True, top=1, members=
     labels = getattr(loss_layer, "targets", "labels") == "labels"
     k = loss_layer.out[0]
     conf = np.zeros((k, k), np.int64) if labels else None
-    world = getattr(net, "world", None)
-    if world is not None and world.size > 1 and tta is None and not members:
-        return _evaluate_sharded(net, ds, batch, world, conf, labels)
     hits = np.zeros(max(1, top), np.int64)   # hits[r]: samples whose true class ranks r-th
     tot = 0.0
     probs = []
     by_probs = tta is not None or (members is not None and len(members) > 1)
-    for i in range(0, n, batch):
-        idx = np.arange(i, min(n, i + batch))
+    # on data-parallel ranks each takes its share of the samples and the sums are reduced below
+    # (the probability-averaging forms, tta and ensembles, run whole on every rank)
+    world = getattr(net, "world", None)
+    sharded = world is not None and world.size > 1 and not by_probs
+    mine = world.shard(np.arange(n))[0] if sharded else np.arange(n)
+    for i in range(0, len(mine), batch):
+        idx = mine[i:i + batch]
         xb, yb = ds.batch(idx), ds.y[idx]
         if by_probs:
             z = sum(m.predict(xb, batch=batch, tta=tta) for m in (members or [net]))
@@ -85,6 +87,11 @@ def evaluate(net, data, y=None, batch=256, tta=None, check=True, top=1, members=
                 # rank of the true class: how many classes score higher (ties count for it)
                 rank = (z > z[np.arange(len(yb)), yb][:, None]).sum(axis=1)
                 np.add.at(hits, rank[rank < top], 1)
+    if sharded:
+        sums = world.allreduce(np.concatenate([[tot], hits, conf.ravel() if labels else []]).astype(np.float64))
+        tot, hits = float(sums[0]), sums[1:1 + len(hits)].round().astype(np.int64)
+        if labels:
+            conf = sums[1 + len(hits):].round().astype(np.int64).reshape(conf.shape)
     topk = list(np.cumsum(hits) / n) if top > 1 and labels else []
     if by_probs:
         p = np.concatenate(probs)
@@ -96,26 +103,6 @@ def evaluate(net, data, y=None, batch=256, tta=None, check=True, top=1, members=
     if not labels:
         return {"loss": tot / n, "acc": float("nan"), "confusion": None, "topk": topk}
     return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf, "topk": topk}
-
-
-def _evaluate_sharded(net, ds, batch, world, conf, labels):
-    """evaluate() on data-parallel ranks: each rank takes its contiguous share of the samples;
-    the loss sums and the confusion matrix are reduced."""
-    n = len(ds)
-    r0, r1 = world.rank * n // world.size, (world.rank + 1) * n // world.size
-    tot = 0.0
-    for i in range(r0, r1, batch):
-        idx = np.arange(i, min(r1, i + batch))
-        z = net.forward(ds.batch(idx))
-        l, _, _ = net.loss_layer.loss(z, ds.y[idx])
-        tot += l * len(z)
-        if labels:
-            np.add.at(conf, (ds.y[idx], z.argmax(axis=1)), 1)
-    tot = float(world.allreduce(np.array([tot]))[0])
-    if not labels:
-        return {"loss": tot / n, "acc": float("nan"), "confusion": None, "topk": []}
-    conf = world.allreduce(conf.astype(np.float64)).round().astype(np.int64)
-    return {"loss": tot / n, "acc": float(np.trace(conf) / n), "confusion": conf, "topk": []}
 
 
 class _Stop:

@@ -9,8 +9,8 @@ branches not built yet are built there). This is how residual blocks are written
       :: conv(filters=32, pad=same) :: batchnorm :: relu :: conv(filters=32, pad=same) :: batchnorm
       :: add(stem) :: relu :: ...
 
-The model resolves the name when it is built (`src`, the source layer). The Net keeps the source's
-output and hands it over as ctx["extras"]; backward returns dy as the input gradient and leaves the
+The model resolves the names when it is built (`srcs`, the source layers). The Net keeps the sources'
+outputs and hands them over as ctx["extras"]; backward returns dy as the input gradient and leaves the
 same dy in ctx["dextras"], which the Net adds to the gradient of the source's output. Plain numpy:
 one memory-bound sum."""
 from ..layers import register
@@ -22,10 +22,6 @@ class Add(Layer):
     params = (P("from", "layer", rest=True),)
     srcs = ()             # the source Layers, set by the model builder
     starts_chain = False  # True (written first in a chain): the sum of the named outputs only
-
-    @property
-    def src(self):
-        return self.srcs[0] if self.srcs else None
 
     def describe(self):
         names = self.args["from"]
