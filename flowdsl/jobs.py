@@ -374,9 +374,13 @@ def run_eval(model, weights, data=None, perturb=None, out=None, tta=None, top=1)
         if len(model.input_shape) == 3 and getattr(net.loss_layer, "targets", "labels") == "labels":
             from .report import write_errors
             errs = os.path.join(out, "errors.png")
-            probs = net.predict(ds.x) if len(members) == 1 else net.predict(ds.x, weights=members)
+            # probabilities a batch at a time (N x classes is small); only the drawn images are
+            # read again: a large image set is never turned into one float32 array
+            probs = np.concatenate([net.predict(ds.batch(np.arange(i, min(len(ds), i + 256))),
+                                                weights=members if len(members) > 1 else None)
+                                    for i in range(0, len(ds), 256)])
             try:
-                n = write_errors(ds.x, ds.y, probs, classes, errs)
+                n = write_errors(ds.batch, ds.y, probs, classes, errs)
             except OSError as e:
                 raise FlowError(f"cannot write {errs}: {e.strerror or e}") from None
             if n:

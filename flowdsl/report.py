@@ -138,13 +138,15 @@ def confusion_figure(conf, classes, title):
 def write_errors(x, y, probs, classes, path, most=100):
     """errors.png: up to `most` misclassified images (Nielsen's sheet of the 33 mistakes), the
     most confident mistakes first, each titled with its true class, the prediction and its
-    probability. Returns the number of mistakes drawn (0: nothing is written)."""
+    probability. x: the images (N, H, W, C), or a function of indices giving those images (only
+    the drawn ones are asked for). Returns the number of mistakes drawn (0: nothing is written)."""
     from .data import class_names
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != y)
     if not len(wrong):
         return 0
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:most]
+    imgs = x(wrong) if callable(x) else x[wrong]
     names = class_names(classes, probs.shape[1])
     plt = _pyplot()
     cols = min(10, len(wrong))
@@ -152,8 +154,7 @@ def write_errors(x, y, probs, classes, path, most=100):
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), wrong):
-        img = x[i]
+    for ax, i, img in zip(axes.ravel(), wrong, imgs):
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
                   vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"true {names[y[i]][:12]}\npred {names[pred[i]][:12]} {probs[i, pred[i]]:.2f}", fontsize=7)
