@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import types
 
 FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy",
              boundscheck=False, nogil=True)
@@ -83,7 +84,8 @@ def numba():
 class _Lazy:
     """A kernel not yet compiled. On the first call every lazy kernel of the same module is
     handed to numba.njit and replaces itself in the module's globals, so kernels may call one
-    another (numba must see dispatchers, not these wrappers)."""
+    another (numba must see dispatchers, not these wrappers; only serial kernels are called
+    from kernels)."""
 
     def __init__(self, fn, parallel):
         self.py_func = fn
@@ -98,6 +100,58 @@ class _Lazy:
         return self.compiled(*args)
 
 
+SERIAL_BELOW = 1 << 17  # a parallel kernel whose array arguments hold fewer elements than this
+                        # runs on the calling thread (see Parallel; nets A and B at batch 1:
+                        # 1 << 15: 2,623 and 4,195 img/s, 1 << 17: 4,811 and 8,479, 1 << 19:
+                        # 4,602 and 8,649; batch 16 and 256 within 5% of each other)
+
+
+class Parallel:
+    """A parallel kernel and its serial twin, chosen per call by the size of the work.
+
+    Waking numba's sleeping OpenMP worker costs 50-130 us here (OMP_WAIT_POLICY=passive, a
+    virtual machine: measured with a 64-element kernel, 68 us parallel, 0.2 us serial), more
+    than most kernels of a small batch take. Letting the workers spin instead (GOMP_SPINCOUNT)
+    made the launch cheap but the spinning workers took the core from flowdsl's BLAS threads
+    (net B's conv2 in training 1.3 -> 2.0 ms). So a call whose array arguments hold fewer than
+    SERIAL_BELOW elements in all runs the serial twin: the same function compiled with
+    parallel=False (prange runs as range), under its own name so that numba's cache (which
+    keys entries by name, not by flags) keeps the two apart. One thread: always serial."""
+
+    def __init__(self, fn):
+        self.py_func = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self.par = njit(fn, True)
+        self._serial = None
+
+    @property
+    def serial(self):
+        if self._serial is None:
+            fn = self.py_func
+            twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                      fn.__defaults__, fn.__closure__)
+            twin.__qualname__ = fn.__qualname__ + "_serial"
+            twin.__module__ = fn.__module__
+            twin.__doc__ = fn.__doc__
+            self._serial = njit(twin, False)
+        return self._serial
+
+    def __call__(self, *args):
+        if _threads == 1:
+            return self.serial(*args)
+        size = 0
+        for a in args:
+            size += getattr(a, "size", 0)
+        if size < SERIAL_BELOW:
+            return self.serial(*args)
+        return self.par(*args)
+
+
+def njit(fn, parallel):
+    return numba().njit(parallel=parallel, **FLAGS)(fn)
+
+
 def compile_module(modname):
     nb = numba()
     mod = sys.modules[modname]
@@ -105,7 +159,7 @@ def compile_module(modname):
         mod.prange = nb.prange
     for name, obj in list(vars(mod).items()):
         if isinstance(obj, _Lazy) and obj.compiled is None:
-            obj.compiled = nb.njit(parallel=obj.parallel, **FLAGS)(obj.py_func)
+            obj.compiled = Parallel(obj.py_func) if obj.parallel else njit(obj.py_func, False)
             setattr(mod, name, obj.compiled)
 
 

@@ -443,13 +443,18 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
 @pytest.mark.parametrize("kind,text,shape,batch", PYFUNC, ids=[f"{k}:{t}@{s}x{b}" for k, t, s, b in PYFUNC])
-def test_kernels_match_their_python_versions(kind, text, shape, batch, monkeypatch):
+def test_kernels_match_their_python_versions(kind, text, shape, batch, mode, monkeypatch):
     """The compiled kernels against their plain-Python versions (`.py_func`): training forward and
-    backward, and the evaluation forward."""
+    backward, and the evaluation forward; every parallel kernel both as compiled with prange
+    (jit.SERIAL_BELOW = 0: every call) and as its serial twin (the small calls' path)."""
+    from flowdsl import jit
     net, layer, _, rng = setup(kind, text, shape)
     x = rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32)
+    monkeypatch.setattr(jit, "SERIAL_BELOW", 0 if mode == "parallel" else 1 << 62)
     compiled = run_layer(net, layer, x)
+    monkeypatch.setattr(jit, "SERIAL_BELOW", 1 << 17)
     python_kernels(monkeypatch)
     python = run_layer(net, layer, x)
     # fastmath (reassociation, fused multiply-add) changes the last bits; chained through the
