@@ -77,6 +77,25 @@ def mm(a, b):
     return out
 
 
+def shares(n, run, work):
+    """run(lo, hi) over contiguous shares of range(n), one per thread, the calling thread taking
+    the first: one hand-over per call, however many steps each share takes (a conv's im2col and
+    product chunk by chunk, its cache-sized buffers its own). work: multiply-adds in all; below
+    MIN_WORK the calling thread runs run(0, n) alone."""
+    t = _threads if _pool is not None else 1
+    t = max(1, min(t, n))
+    if t == 1 or work < MIN_WORK:
+        run(0, n)
+        return
+    cuts = [n * i // t for i in range(t + 1)]
+    futs = [_pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, t)]
+    try:
+        run(0, cuts[1])
+    finally:
+        for f in futs:
+            f.result()
+
+
 def mm_stack(a, b):
     """a[e] @ b[e] for stacks of 2-D float32 matrices (either may be transposed views): the
     products are shared out among the threads whole, one single-threaded BLAS call each

@@ -99,6 +99,13 @@ class _Lazy:
             compile_module(self.py_func.__module__)
         return self.compiled(*args)
 
+    @property
+    def serial(self):
+        """The serial version (a parallel kernel's twin; a serial kernel itself)."""
+        if self.compiled is None:
+            compile_module(self.py_func.__module__)
+        return getattr(self.compiled, "serial", self.compiled)
+
 
 SERIAL_BELOW = 1 << 17  # a parallel kernel whose array arguments hold fewer elements than this
                         # runs on the calling thread (see Parallel; nets A and B at batch 1:

@@ -315,6 +315,39 @@ def test_conv_examples_cover_every_algorithm():
     assert len(algos["winograd"]) >= 4 and len(algos["planar"]) >= 6 and len(algos["winograd4"]) >= 3
 
 
+def test_wide_vector_machines_run_gemm(monkeypatch):
+    """With AVX-512 (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
+    "gemm", whatever its shape; fewer filters still run "rows". The suite itself runs with
+    FLOWDSL_WIDE=0 (conftest), so that the other algorithms are exercised on any machine."""
+    import flowdsl.layers.conv as convmod
+    assert convmod.wide_vectors() is False and os.environ["FLOWDSL_WIDE"] == "0"
+    monkeypatch.setattr(convmod, "WIDE", True)
+    seen = {}
+    for kind, text, shape in CASES:
+        if kind == "conv":
+            layer = build(kind, text, shape)[1]
+            seen.setdefault(layer.algo, set()).add(layer.args["filters"] <= convmod.DIRECT_MAX_FILTERS)
+    assert seen == {"rows": {True}, "gemm": {False}}, seen
+
+
+@pytest.mark.parametrize("text,shape,pool", [
+    ("conv(filters=6, field=3)", "13x11x8", "maxpool(2, ceil=true)"),
+    ("conv(filters=5, field=3, pad=1)", "9x8x1", "maxpool(3, stride=2)"),   # columns as rows
+    ("conv(filters=7, field=5, stride=2, pad=2)", "17x13x3", "maxpool(2)")])
+def test_gemm_applies_the_next_max_window_in_evaluation(text, shape, pool, monkeypatch):
+    """"gemm" in evaluation pools each chunk's output itself (flowdsl.plan fuses conv + maxpool):
+    the same numbers as the two layers run apart, across several chunks per thread's share."""
+    import flowdsl.layers.conv as convmod
+    from flowdsl.model import build_text
+    monkeypatch.setattr(convmod, "WIDE", True)
+    m = build_text(f"network = input({shape}) :: {text} :: {pool} :: dense(3) :: softmax", "t.flow")
+    fused, apart = Net(m, seed=3), Net(m, seed=3, fuse=False)
+    assert any(s.absorbs is not None for s in fused.plan(False, 13).steps)
+    x = np.random.default_rng(0).normal(0, 1, (13,) + nhwc(m.layers[1].in_shape)).astype(np.float32)
+    monkeypatch.setattr(convmod, "CHUNK_FLOATS", 1 << 10)   # a few images per chunk
+    np.testing.assert_allclose(fused.forward(x), apart.forward(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape,filters,field,pad,algo,n", [
     ("14x14x24", 64, 3, "same", "winograd", 10), ("13x13x32", 40, 3, "0", "winograd4", 10),
     ("7x7x64", 24, 3, "2", "winograd4", 10), ("7x7x96", 96, 3, "same", "winograd4", 10),
@@ -402,6 +435,7 @@ def python_kernels(monkeypatch):
             def python(*args, _f=obj.py_func, _key=(mod.__name__, name)):
                 called.add(_key)
                 return _f(*args)
+            python.serial = python   # a parallel kernel's serial twin, called by name
             monkeypatch.setattr(mod, name, python)
     return called
 

@@ -24,6 +24,8 @@ module of its own with the same interface (described in _rows.py), in STRATEGIES
 Measured choices: the constants below, bench/ and docs/internals.md; `flowdsl bench` names the
 one each conv runs.
 """
+import os
+
 import numpy as np
 
 from . import _gemm, _padmodes, _planar, _rows, _winograd, _winograd4
@@ -44,9 +46,31 @@ PLANAR_MAX_C = 8         # stride-1 convs over at most this many input channels:
 WINO4_MIN_C = 32         # F(4x4, 3x3) from this many input channels (forward + backward at
                          # batch 64, against F(2x2): 24 -> 64 at 14x14 0.84x as fast, 32 -> 64
                          # at 13x13 1.16x, 64 -> 128 at 6x6 1.24x, 96 -> 96 at 7x7 1.45x)
+WIDE = None              # whether the cores have AVX-512 (see wide_vectors)
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
+
+
+def wide_vectors():
+    """Whether this machine's cores have AVX-512 (Linux: /proc/cpuinfo; elsewhere: no). There
+    numpy's OpenBLAS runs its 16-wide kernels, and the im2col product ("gemm", each thread its
+    own share) beats Winograd and "planar" on every conv of the bench nets, in training and in
+    evaluation (2026-12-02, nets A and B, 2 threads: A evaluation at batch 256 13,766 -> 19,940
+    img/s, training 5,004 -> 5,697; B level, within 3%). The thresholds above were measured on
+    this workplace's earlier machines (not recorded whether they had AVX-512; the first-round
+    notes show Winograd and planar ahead there) and still decide elsewhere.
+    FLOWDSL_WIDE=1 or 0 overrides it (the test suite sets 0, so every algorithm keeps being run)."""
+    global WIDE
+    if WIDE is None and os.environ.get("FLOWDSL_WIDE") in ("0", "1"):
+        WIDE = os.environ["FLOWDSL_WIDE"] == "1"
+    if WIDE is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                WIDE = any(line.startswith("flags") and " avx512f" in line for line in f)
+        except OSError:
+            WIDE = False
+    return WIDE
 
 
 def _fix_pad(field, pad):
@@ -140,6 +164,8 @@ class Conv(Layer):
         a = self.args
         if a["filters"] <= DIRECT_MAX_FILTERS:
             return "rows"
+        if wide_vectors():
+            return "gemm"
         if a["field"] == 3 and a["stride"] == 1 and self.in_shape[0] >= WINO_MIN_C:
             return "winograd4" if self.in_shape[0] >= WINO4_MIN_C else "winograd"
         if a["stride"] == 1 and self.in_shape[0] <= PLANAR_MAX_C and self.padding <= a["field"] - 1:
