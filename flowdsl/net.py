@@ -111,7 +111,10 @@ class Net:
     def forward(self, x, training=False, keep=None):
         """Run the network up to (not through) the loss. Returns the last output (class scores).
         keep: a set of layer names whose outputs to return as well, as a dict."""
-        x = self.as_input(x)
+        return self._forward(self.as_input(x), training, keep)
+
+    def _forward(self, x, training=False, keep=None):
+        """forward of an input as_input has already checked and converted."""
         steps = self.plan(training, x.shape[0], keep).steps
         dist = self.world if training and self.world is not None and self.world.size > 1 else None
         # batchnorm's statistics and dropout's masks span the global batch on data-parallel ranks
@@ -287,9 +290,10 @@ class Net:
         outs = []
         for i in range(0, x.shape[0], batch):
             xb = x[i:i + batch]
-            out = self.loss_layer.forward(self.forward(xb), None, {}, False)
+            out = self.loss_layer.forward(self._forward(xb), None, {}, False)
             if tta == "hflip":
-                out = (out + self.loss_layer.forward(self.forward(xb[:, :, ::-1]), None, {}, False)) / np.float32(2)
+                flip = np.ascontiguousarray(xb[:, :, ::-1])
+                out = (out + self.loss_layer.forward(self._forward(flip), None, {}, False)) / np.float32(2)
             outs.append(out)
         return np.concatenate(outs) if outs else np.zeros((0,) + self.loss_layer.out, np.float32)
 

@@ -3,9 +3,12 @@ the bias rides in the product, and its gradient comes out of the weight-gradient
 one BLAS product; in evaluation conv.py cuts the batch into chunks whose im2col buffer stays in
 cache. Its product-based input gradient (`dx`) also serves "planar" layers.
 The strategy interface is described in _rows.py."""
+import sys
+
 import numpy as np
 
 from ..blas import mm, shares
+from .maxpool import _max_eval
 from ..jit import kernel, prange
 
 POOLS = True    # in evaluation, forward can apply a following max window chunk by chunk
@@ -16,20 +19,25 @@ TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (
 def forward(conv, x, w, b, training, ctx, pool=None):
     f, s, pad = conv.args["field"], conv.args["stride"], conv.padding
     k, oh, ow = conv.out
+    if not training:   # the bias is added to each chunk's product (no copy of the weights)
+        wk = w.reshape(-1, k)
+        if pool is not None:   # each chunk's output is pooled while it is in cache
+            size, stride, ph, pw = pool
+            y = np.empty((x.shape[0], ph, pw, k), np.float32)
+            product(x, wk, None, f, s, pad, oh, ow, pool=(size, stride, y), bias=b)
+            return y
+        z = np.empty((x.shape[0], oh, ow, k), np.float32)
+        product(x, wk, z.reshape(-1, k), f, s, pad, oh, ow, bias=b)
+        return z
+    # training: a column of ones carries the bias, whose gradient then comes out of the weight
+    # gradient's product
     wb = np.concatenate([w.reshape(-1, k), b[None, :]])
-    if pool is not None:   # evaluation: each chunk's output is pooled while it is in cache
-        size, stride, ph, pw = pool
-        y = np.empty((x.shape[0], ph, pw, k), np.float32)
-        product(x, wb, None, f, s, pad, oh, ow, pool=(size, stride, y))
-        return y
     z = np.empty((x.shape[0], oh, ow, k), np.float32)
-    cols, tall = product(x, wb, z.reshape(-1, k), f, s, pad, oh, ow, keep=training)
-    if training:
-        ctx["cols"], ctx["tall"] = cols, tall
+    ctx["cols"], ctx["tall"] = product(x, wb, z.reshape(-1, k), f, s, pad, oh, ow, keep=True)
     return z
 
 
-def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None):
+def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
     """out (N*OH*OW, K) = im2col(x) @ wmat, where wmat has f*f*C rows, or one more (then im2col
     adds a column of ones: the bias row). Each thread takes a contiguous share of the images
     and runs im2col and its product itself (one hand-over per call; net A's conv2 in evaluation
@@ -39,15 +47,13 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None):
     stored transposed: (cols or None, tall). pool = (size, stride, y): out is None, and each
     chunk's product goes to a buffer whose max windows (clipped to OH x OW) are written to y
     (N, PH, PW, K): the conv's full-size output is never written (net A's conv1 + maxpool1 at
-    batch 256: 2.3 ms as two steps, X fused)."""
-    from .conv import CHUNK_FLOATS
-    from .maxpool import _max_eval
+    batch 256: 2.3 ms as two steps, X fused). bias: a K-vector added to each chunk's product."""
     width = wmat.shape[0]
     n = x.shape[0]
     r = oh * ow                       # rows (output positions) per image
     tall = x.shape[3] < TALL_BELOW_C  # columns as rows: few channels make short NHWC segments
     cols = np.empty((width, n * r) if tall else (n * r, width), np.float32) if keep else None
-    step = n if keep else max(1, CHUNK_FLOATS // max(1, r * width))
+    step = n if keep else max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
     im2col = _im2col_t.serial if tall else _im2col.serial
 
     kk = wmat.shape[1]
@@ -68,8 +74,12 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None):
                 part = buf[a:b]
                 im2col(x[i:e], part, f, s, pad, oh, ow)
                 np.matmul(part, wmat, out=dst)
-            if pool is not None:
+            if pool is not None:   # max(z + b) = max(z) + b: the bias goes on the pooled values
                 _max_eval.serial(dst.reshape(e - i, oh, ow, kk), pool[2][i:e], pool[0], pool[1], 0)
+                if bias is not None:
+                    pool[2][i:e] += bias
+            elif bias is not None:
+                dst += bias
 
     shares(n, run, n * r * width * wmat.shape[1])
     return cols, tall
