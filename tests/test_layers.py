@@ -315,19 +315,30 @@ def test_conv_examples_cover_every_algorithm():
     assert len(algos["winograd"]) >= 4 and len(algos["planar"]) >= 6 and len(algos["winograd4"]) >= 3
 
 
-def test_wide_vector_machines_run_gemm(monkeypatch):
+def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
     """With AVX-512 (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
-    "gemm", whatever its shape; fewer filters still run "rows". The suite itself runs with
-    FLOWDSL_WIDE=0 (conftest), so that the other algorithms are exercised on any machine."""
+    "gemm" in evaluation, and no conv runs "planar" (gemm wins there in training too); Winograd
+    keeps its thresholds in training; fewer filters still run "rows". The suite itself runs
+    with FLOWDSL_WIDE=0 (conftest), so that every algorithm is exercised on any machine."""
     import flowdsl.layers.conv as convmod
     assert convmod.wide_vectors() is False and os.environ["FLOWDSL_WIDE"] == "0"
-    monkeypatch.setattr(convmod, "WIDE", True)
-    seen = {}
+    classic = {}
     for kind, text, shape in CASES:
         if kind == "conv":
             layer = build(kind, text, shape)[1]
-            seen.setdefault(layer.algo, set()).add(layer.args["filters"] <= convmod.DIRECT_MAX_FILTERS)
-    assert seen == {"rows": {True}, "gemm": {False}}, seen
+            classic[(text, shape)] = layer.algo_for(256)
+    monkeypatch.setattr(convmod, "WIDE", True)
+    evaluation, training = {}, {}
+    for kind, text, shape in CASES:
+        if kind == "conv":
+            layer = build(kind, text, shape)[1]
+            few = layer.args["filters"] <= convmod.DIRECT_MAX_FILTERS
+            evaluation.setdefault(layer.algo_for(256, training=False), set()).add(few)
+            training.setdefault(layer.algo_for(256), set()).add(few)
+            old = classic[(text, shape)]
+            assert layer.algo_for(256) == ("gemm" if old == "planar" else old), (text, shape)
+    assert evaluation == {"rows": {True}, "gemm": {False}}, evaluation
+    assert "planar" not in training and {"winograd", "winograd4"} <= set(training), training
 
 
 @pytest.mark.parametrize("text,shape,pool", [

@@ -54,12 +54,14 @@ WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (h
 
 def wide_vectors():
     """Whether this machine's cores have AVX-512 (Linux: /proc/cpuinfo; elsewhere: no). There
-    numpy's OpenBLAS runs its 16-wide kernels, and the im2col product ("gemm", each thread its
-    own share) beats Winograd and "planar" on every conv of the bench nets, in training and in
-    evaluation (2026-12-02, nets A and B, 2 threads: A evaluation at batch 256 13,766 -> 19,940
-    img/s, training 5,004 -> 5,697; B level, within 3%). The thresholds above were measured on
-    this workplace's earlier machines (not recorded whether they had AVX-512; the first-round
-    notes show Winograd and planar ahead there) and still decide elsewhere.
+    numpy's OpenBLAS runs its 16-wide kernels and the im2col product ("gemm", each thread its own
+    share) beats Winograd and "planar" on every conv of the bench nets in evaluation
+    (2026-12-02, net A at batch 256: 13,766 -> 19,940 img/s; B level), and planar in training
+    (28x28x1 -> 32 3x3 at batch 64, forward + weight gradient: 1.39 ms against 1.85); Winograd
+    still wins in training (forward + backward at batch 64: 7x7x96 -> 96 gemm 8.11 ms, F(2x2)
+    6.16, F(4x4) 5.27; 14x14x24 -> 64: 7.29, 6.09, 8.49), so training keeps its thresholds.
+    They were measured on this workplace's earlier machines (not recorded whether they had
+    AVX-512) and decide everything there.
     FLOWDSL_WIDE=1 or 0 overrides it (the test suite sets 0, so every algorithm keeps being run)."""
     global WIDE
     if WIDE is None and os.environ.get("FLOWDSL_WIDE") in ("0", "1"):
@@ -164,19 +166,21 @@ class Conv(Layer):
         a = self.args
         if a["filters"] <= DIRECT_MAX_FILTERS:
             return "rows"
-        if wide_vectors():
-            return "gemm"
         if a["field"] == 3 and a["stride"] == 1 and self.in_shape[0] >= WINO_MIN_C:
             return "winograd4" if self.in_shape[0] >= WINO4_MIN_C else "winograd"
-        if a["stride"] == 1 and self.in_shape[0] <= PLANAR_MAX_C and self.padding <= a["field"] - 1:
+        if (a["stride"] == 1 and self.in_shape[0] <= PLANAR_MAX_C and self.padding <= a["field"] - 1
+                and not wide_vectors()):
             return "planar"
         return "gemm"
 
-    def algo_for(self, n):
-        """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles."""
+    def algo_for(self, n, training=True):
+        """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles; in
+        evaluation on AVX-512 machines, gemm (see wide_vectors)."""
         if self.pad_mode is not None:
-            return self._run_as().algo_for(n)
+            return self._run_as().algo_for(n, training)
         algo = self.algo
+        if not training and algo != "rows" and wide_vectors():
+            return "gemm"
         th, tw = _winograd.tiles(self.out[1], self.out[2])
         return "gemm" if STRATEGIES[algo] in (_winograd, _winograd4) and n * th * tw < WINO_MIN_TILES else algo
 
@@ -185,7 +189,7 @@ class Conv(Layer):
         return act_spec(self)
 
     def can_pool(self, n):
-        return STRATEGIES[self.algo_for(n)].POOLS
+        return STRATEGIES[self.algo_for(n, False)].POOLS
 
     def bytes_per_sample(self):
         kept, dz, _ = super().bytes_per_sample()
@@ -206,7 +210,7 @@ class Conv(Layer):
         run = self._run_as()
         if run is not self:
             x = _padmodes.pad(x, self.padding, self.pad_mode)
-        algo = ctx["algo"] = run.algo_for(x.shape[0])
+        algo = ctx["algo"] = run.algo_for(x.shape[0], training)
         strategy = STRATEGIES[algo]
         if training or pool is not None:
             z = strategy.forward(run, x, w, b, training, ctx, pool)
