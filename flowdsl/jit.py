@@ -165,9 +165,14 @@ def compile_module(modname):
     if "prange" in vars(mod):
         mod.prange = nb.prange
     for name, obj in list(vars(mod).items()):
-        if isinstance(obj, _Lazy) and obj.compiled is None:
+        if not isinstance(obj, _Lazy):
+            continue
+        if obj.py_func.__module__ != modname:   # imported from another module: compiled there
+            if obj.compiled is None:           # (its globals, its prange)
+                compile_module(obj.py_func.__module__)
+        elif obj.compiled is None:
             obj.compiled = Parallel(obj.py_func) if obj.parallel else njit(obj.py_func, False)
-            setattr(mod, name, obj.compiled)
+        setattr(mod, name, obj.compiled)
 
 
 def kernel(fn=None, *, parallel=True):
