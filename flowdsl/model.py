@@ -457,6 +457,9 @@ def _resolve_feeds(layers, aliases, program):
         if l.feed_name is not None:
             l.feed = layers[_find(l.feed_name, i, l, "a branch", l.feed_pos, layers, aliases, program)]
         elif getattr(l, "starts_chain", False):
+            if not getattr(l, "srcs", None):   # add(from=[]) first in a chain: nothing to read
+                raise _err(f"{l.kind} starts a chain, so it needs the names of the layers it joins, "
+                           f"e.g. {l.kind}(a, b). Received: none", l.pos, program)
             l.feed = l.srcs[0]
 
 

@@ -254,3 +254,15 @@ def test_comment_brackets_do_not_count_as_nesting():
 def test_error_in_string_argument_is_not_nesting():
     src = NET + '\ntrain { checkpoint = "' + "(" * 300 + '" }'
     assert build_text(src, "m.flow").train["checkpoint"] == "(" * 300
+
+
+def test_a_join_that_starts_a_chain_with_no_names_is_a_positioned_error():
+    """add(from=[]) first in a chain (found by the program fuzzer): an error at the layer, no
+    IndexError."""
+    from flowdsl.model import build_text
+    from flowdsl.errors import FlowError
+    import pytest
+    with pytest.raises(FlowError) as e:
+        build_text("add(from=[])\n", "t.flow")
+    assert "t.flow:1:1" in str(e.value) or (e.value.line, e.value.column) == (1, 1), str(e.value)
+    assert "needs the names" in str(e.value)
