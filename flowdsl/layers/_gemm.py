@@ -1,7 +1,7 @@
-"""conv's "gemm" algorithm, the general one: numba im2col with a trailing column of ones (so
-the bias rides in the product, and its gradient comes out of the weight-gradient product) and
-one BLAS product; in evaluation conv.py cuts the batch into chunks whose im2col buffer stays in
-cache. Its product-based input gradient (`dx`) also serves "planar" layers.
+"""conv's "gemm" algorithm, the general one: numba im2col and one BLAS product, each thread on
+its own share of the images (`product`). In training a trailing column of ones carries the bias,
+so its gradient comes out of the weight-gradient product; in evaluation each share goes through
+cache-sized chunks, which add the bias and can apply a following maxpool. Its product-based input gradient (`dx`) also serves "planar" layers.
 The strategy interface is described in _rows.py."""
 import sys
 
@@ -46,8 +46,8 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
     forward), into the whole column matrix, returned for the weight gradient with whether it is
     stored transposed: (cols or None, tall). pool = (size, stride, y): out is None, and each
     chunk's product goes to a buffer whose max windows (clipped to OH x OW) are written to y
-    (N, PH, PW, K): the conv's full-size output is never written (net A's conv1 + maxpool1 at
-    batch 256: 2.3 ms as two steps, X fused). bias: a K-vector added to each chunk's product."""
+    (N, PH, PW, K): the conv's full-size output is never written. bias: a K-vector added to
+    each chunk's product."""
     width = wmat.shape[0]
     n = x.shape[0]
     r = oh * ow                       # rows (output positions) per image
@@ -55,7 +55,6 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
     cols = np.empty((width, n * r) if tall else (n * r, width), np.float32) if keep else None
     step = n if keep else max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
     im2col = _im2col_t.serial if tall else _im2col.serial
-
     kk = wmat.shape[1]
 
     def run(lo, hi):
@@ -81,7 +80,7 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
             elif bias is not None:
                 dst += bias
 
-    shares(n, run, n * r * width * wmat.shape[1])
+    shares(n, run, n * r * width * kk)
     return cols, tall
 
 
@@ -211,12 +210,6 @@ def _im2col_t(x, cols, f, s, pad, oh, ow, c):
                 for j in range(j0, j1):
                     cols[t, base + j] = xr[(j * s + bb - pad) * c + cc]
             cols[t, base + j1:base + ow] = zero
-
-
-def im2col_t(x, cols, f, s, pad, oh, ow):
-    """_im2col_t of an NHWC array."""
-    _im2col_t(x.reshape(x.shape[0], x.shape[1], -1), cols, f, s, pad, oh, ow, x.shape[3])
-
 
 
 @kernel
