@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FlowError, size_text
+from .jit import kernel, prange
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -196,6 +197,23 @@ def class_names(classes, k):
     return names + [str(i) for i in range(len(names), k)]
 
 
+@kernel
+def _all_finite(flat):
+    """Whether every value of a C-contiguous float32 (N, D) array is finite: v * 0 is 0 for a
+    finite v and NaN for NaN and the infinities (the kernel flags leave out nnan/ninf, so
+    this is not folded away), summed per row in vectorised order."""
+    n = flat.shape[0]
+    bad = np.zeros(n, np.uint8)
+    for i in prange(n):
+        acc = np.float32(0.0)
+        r = flat[i]
+        for j in range(r.shape[0]):
+            acc += r[j] * np.float32(0.0)
+        if acc != np.float32(0.0):
+            bad[i] = 1
+    return bad.max() == 0
+
+
 def check_finite(x, where="the input"):
     """A FlowError naming the first sample of a float array that holds NaN or an infinity (a
     data problem, reported before it turns into a NaN loss or silent garbage probabilities)."""
@@ -203,6 +221,8 @@ def check_finite(x, where="the input"):
     if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.size == 0:
         return
     flat = x.reshape(x.shape[0], -1)
+    if flat.dtype == np.float32 and flat.flags.c_contiguous and _all_finite(flat):
+        return   # one pass, no temporaries (a 400x400x3 batch of 20: 6 ms -> ~1; one image: ~1 us)
     step = max(1, (1 << 22) // max(1, flat.shape[1]))   # ~4 M values at a time: no full-size temporary
     first, count = -1, 0
     for i in range(0, flat.shape[0], step):

@@ -264,6 +264,10 @@ EXAMPLES = {
         ("conv(filters=6, field=3, stride=2, pad=1)", "8x6x3"),      # gemm, unread border
         ("conv(filters=5, field=2, stride=3, pad=1)", "7x8x9"),      # gemm, unread border
         ("conv(filters=2, field=3, pad=1, bias=false)", "5x4x2"),     # rows, no bias
+        ("conv(filters=1, field=4, stride=2, pad=1, act=relu)", "8x7x1"),  # rows: net C's c2, relu fused
+        ("conv(filters=3, field=3, stride=2, pad=1, act=relu)", "7x6x3"),  # rows: strided phases, 3 channels
+        ("conv(filters=2, field=2, pad=2)", "4x5x3"),                 # rows: border outputs read only padding
+        ("conv(filters=1, field=3, stride=3, pad=2, act=relu)", "7x8x2"),  # rows: stride = field, wide pad
         ("conv(filters=6, field=3, pad=1, bias=false, act=relu)", "5x4x3"),  # planar, no bias
         ("conv(filters=6, field=3, bias=false, trainable=false)", "6x5x12"),  # Winograd, no bias
         ("conv(filters=6, field=2, stride=2, bias=false)", "6x4x9"),  # gemm, no bias

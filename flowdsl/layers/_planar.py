@@ -73,7 +73,14 @@ def backward(conv, dz, w, g, ctx, need_dx):
     return _gemm.dx(conv, dz, w, x.shape) if need_dx else None
 
 
-bytes_per_sample = _rows.bytes_per_sample   # the padded planes: as many floats as rows' padded input
+def bytes_per_sample(conv):
+    """The padded planes, kept; their gradient in backward."""
+    c, h, w = conv.in_shape
+    pad = conv.padding
+    padded = 4 * c * (h + 2 * pad) * (w + 2 * pad) if pad else 0
+    return padded, padded
+
+
 eval_chunk = _rows.eval_chunk               # no chunks
 
 

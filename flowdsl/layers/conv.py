@@ -212,12 +212,15 @@ class Conv(Layer):
             x = _padmodes.pad(x, self.padding, self.pad_mode)
         algo = ctx["algo"] = run.algo_for(x.shape[0], training)
         strategy = STRATEGIES[algo]
+        kw = {"relu": True} if act[0] == "relu" and getattr(strategy, "RELU", False) else {}
         if training or pool is not None:
-            z = strategy.forward(run, x, w, b, training, ctx, pool)
+            z = strategy.forward(run, x, w, b, training, ctx, pool, **kw)
         else:  # in chunks whose work buffers stay in cache
             step = strategy.eval_chunk(run, x.shape[0], CHUNK_FLOATS)
-            z = _in_chunks(x, step, lambda xi: strategy.forward(run, xi, w, b, False, ctx))
-        y = act_forward(act[0], act[1], z, out=None if training else z)  # z is ours: in place
+            z = _in_chunks(x, step, lambda xi: strategy.forward(run, xi, w, b, False, ctx, **kw))
+        # z is ours: in place. relu applied by the strategy: z is y (relu's derivative reads z > 0,
+        # the same as y > 0)
+        y = z if kw else act_forward(act[0], act[1], z, out=None if training else z)
         if training:
             ctx["x"], ctx["z"], ctx["y"], ctx["act"] = x, z, y, act
         return y
