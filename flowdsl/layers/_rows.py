@@ -11,6 +11,7 @@ The strategy interface every conv algorithm module shares (conv.py dispatches to
     bytes_per_sample(conv) -> (kept, dx_transient)           training memory per sample
     POOLS                                                    whether forward applies `pool` itself
     RELU (optional)                   whether forward(..., relu=True) returns relu(z) itself
+                                      and backward takes dy with ctx["mask"] (relu's too)
     eval_chunk(conv, n, chunk_floats) -> images per evaluation chunk (n: no chunking)"""
 import numpy as np
 
@@ -19,7 +20,8 @@ from ..jit import kernel, prange
 POOLS = False
 
 
-RELU = True    # forward(..., relu=True) returns relu(z): one pass over the output, not two
+RELU = True    # forward(..., relu=True) returns relu(z), backward masks dy itself: one pass
+               # over the output and one over its gradient, not two each
 
 
 def forward(conv, x, w, b, training, ctx, pool=None, relu=False):
@@ -32,15 +34,21 @@ def forward(conv, x, w, b, training, ctx, pool=None, relu=False):
 
 
 def backward(conv, dz, w, g, ctx, need_dx):
+    """ctx["mask"] (set by conv when forward applied relu): dz is dy, and the kernels take
+    dy where mask > 0 and 0 elsewhere as they read it (relu's backward pass fused)."""
     s, pad, k = conv.args["stride"], conv.padding, conv.args["filters"]
     x = ctx["x"]
     n, h, wd, c = x.shape
+    mask = ctx.get("mask")
+    masked = mask is not None
+    dz3 = dz.reshape(n, dz.shape[1], -1)
+    m3 = mask.reshape(dz3.shape) if masked else dz3
     db = g["b"] if g.get("b") is not None else np.empty(k, np.float32)
-    _direct_dw(x.reshape(n, h, -1), dz.reshape(n, dz.shape[1], -1), g["w"], db, s, pad, c, 32)
+    _direct_dw(x.reshape(n, h, -1), dz3, m3, masked, g["w"], db, s, pad, c, 32)
     if not need_dx:
         return None
     dx = np.empty_like(x)
-    _direct_dx(dz.reshape(n, dz.shape[1], -1), w, _wrep(w, dz.shape[2]), dx.reshape(n, h, -1), s, pad)
+    _direct_dx(dz3, m3, masked, w, _wrep(w, dz.shape[2]), dx.reshape(n, h, -1), s, pad)
     return dx
 
 
@@ -156,29 +164,40 @@ def _direct_fwd(x, wrep, w, b, z, s, pad, c, relu):
 
 
 @kernel(parallel=False)
-def _spread(dzrow, dzr, k, kk, c):
-    """Filter k's gradient row (dzrow: (OW*K,)) with each value repeated C times, matching the
-    (column, channel) pairs of an input row: in dzr, or dzrow itself for one filter and one
-    channel (no copy)."""
-    if kk == 1 and c == 1:
-        return dzrow
+def _spread(dzrow, mrow, masked, dzr, k, kk, c):
+    """Filter k's gradient row (dzrow: (OW*K,); masked: 0 where mrow <= 0) with each value
+    repeated C times, matching the (column, channel) pairs of an input row, and its sum:
+    (dzr, sum), or (dzrow itself, sum) for one filter, one channel and no mask (no copy)."""
     ow = dzrow.shape[0] // kk
-    if kk == 1 and c == 3:
+    zero = np.float32(0.0)
+    total = zero
+    if kk == 1 and c == 1 and not masked:
         for j in range(ow):
-            v = dzrow[j]
+            total += dzrow[j]
+        return dzrow, total
+    if kk == 1 and c == 1:
+        for j in range(ow):
+            v = dzrow[j] if mrow[j] > zero else zero
+            dzr[j] = v
+            total += v
+    elif kk == 1 and c == 3:
+        for j in range(ow):
+            v = dzrow[j] if (not masked or mrow[j] > zero) else zero
             dzr[3 * j] = v
             dzr[3 * j + 1] = v
             dzr[3 * j + 2] = v
+            total += v
     else:
         for j in range(ow):
-            v = dzrow[j * kk + k]
+            v = dzrow[j * kk + k] if (not masked or mrow[j * kk + k] > zero) else zero
+            total += v
             for cc in range(c):
                 dzr[j * c + cc] = v
-    return dzr
+    return dzr, total
 
 
 @kernel
-def _direct_dw(x, dz, dw, db, s, pad, c, chunks):
+def _direct_dw(x, dz, mask, masked, dw, db, s, pad, c, chunks):
     """dw[a,bb,cc,k] = sum_{n,i,j} dz[n,i,j,k] * x[n, i*s+a-pad, (j*s+bb-pad)*C + cc] over the taps
     inside the image, and db[k] = sum dz[..., k] (dz given as (N, OH, OW*K)). Rows are split into chunks, each with its own
     partial sums (per row position), merged serially: no races."""
@@ -200,11 +219,7 @@ def _direct_dw(x, dz, dw, db, s, pad, c, chunks):
             n = row // oh
             i = row % oh
             for k in range(kk):
-                dzrow = dz[n, i]
-                src_dz = _spread(dzrow, dzr, k, kk, c)
-                bs = np.float32(0.0)
-                for j in range(ow):
-                    bs += dzrow[j * kk + k]
+                src_dz, bs = _spread(dz[n, i], mask[n, i], masked, dzr, k, kk, c)
                 pb[t, k] += bs
                 for a in range(f):
                     y = i * s + a - pad
@@ -240,7 +255,7 @@ def _direct_dw(x, dz, dw, db, s, pad, c, chunks):
 
 
 @kernel
-def _direct_dx(dz, w, wrep, dx, s, pad):
+def _direct_dx(dz, mask, masked, w, wrep, dx, s, pad):
     """Gradient w.r.t. the (unpadded) input, one input row per iteration (disjoint writes):
     dx[n, y, (j*s+bb-pad)*C + cc] += dz[n,i,j,k] * w[a,bb,cc,k] for every tap with
     i*s + a - pad = y that lands inside the image (dz given as (N, OH, OW*K); strided convs: into the row's phases, dealt
@@ -268,7 +283,7 @@ def _direct_dx(dz, w, wrep, dx, s, pad):
             if i >= oh:
                 continue
             for k in range(kk):
-                src_dz = _spread(dz[n, i], dzr, k, kk, c)
+                src_dz, _ = _spread(dz[n, i], mask[n, i], masked, dzr, k, kk, c)
                 for bb in range(f):
                     d = bb - pad
                     j0, j1 = _span(d, s, ow, width)

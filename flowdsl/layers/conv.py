@@ -223,6 +223,7 @@ class Conv(Layer):
         y = z if kw else act_forward(act[0], act[1], z, out=None if training else z)
         if training:
             ctx["x"], ctx["z"], ctx["y"], ctx["act"] = x, z, y, act
+            ctx["fused_relu"] = bool(kw)
         return y
 
     def to_onnx(self, g, x, p, state, extras):
@@ -244,7 +245,11 @@ class Conv(Layer):
 
     def backward(self, dy, p, g, ctx, need_dx):
         kind, alpha = ctx["act"]
-        dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
+        if ctx.get("fused_relu"):   # the strategy masks dy itself (see _rows.RELU)
+            dz, ctx["mask"] = dy, ctx["y"]
+        else:
+            ctx.pop("mask", None)
+            dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         p, g = biased(self, p, g)
         run = self._run_as()
         dx = STRATEGIES[ctx["algo"]].backward(run, dz, p["w"], g, ctx, need_dx)
