@@ -13,7 +13,7 @@ convolution is one matrix product: im2col rows of length field*field*C_in times 
 This file holds the arguments, the shape rule and the choice of algorithm; each algorithm is a
 module of its own with the same interface (described in _rows.py), in STRATEGIES:
 - "rows" (_rows.py), few filters (NeuroFlow's 1-filter convs on 400x400 images): direct loops
-  on a pre-padded input, no im2col buffer;
+  on the unpadded input, no im2col buffer, relu fused in (forward_fused asks `RELU`);
 - "winograd" (_winograd.py), 3x3 stride-1 filters over at least WINO_MIN_C input channels:
   Winograd F(2x2, 3x3), 2.25x fewer multiplications than im2col; from WINO4_MIN_C channels
   "winograd4" (_winograd4.py), F(4x4, 3x3), 4x fewer;
