@@ -37,8 +37,14 @@ def set_threads(n: int):
         if n != _threads or (_pool is None and n > 1):
             if _pool is not None:
                 _pool.shutdown(wait=True)
-            _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="flowdsl-mm") if n > 1 else None
+            _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="flowdsl-mm",
+                                       initializer=_init_thread) if n > 1 else None
             _threads = n
+
+
+def _init_thread():
+    from .jit import flush_thread   # denormals as zero in the products (flowdsl/_fpmode.py)
+    flush_thread()
 
 
 def mm(a, b):

@@ -9,6 +9,7 @@ OMP_WAIT_POLICY=passive before numba loads, so numba's idle workers sleep instea
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import tempfile
 import types
@@ -200,7 +201,55 @@ def threads(n: int | None = None) -> int:
     from .blas import set_threads
     set_threads(n)
     _threads = n
+    fp = _fpmode()
+    if fp and n > 1:   # numba's workers flush denormals for good; the caller's thread is put back
+        old = fp.read()
+        fp.flush_workers(n)
+        fp.restore(old)
     return n
+
+
+# ------------------------------------------------------------------------------ denormals
+_fp = None
+
+
+def _fpmode():
+    """flowdsl._fpmode on x86 (False elsewhere, or with FLOWDSL_DENORMALS=1: IEEE denormals kept)."""
+    global _fp
+    if _fp is None:
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        if not x86 or os.environ.get("FLOWDSL_DENORMALS") == "1":
+            _fp = False
+        else:
+            numba()
+            from . import _fpmode as fp
+            _fp = fp
+    return _fp
+
+
+def flush_thread():
+    """Flush denormals on the calling thread for good (flowdsl's own BLAS threads)."""
+    fp = _fpmode()
+    if fp:
+        fp.flush()
+
+
+class flushed:
+    """with flushed(): the calling thread treats float32 denormals as zero (FTZ and DAZ) inside
+    the block, and gets its own setting back after it: flowdsl's forward, backward and optimizer
+    steps run so, while the caller's own numpy code keeps IEEE denormals. (A denormal operand
+    costs a microcode assist per operation: 50-100x slower products; see flowdsl/_fpmode.py.)"""
+    __slots__ = ("old",)
+
+    def __enter__(self):
+        fp = _fp if _fp is not None else _fpmode()
+        self.old = fp.flush() if fp else None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            _fp.restore(self.old)
+        return False
 
 
 def cache_dir() -> str:

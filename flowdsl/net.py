@@ -11,6 +11,7 @@ import numpy as np
 
 from . import plan
 from .errors import FlowError
+from .jit import flushed
 from .layers import lookup
 from .layers.base import show_shape
 from .memory import check_parameters, check_training, data_budget
@@ -127,6 +128,10 @@ class Net:
         """The forward loop over a plan's steps: (last output, {kept name: output}, trace of
         (step, ctx, post) for the backward loop). extra: entries every step's ctx gets;
         stop_after: the name of the step to end at."""
+        with flushed():   # denormals as zero while flowdsl computes (jit.flushed)
+            return self._run_steps(steps, x, training, extra, keep, stop_after)
+
+    def _run_steps(self, steps, x, training, extra, keep, stop_after):
         saved, kept, trace = {-1: x}, {}, []
         for st in steps:
             ctx = {"state": self.state[st.layer.name], "rng": self.rng, **(extra or {})}
@@ -151,6 +156,10 @@ class Net:
         grads(layer name) -> the dict the layer writes its parameter gradients into. Returns
         {name in seen: the gradient reaching that step's output}; with dinput (an array the
         input's shape), the input's gradient is added into it (else it is never computed)."""
+        with flushed():
+            return self._back_steps(trace, d, grads, seen, dinput)
+
+    def _back_steps(self, trace, d, grads, seen, dinput):
         # pending: layer index -> the gradient reaching its output so far (from the step after
         # it, from branches that start from it, from the layers that add or join it); -1 is the
         # network input

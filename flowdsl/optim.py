@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import kernel, prange
+from .jit import flushed, kernel, prange
 
 KINDS = {"sgd": 0, "momentum": 1, "adam": 2, "rmsprop": 3}
 
@@ -36,6 +36,10 @@ class Optimizer:
         self.t += 1
         lr = self.lr if lr is None else lr
         h = self.hyper
+        with flushed():
+            self._apply(lr, h)
+
+    def _apply(self, lr, h):
         _step(KINDS[self.kind], self.net.flat, self.net.gflat, self.m, self.v, self.decay, self.live,
               np.float32(lr), np.float32(h.get("mu", 0.0)), np.float32(h.get("beta1", 0.0)),
               np.float32(h.get("beta2", h.get("rho", 0.0))), np.float32(h.get("eps", 1e-8)),
