@@ -52,14 +52,14 @@ def test_numba_workers_and_blas_threads_flush():
     from flowdsl import blas
     from flowdsl.layers.activations import act_forward
     jit.threads(2)
+    assert blas.MIN_WORK < 600 * 2000 * 40   # the product below is split over the pool threads
     n = 4 * jit.SERIAL_BELOW             # large enough for the parallel kernel
     z = np.full(n, -np.float32(1e-38), np.float32)
     with jit.flushed():
         y = act_forward("leakyrelu", 0.25, z)   # -2.5e-39 each, on every worker: flushed
         a = np.full((600, 2000), TINY, np.float32)
-        p = blas.mm(a, np.full((2000, 40), TINY, np.float32))   # split over the pool threads
+        p = blas.mm(a, np.full((2000, 40), TINY, np.float32))
     assert np.all(y == 0) and np.all(p == 0)
-    assert blas.MIN_WORK < 600 * 2000 * 40
 
 
 def test_flowdsl_denormals_1_keeps_them():

@@ -248,7 +248,6 @@ class Conv(Layer):
         if ctx.get("fused_relu"):   # the strategy masks dy itself (see _rows.RELU)
             dz, ctx["mask"] = dy, ctx["y"]
         else:
-            ctx.pop("mask", None)
             dz = act_backward(kind, alpha, ctx["z"], ctx["y"], dy)
         p, g = biased(self, p, g)
         run = self._run_as()
