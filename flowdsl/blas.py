@@ -16,9 +16,14 @@ import numpy as np
 _pool = None
 _threads = 1
 _lock = threading.Lock()
+_solo = False       # True while `split` runs a pass on every thread at once: each thread then
+                    # computes its products and kernels itself (jit.Parallel reads it too)
 MIN_WORK = 12 << 20  # multiply-adds below which one thread is faster than splitting: handing a
                      # block to a sleeping pool thread and getting it back costs ~90 us here (a
                      # virtual machine's wake-up), a product of 12 M multiply-adds ~180 us
+SPLIT_MIN = 2 * MIN_WORK  # a whole evaluation pass below this runs on one thread (split): measured
+                          # on A and B (2 threads), passes of 13-15 M multiply-adds split ran at
+                          # 0.5-1.0x, of 25 M and more at 1.15-1.6x
                      # (121x289x64: 32 us on the calling thread, 111 split; 1936x289x64: 536
                      # and 398)
 ROWS = 4096         # rows per block of a row-split product
@@ -52,7 +57,7 @@ def mm(a, b):
     m, k = a.shape
     n = b.shape[1]
     t = _threads
-    if t <= 1 or _pool is None or m * k * n < MIN_WORK:
+    if t <= 1 or _pool is None or _solo or m * k * n < MIN_WORK:
         return a @ b
     if m >= 8 * t and k < KSPLIT * m:
         # row blocks of about ROWS rows, a contiguous run of them per thread: products with a
@@ -88,7 +93,7 @@ def shares(n, run, work):
     the first: one hand-over per call, however many steps each share takes (a conv's im2col and
     product chunk by chunk, its cache-sized buffers its own). work: multiply-adds in all; below
     MIN_WORK the calling thread runs run(0, n) alone."""
-    t = _threads if _pool is not None else 1
+    t = _threads if _pool is not None and not _solo else 1
     t = max(1, min(t, n))
     if t == 1 or work < MIN_WORK:
         run(0, n)
@@ -102,13 +107,38 @@ def shares(n, run, work):
             f.result()
 
 
+def split(n, run, work):
+    """run(lo, hi) over contiguous shares of range(n), one per thread, each thread running
+    everything inside on its own: products, kernels (their serial twins), chunking. An
+    evaluation pass goes through this once instead of handing each layer's work over (two
+    wake-ups a layer; see flowdsl.net). Returns the runs' results in order, or None when the
+    work (multiply-adds) is too small to split (below SPLIT_MIN) or there is one thread: the
+    caller then runs the pass itself."""
+    global _solo
+    t = min(_threads if _pool is not None else 1, n)
+    if t <= 1 or _solo or work < SPLIT_MIN:
+        return None
+    cuts = [n * i // t for i in range(t + 1)]
+    with _lock:
+        _solo = True
+        try:
+            futs = [_pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, t)]
+            try:
+                first = run(0, cuts[1])
+            finally:
+                rest = [f.result() for f in futs]
+        finally:
+            _solo = False
+    return [first] + rest
+
+
 def mm_stack(a, b):
     """a[e] @ b[e] for stacks of 2-D float32 matrices (either may be transposed views): the
     products are shared out among the threads whole, one single-threaded BLAS call each
     (Winograd's 16 per conv)."""
     e = a.shape[0]
     out = np.empty((e, a.shape[1], b.shape[2]), np.float32)
-    t = max(1, min(_threads if _pool is not None else 1, e))
+    t = max(1, min(_threads if _pool is not None and not _solo else 1, e))
 
     def run(j):
         for i in range(e * j // t, e * (j + 1) // t):

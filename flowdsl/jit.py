@@ -146,7 +146,7 @@ class Parallel:
         return self._serial
 
     def __call__(self, *args):
-        if _threads == 1:
+        if _threads == 1 or _blas._solo:   # one thread, or each thread on its own share
             return self.serial(*args)
         size = 0
         for a in args:
@@ -189,6 +189,7 @@ def prange(*a):
 
 
 _threads = None
+_blas = None   # flowdsl.blas, once threads() has run (numba() runs it before any kernel)
 
 
 def threads(n: int | None = None) -> int:
@@ -198,8 +199,9 @@ def threads(n: int | None = None) -> int:
     cap = nb.config.NUMBA_NUM_THREADS
     n = cap if n is None else max(1, min(int(n), cap))
     nb.set_num_threads(n)
-    from .blas import set_threads
-    set_threads(n)
+    global _blas
+    from . import blas as _blas
+    _blas.set_threads(n)
     _threads = n
     fp = _fpmode()
     if fp and n > 1:   # numba's workers flush denormals for good; the caller's thread is put back

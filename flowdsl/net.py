@@ -17,6 +17,9 @@ from .layers.base import show_shape
 from .memory import check_parameters, check_training, data_budget
 
 
+SPLIT_EVAL = True   # evaluation passes: each thread runs the whole net on its share (_split_forward)
+
+
 class Net:
     def __init__(self, model, seed: int | None = None, fuse: bool = True):
         from . import jit
@@ -116,6 +119,11 @@ class Net:
 
     def _forward(self, x, training=False, keep=None):
         """forward of an input as_input has already checked and converted."""
+        if not training and not keep and x.shape[0] > 1 and SPLIT_EVAL:
+            y = self._split_forward(x)
+            if y is not None:
+                self._trace = []
+                return (y, {}) if keep is not None else y
         steps = self.plan(training, x.shape[0], keep).steps
         dist = self.world if training and self.world is not None and self.world.size > 1 else None
         # batchnorm's statistics and dropout's masks span the global batch on data-parallel ranks
@@ -123,6 +131,42 @@ class Net:
         y, kept, trace = self._run(steps, x, training, extra, keep)
         self._trace = trace if training else []
         return (y, kept) if keep is not None else y
+
+    def _split_forward(self, x):
+        """An evaluation pass with each thread running the whole network on its own share of
+        the batch (blas.split), or None when the batch is too small for it. Every layer in
+        evaluation treats samples independently, so the shares' outputs are the batch's."""
+        from . import blas
+        n = x.shape[0]
+        if blas._threads <= 1:
+            return None
+        plans = {}
+
+        def run(lo, hi):
+            steps = plans[hi - lo]
+            return self._run(steps, x[lo:hi], False)[0]
+
+        t = min(blas._threads, n)
+        for i in range(t):   # the plans are built here, not on the pool's threads
+            size = n * (i + 1) // t - n * i // t
+            if size not in plans:
+                plans[size] = self.plan(False, size).steps
+        outs = blas.split(n, run, n * self.macs_per_sample())
+        return None if outs is None else np.concatenate(outs)
+
+    def macs_per_sample(self):
+        """About how many multiply-adds one sample's forward pass takes: each layer's parameters
+        times its output positions, plus its output values (elementwise work)."""
+        m = getattr(self, "_macs", None)
+        if m is None:
+            m = 0
+            for l in self.layers:
+                out = getattr(l, "out", None) or ()
+                size = math.prod(out) if out else 0
+                positions = math.prod(out[1:]) if len(out) == 3 else 1
+                m += sum(math.prod(sh) for sh in l.param_shapes(l.in_shape).values()) * positions + size
+            self._macs = m
+        return m
 
     def _run(self, steps, x, training, extra=None, keep=None, stop_after=None):
         """The forward loop over a plan's steps: (last output, {kept name: output}, trace of
