@@ -158,9 +158,9 @@ def convert(p: P, node, what: str):
             raise ArgError(f"{p.name} must be {_range_text(p)}")
         return v
     if k == "extent":  # pixels (a whole number >= 1) or a fraction of the image side (0 < f < 1)
-        if not isinstance(node, Number) or not math.isfinite(float(node.value)):
+        if not isinstance(node, Number) or (isinstance(node.value, float) and not math.isfinite(node.value)):
             raise ArgError(f"{p.name} must be a number of pixels or a fraction of the image side")
-        v = node.value
+        v = node.value   # an int may be beyond float range (1000...0): compared as an int below
         if 0 < v < 1:
             return float(v)
         if v >= 1 and v == int(v):

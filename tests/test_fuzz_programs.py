@@ -534,6 +534,7 @@ def test_corrupted_programs(text):
     "input(4) :: dense(2) :: softmax\ntrain { l2 = 1" + "0" * 400 + " }",
     "input(4) :: leakyrelu(1" + "0" * 400 + ") :: dense(2) :: softmax",
     "input(4) :: dense(2) :: softmax\ninit { default = normal(0, 1" + "0" * 400 + ") }",
+    "input(8x8x1) :: dense(2) :: softmax\ntrain { augment = [shift(1" + "0" * 400 + ")] }",  # an extent
 ])
 def test_huge_integers_where_floats_go_are_errors(text):
     with pytest.raises(FlowError) as e:
