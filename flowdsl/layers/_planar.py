@@ -122,6 +122,59 @@ def _plane(x, wt, acc, wp, f, L):
 
 
 @kernel(parallel=False)
+def _plane4(x, wt, acc, g0, wp, f, L):
+    """acc[g0 + i][q] += sum_{a, bb} wt[i, a*f + bb] * x[a*Wp + bb + q] for the four filters i < 4
+    and q < L (one channel): _plane for four filters at once, each x value loaded once for four
+    multiply-adds (f = 3 and 5; others filter by filter)."""
+    a0 = acc[g0]
+    a1 = acc[g0 + 1]
+    a2 = acc[g0 + 2]
+    a3 = acc[g0 + 3]
+    if f == 3:
+        w00, w01, w02, w03, w04, w05, w06, w07, w08 = (
+            wt[0, 0], wt[0, 1], wt[0, 2], wt[0, 3], wt[0, 4],
+            wt[0, 5], wt[0, 6], wt[0, 7], wt[0, 8])
+        w10, w11, w12, w13, w14, w15, w16, w17, w18 = (
+            wt[1, 0], wt[1, 1], wt[1, 2], wt[1, 3], wt[1, 4],
+            wt[1, 5], wt[1, 6], wt[1, 7], wt[1, 8])
+        w20, w21, w22, w23, w24, w25, w26, w27, w28 = (
+            wt[2, 0], wt[2, 1], wt[2, 2], wt[2, 3], wt[2, 4],
+            wt[2, 5], wt[2, 6], wt[2, 7], wt[2, 8])
+        w30, w31, w32, w33, w34, w35, w36, w37, w38 = (
+            wt[3, 0], wt[3, 1], wt[3, 2], wt[3, 3], wt[3, 4],
+            wt[3, 5], wt[3, 6], wt[3, 7], wt[3, 8])
+        x0 = x[0:L + 2]
+        x1 = x[wp:wp + L + 2]
+        x2 = x[2 * wp:2 * wp + L + 2]
+        for q in range(L):
+            p0, p1, p2 = x0[q], x0[q + 1], x0[q + 2]
+            p3, p4, p5 = x1[q], x1[q + 1], x1[q + 2]
+            p6, p7, p8 = x2[q], x2[q + 1], x2[q + 2]
+            a0[q] += (w00 * p0 + w01 * p1 + w02 * p2 + w03 * p3 + w04 * p4 + w05 * p5 + w06 * p6 + w07 * p7 + w08 * p8)
+            a1[q] += (w10 * p0 + w11 * p1 + w12 * p2 + w13 * p3 + w14 * p4 + w15 * p5 + w16 * p6 + w17 * p7 + w18 * p8)
+            a2[q] += (w20 * p0 + w21 * p1 + w22 * p2 + w23 * p3 + w24 * p4 + w25 * p5 + w26 * p6 + w27 * p7 + w28 * p8)
+            a3[q] += (w30 * p0 + w31 * p1 + w32 * p2 + w33 * p3 + w34 * p4 + w35 * p5 + w36 * p6 + w37 * p7 + w38 * p8)
+    elif f == 5:
+        for a in range(5):
+            r = a * 5
+            w00, w01, w02, w03, w04 = wt[0, r + 0], wt[0, r + 1], wt[0, r + 2], wt[0, r + 3], wt[0, r + 4]
+            w10, w11, w12, w13, w14 = wt[1, r + 0], wt[1, r + 1], wt[1, r + 2], wt[1, r + 3], wt[1, r + 4]
+            w20, w21, w22, w23, w24 = wt[2, r + 0], wt[2, r + 1], wt[2, r + 2], wt[2, r + 3], wt[2, r + 4]
+            w30, w31, w32, w33, w34 = wt[3, r + 0], wt[3, r + 1], wt[3, r + 2], wt[3, r + 3], wt[3, r + 4]
+            xr = x[a * wp:a * wp + L + 4]
+            for q in range(L):
+                p0, p1, p2, p3, p4 = xr[q], xr[q + 1], xr[q + 2], xr[q + 3], xr[q + 4]
+                a0[q] += w00 * p0 + w01 * p1 + w02 * p2 + w03 * p3 + w04 * p4
+                a1[q] += w10 * p0 + w11 * p1 + w12 * p2 + w13 * p3 + w14 * p4
+                a2[q] += w20 * p0 + w21 * p1 + w22 * p2 + w23 * p3 + w24 * p4
+                a3[q] += w30 * p0 + w31 * p1 + w32 * p2 + w33 * p3 + w34 * p4
+    else:
+        for i in range(4):
+            _plane(x, wt[i], acc[g0 + i], wp, f, L)
+
+
+
+@kernel(parallel=False)
 def _rowdots(d, x, wp, f, L, out):
     """out[a*f + bb] += dot(d[:L], x[a*Wp + bb:][:L]) for every tap: the f dots of a filter row
     in one pass over d (each d value loaded once for f multiply-adds)."""
@@ -179,7 +232,12 @@ def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride):
         pair = np.empty(ow, np.float32)
         for g in range(g_):
             acc[g, :] = b[k0 + g]
-            for c in range(c_):
+        for c in range(c_):
+            g = 0
+            while g + 4 <= g_:
+                _plane4(xf[n, c], wt[k0 + g:k0 + g + 4, c], acc, g, wp, f, L)
+                g += 4
+            for g in range(g, g_):
                 _plane(xf[n, c], wt[k0 + g, c], acc[g], wp, f, L)
         if size == 0:
             for i in range(oh):
