@@ -10,7 +10,8 @@ convolution is a sum of shifted planes:
 so a tap is one unit-stride multiply-add over OH*Wp values, and a 3x3 (or a 5-wide row of a
 5x5) filter one pass that reads each plane value from cache several times and writes acc once.
 Columns j >= OW are computed and dropped (Wp/OW more work; no buffer as large as the output).
-- forward: one parallel task per (image, group of G filters); the task's acc is written out as
+- forward: one parallel task per (image, group of G filters), four filters a pass (_plane4: each
+  input value loaded once for four multiply-adds); the task's acc is written out as
   z[n, :, :, k0:k0+G] or, in evaluation, pooled at once (`pool`: the window of a maxpool that follows
   the conv; flowdsl.plan decides it, and applies the conv's activation after it), so the conv's
   full-size output is never written (net B: 11 -> 4 ms).
