@@ -317,8 +317,8 @@ def test_conv_examples_cover_every_algorithm():
 
 def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
     """With AVX-512 (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
-    "gemm" in evaluation except stride-1 convs over one input channel with a 5x5 or wider field
-    ("planar", net B's first layer), and no conv runs "planar" in training (gemm wins there);
+    "gemm" in evaluation except stride-1 convs over one input channel with a 3x3 or wider field
+    ("planar", nets A and B's first layers), and no conv runs "planar" in training (gemm wins there);
     Winograd keeps its thresholds in training; fewer filters still run "rows". The suite itself
     runs with FLOWDSL_WIDE=0 (conftest), so that every algorithm is exercised on any machine."""
     import flowdsl.layers.conv as convmod
@@ -335,8 +335,8 @@ def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
             layer = build(kind, text, shape)[1]
             few = layer.args["filters"] <= convmod.DIRECT_MAX_FILTERS
             a = layer.args
-            one_wide = (a["stride"] == 1 and layer.in_shape[0] == 1 and a["field"] >= 5
-                        and layer.padding <= a["field"] - 1)
+            one_wide = (a["stride"] == 1 and layer.in_shape[0] == 1 and a["field"] >= 3   # the conv that
+                        and layer._run_as().padding <= a["field"] - 1)                  # runs: pad_mode's pad=0 twin
             evaluation.setdefault(layer.algo_for(256, training=False), set()).add("rows" if few else one_wide)
             training.setdefault(layer.algo_for(256), set()).add(few)
             old = classic[(text, shape)]

@@ -48,9 +48,10 @@ WINO4_MIN_C = 32         # F(4x4, 3x3) from this many input channels (forward + 
                          # at 13x13 1.16x, 64 -> 128 at 6x6 1.24x, 96 -> 96 at 7x7 1.45x)
 WIDE = None              # whether the cores have AVX-512 (see wide_vectors)
 WIDE_PLANAR_MAX_C = 1    # with AVX-512, evaluation still runs "planar" for stride-1 convs over at
-WIDE_PLANAR_MIN_FIELD = 5  # most this many input channels with fields at least this wide (net B's
-                         # 28x28x1 -> 20 5x5, its maxpool fused: the whole pass 1.12-1.31x at
-                         # batch 16-256 against gemm, interleaved; A's 1 -> 32 3x3 0.94-1.08x)
+WIDE_PLANAR_MIN_FIELD = 3  # most this many input channels with fields at least this wide (net B's
+                         # 28x28x1 -> 20 5x5, its maxpool fused: the whole pass 1.12-1.75x at
+                         # batch 16-256 against gemm, interleaved; A's 1 -> 32 3x3 1.04-1.45x once
+                         # planar ran four filters a pass, 0.94-1.08x before)
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
@@ -64,7 +65,7 @@ def wide_vectors():
     (28x28x1 -> 32 3x3 at batch 64, forward + weight gradient: 1.39 ms against 1.85); Winograd
     still wins in training (forward + backward at batch 64: 7x7x96 -> 96 gemm 8.11 ms, F(2x2)
     6.16, F(4x4) 5.27; 14x14x24 -> 64: 7.29, 6.09, 8.49), so training keeps its thresholds.
-    Evaluation keeps "planar" for one-channel convs of 5x5 and wider (WIDE_PLANAR_MAX_C).
+    Evaluation keeps "planar" for one-channel convs of 3x3 and wider (WIDE_PLANAR_MAX_C).
     They were measured on this workplace's earlier machines (not recorded whether they had
     AVX-512) and decide everything there.
     FLOWDSL_WIDE=1 or 0 overrides it (the test suite sets 0, so every algorithm keeps being run)."""
@@ -184,7 +185,7 @@ class Conv(Layer):
     def algo_for(self, n, training=True):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles; in
         evaluation on AVX-512 machines, gemm (see wide_vectors), or planar for one-channel
-        convs of 5x5 and wider fields (WIDE_PLANAR_MAX_C)."""
+        convs of 3x3 and wider fields (WIDE_PLANAR_MAX_C)."""
         if self.pad_mode is not None:
             return self._run_as().algo_for(n, training)
         algo = self.algo
