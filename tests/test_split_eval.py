@@ -53,10 +53,9 @@ def _count_splits(monkeypatch):
 def _trained(text, seed=3):
     """A net with batchnorm running statistics and weights moved away from their start."""
     net = Net(build_text(text + "\ntrain { seed = 3 }", "<t>"), seed=seed)
-    shape = net.model.input_shape
     rng = np.random.default_rng(seed)
-    for _ in range(2):
-        x = rng.standard_normal((8,) + tuple(shape[1:]) + (shape[0],) if len(shape) == 3 else (8,) + tuple(shape)).astype(np.float32)
+    for step in range(2):
+        x = _inputs(net, 8, seed=seed + step)
         net.loss_grad(x, rng.integers(0, net.loss_layer.out[0], 8) if net.loss_layer.kind == "softmax"
                       else rng.standard_normal((8,) + tuple(net.loss_layer.out)).astype(np.float32))
         net.flat -= np.float32(0.05) * net.gflat
