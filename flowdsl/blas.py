@@ -21,11 +21,11 @@ _solo = False       # True while `split` runs a pass on every thread at once: ea
 MIN_WORK = 12 << 20  # multiply-adds below which one thread is faster than splitting: handing a
                      # block to a sleeping pool thread and getting it back costs ~90 us here (a
                      # virtual machine's wake-up), a product of 12 M multiply-adds ~180 us
+                     # (121x289x64: 32 us on the calling thread, 111 split; 1936x289x64: 536
+                     # and 398)
 SPLIT_MIN = 2 * MIN_WORK  # a whole evaluation pass below this runs on one thread (split): measured
                           # on A and B (2 threads), passes of 13-15 M multiply-adds split ran at
                           # 0.5-1.0x, of 25 M and more at 1.15-1.6x
-                     # (121x289x64: 32 us on the calling thread, 111 split; 1936x289x64: 536
-                     # and 398)
 ROWS = 4096         # rows per block of a row-split product
 KSPLIT = 4          # split the inner dimension instead when it is this many times the rows
 
@@ -52,12 +52,22 @@ def _init_thread():
     flush_thread()
 
 
+def _team():
+    """The threads a call may use: one inside a split pass (each thread on its own share)."""
+    return _threads if _pool is not None and not _solo else 1
+
+
+def cuts(n, t):
+    """The bounds of t contiguous shares of range(n)."""
+    return [n * i // t for i in range(t + 1)]
+
+
 def mm(a, b):
     """a @ b for 2-D float32 arrays (either may be a transposed view)."""
     m, k = a.shape
     n = b.shape[1]
-    t = _threads
-    if t <= 1 or _pool is None or _solo or m * k * n < MIN_WORK:
+    t = _team()
+    if t <= 1 or m * k * n < MIN_WORK:
         return a @ b
     if m >= 8 * t and k < KSPLIT * m:
         # row blocks of about ROWS rows, a contiguous run of them per thread: products with a
@@ -65,12 +75,12 @@ def mm(a, b):
         # blocks than in one half per thread (the output block stays in cache)
         nb = max(t, -(-m // ROWS))
         nb = -(-nb // t) * t
-        cuts = [m * i // nb for i in range(nb + 1)]
+        rc = cuts(m, nb)
         out = np.empty((m, n), np.float32)
 
         def run(j):
             for i in range(nb * j // t, nb * (j + 1) // t):
-                out[cuts[i]:cuts[i + 1]] = a[cuts[i]:cuts[i + 1]] @ b
+                out[rc[i]:rc[i + 1]] = a[rc[i]:rc[i + 1]] @ b
 
         futs = [_pool.submit(run, j) for j in range(1, t)]
         run(0)
@@ -80,9 +90,9 @@ def mm(a, b):
     # few rows, long inner dimension (weight gradients): partial sums over k. (Splitting rows
     # there makes every thread read all of b: a 26 x 36864 x 20 product took 1.7 ms so, 0.6 split
     # over k.)
-    cuts = [k * i // t for i in range(t + 1)]
-    futs = [_pool.submit(np.matmul, a[:, cuts[i]:cuts[i + 1]], b[cuts[i]:cuts[i + 1]]) for i in range(1, t)]
-    out = a[:, :cuts[1]] @ b[:cuts[1]]
+    kc = cuts(k, t)
+    futs = [_pool.submit(np.matmul, a[:, kc[i]:kc[i + 1]], b[kc[i]:kc[i + 1]]) for i in range(1, t)]
+    out = a[:, :kc[1]] @ b[:kc[1]]
     for f in futs:
         out += f.result()
     return out
@@ -93,15 +103,14 @@ def shares(n, run, work):
     the first: one hand-over per call, however many steps each share takes (a conv's im2col and
     product chunk by chunk, its cache-sized buffers its own). work: multiply-adds in all; below
     MIN_WORK the calling thread runs run(0, n) alone."""
-    t = _threads if _pool is not None and not _solo else 1
-    t = max(1, min(t, n))
+    t = max(1, min(_team(), n))
     if t == 1 or work < MIN_WORK:
         run(0, n)
         return
-    cuts = [n * i // t for i in range(t + 1)]
-    futs = [_pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, t)]
+    c = cuts(n, t)
+    futs = [_pool.submit(run, c[i], c[i + 1]) for i in range(1, t)]
     try:
-        run(0, cuts[1])
+        run(0, c[1])
     finally:
         for f in futs:
             f.result()
@@ -113,23 +122,28 @@ def split(n, run, work):
     evaluation pass goes through this once instead of handing each layer's work over (two
     wake-ups a layer; see flowdsl.net). Returns the runs' results in order, or None when the
     work (multiply-adds) is too small to split (below SPLIT_MIN) or there is one thread: the
-    caller then runs the pass itself."""
+    caller then runs the pass itself. The shares are cuts(n, split_threads(n))."""
     global _solo
-    t = min(_threads if _pool is not None else 1, n)
-    if t <= 1 or _solo or work < SPLIT_MIN:
+    t = split_threads(n)
+    if t <= 1 or work < SPLIT_MIN:
         return None
-    cuts = [n * i // t for i in range(t + 1)]
+    c = cuts(n, t)
     with _lock:
         _solo = True
         try:
-            futs = [_pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, t)]
+            futs = [_pool.submit(run, c[i], c[i + 1]) for i in range(1, t)]
             try:
-                first = run(0, cuts[1])
+                first = run(0, c[1])
             finally:
                 rest = [f.result() for f in futs]
         finally:
             _solo = False
     return [first] + rest
+
+
+def split_threads(n):
+    """How many shares split would cut n samples into (1: it would not split)."""
+    return min(_team(), n)
 
 
 def mm_stack(a, b):
@@ -138,7 +152,7 @@ def mm_stack(a, b):
     (Winograd's 16 per conv)."""
     e = a.shape[0]
     out = np.empty((e, a.shape[1], b.shape[2]), np.float32)
-    t = max(1, min(_threads if _pool is not None and not _solo else 1, e))
+    t = max(1, min(_team(), e))
 
     def run(j):
         for i in range(e * j // t, e * (j + 1) // t):

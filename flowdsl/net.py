@@ -138,20 +138,14 @@ class Net:
         evaluation treats samples independently, so the shares' outputs are the batch's."""
         from . import blas
         n = x.shape[0]
-        if blas._threads <= 1 or self.run_forward is not plan.run_forward:   # a Timer: per-layer times
+        work = n * self.macs_per_sample()
+        t = blas.split_threads(n)
+        # a Timer (per-layer times) keeps the pass on one thread
+        if t <= 1 or work < blas.SPLIT_MIN or self.run_forward is not plan.run_forward:
             return None
-        plans = {}
-
-        def run(lo, hi):
-            steps = plans[hi - lo]
-            return self._run(steps, x[lo:hi], False)[0]
-
-        t = min(blas._threads, n)
-        for i in range(t):   # the plans are built here, not on the pool's threads
-            size = n * (i + 1) // t - n * i // t
-            if size not in plans:
-                plans[size] = self.plan(False, size).steps
-        outs = blas.split(n, run, n * self.macs_per_sample())
+        c = blas.cuts(n, t)   # the plans are built here, not on the pool's threads
+        plans = {hi - lo: self.plan(False, hi - lo).steps for lo, hi in zip(c, c[1:])}
+        outs = blas.split(n, lambda lo, hi: self._run(plans[hi - lo], x[lo:hi], False)[0], work)
         return None if outs is None else np.concatenate(outs)
 
     def macs_per_sample(self):

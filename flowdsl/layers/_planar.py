@@ -174,7 +174,6 @@ def _plane4(x, wt, acc, g0, wp, f, L):
             _plane(x, wt[i], acc[g0 + i], wp, f, L)
 
 
-
 @kernel(parallel=False)
 def _rowdots(d, x, wp, f, L, out):
     """out[a*f + bb] += dot(d[:L], x[a*Wp + bb:][:L]) for every tap: the f dots of a filter row
@@ -230,7 +229,6 @@ def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride):
         k0 = task % groups * G
         g_ = min(G, kk - k0)
         acc = np.empty((g_, L), np.float32)
-        pair = np.empty(ow, np.float32)
         for g in range(g_):
             acc[g, :] = b[k0 + g]
         for c in range(c_):
@@ -251,6 +249,7 @@ def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride):
             # the common 2x2 window: each pair of grid rows' maximum in one vectorised pass, then
             # the pairs of columns (2.0-2.2x faster than the general loop below on nets A and B's
             # first layers; a window clipped by ceil=true repeats its last row or column)
+            pair = np.empty(ow, np.float32)
             for g in range(g_):
                 for i in range(ph):
                     y0 = 2 * i
