@@ -89,6 +89,7 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
     print(f"infer: {statistics.median(infer):,.0f} img/s   (batch {infer_batch}; median of {repeats} runs)", file=out)
     rows = [("layer", "forward ms", "backward ms")]
     tot_f = tot_b = 0.0
+    pooled = net.plan(True, batch).pooled()   # a layer that applies the next maxpool itself
     for l in net.layers[:-1]:
         v = per.get(l.name)
         if not v:
@@ -98,7 +99,8 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
         tot_f += f
         tot_b += b
         kind = f"{l.kind}, {l.algo_for(batch)}" if hasattr(l, "algo_for") else l.kind
-        rows.append((f"{l.name} ({kind})", f"{f:.2f}", f"{b:.2f}"))
+        also = f" + {pooled[l.name]}" if l.name in pooled else ""
+        rows.append((f"{l.name} ({kind}){also}", f"{f:.2f}", f"{b:.2f}"))
     rows.append(("total", f"{tot_f:.2f}", f"{tot_b:.2f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     for i, r in enumerate(rows):

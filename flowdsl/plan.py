@@ -6,9 +6,10 @@ Rewrites are decided here, once, from what layers say they can do, never from th
   it is non-decreasing (`Activation.monotone`): max commutes with such a function, so the output
   is the same and the gradient reaches the same inputs (a window whose maximum is <= 0 passes no
   gradient either way), with the activation on a quarter of the values (measured on net B);
-- a pooled layer (evaluation only): a layer that can apply the following max window itself
-  (`Layer.can_pool(n)`, conv's planar strategy) absorbs the maxpool step, so its full-size
-  output is never written; its deferred activation (if any) runs on the pooled output;
+- a pooled layer: a layer that can apply the following max window itself (`Layer.can_pool`:
+  conv's planar strategy in evaluation, batchnorm in training and evaluation) absorbs the
+  maxpool step, so its full-size output is never written (in training, its backward takes the
+  gradient at the pooled output); its deferred activation (if any) runs on the pooled output;
 - taps: the outputs a later layer reads (a branch's input, add(from=...), concat(...)) are saved.
 Nothing is rewritten around a layer whose own output is needed: one a later layer reads, or one
 the caller keeps (focus). The executor (Net.forward / Net.loss_grad) loops over the steps
@@ -106,10 +107,10 @@ def build(layers, training, n, keep=(), fuse=True):
         free = (fuse and window is not None and i not in tapped and l.name not in keep
                 and i + 1 not in feeds)   # the next layer reads this one
         defer = free and act is not None and act != LINEAR and monotone(act)
-        if free and not training and (defer or act == LINEAR) and l.can_pool(n):
+        if free and (defer or act is None or act == LINEAR) and l.can_pool(n, training, window):
             _, ph, pw = nxt.out
-            steps.append(Step(i, l, act=LINEAR, pool=(window[0], window[1], ph, pw), absorbs=nxt,
-                              post=act if defer else None, feed=feeds.get(i), extras=extras.get(i, ()),
+            steps.append(Step(i, l, act=None if act is None else LINEAR, pool=(window[0], window[1], ph, pw),
+                              absorbs=nxt, post=act if defer else None, feed=feeds.get(i), extras=extras.get(i, ()),
                               save=i + 1 in tapped))
             i += 2
             post = None

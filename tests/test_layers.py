@@ -514,6 +514,50 @@ def test_kernels_match_their_python_versions(kind, text, shape, batch, mode, mon
                                    err_msg=f"output {i} (y, dx, y in evaluation, grads...)")
 
 
+def run_pooled(net, layer, x, window):
+    """run_layer for a layer that applies the next max window (size, stride) itself (the plan's
+    pooled steps, Layer.can_pool): windows clipped to the input, a last partial one kept."""
+    (k, s), (_, h, w) = window, layer.out
+    ph, pw = (-(-(n - k) // s) + 1 for n in (h, w))
+    ph, pw = (o - ((o - 1) * s >= n) for o, n in ((ph, h), (pw, w)))   # each window starts inside
+    pool = (k, s, ph, pw)
+    p = params_of(net, layer)
+    ctx = ctx_of(net, layer, x)
+    st = {kk: v.copy() for kk, v in ctx["state"].items()}
+    y = layer.forward_fused(x, p, ctx, True, None, pool)
+    g = {kk: np.full_like(v, np.nan) for kk, v in p.items()}
+    dx = layer.backward(np.ones_like(y) + y, p, g, ctx, need_dx=True)
+    for kk, v in st.items():
+        ctx["state"][kk][...] = v
+    y_eval = layer.forward_fused(x, p, ctx_of(net, layer, x), False, None, pool)
+    return [y, dx, y_eval] + [g[kk] for kk in sorted(g)]
+
+
+POOLED = [("batchnorm", "batchnorm", "12x11x5", 8, (2, 2)),   # batchnorm + maxpool (plan's pooled step)
+          ("batchnorm", "batchnorm", "13x11x3", 4, (3, 3)),
+          ("batchnorm", "batchnorm", "9x7x4", 3, (2, 3))]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+@pytest.mark.parametrize("kind,text,shape,batch,window", POOLED,
+                         ids=[f"{k}+max{w}@{s}x{b}" for k, t, s, b, w in POOLED])
+def test_pooled_kernels_match_their_python_versions(kind, text, shape, batch, window, mode, monkeypatch):
+    """test_kernels_match_their_python_versions for the layers that run the next maxpool."""
+    from flowdsl import jit
+    net, layer, _, rng = setup(kind, text, shape)
+    x = rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32)
+    monkeypatch.setattr(jit, "SERIAL_BELOW", 0 if mode == "parallel" else 1 << 62)
+    compiled = run_pooled(net, layer, x, window)
+    monkeypatch.setattr(jit, "SERIAL_BELOW", 1 << 17)
+    python_kernels(monkeypatch)
+    python = run_pooled(net, layer, x, window)
+    assert np.abs(python[1]).max() > 0
+    for i, (a, b) in enumerate(zip(compiled, python)):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4 * scale, err_msg=f"output {i}")
+
+
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
 def test_python_versions_reach_every_kernel(monkeypatch):
     """Every kernel in the layer package runs (as Python) in some case of
@@ -525,6 +569,9 @@ def test_python_versions_reach_every_kernel(monkeypatch):
     for kind, text, shape, batch in PYFUNC:
         net, layer, _, rng = setup(kind, text, shape)
         run_layer(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32))
+    for kind, text, shape, batch, window in POOLED:
+        net, layer, _, rng = setup(kind, text, shape)
+        run_pooled(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32), window)
     missing = sorted(f"{m}.{k}" for m, k in every - called)
     assert not missing, f"kernels no case runs: {missing}; add an example to tests/naive.py or PYFUNC"
 
@@ -683,3 +730,51 @@ def test_conv_pools_its_own_output_in_evaluation(act, pool, fused):
         np.testing.assert_array_equal(ka[name], kb[name])
     np.testing.assert_array_equal(fa, fb)
     assert fa.shape == (5, 10, 11, 6)
+
+
+@pytest.mark.parametrize("size,h,pool", [(9, 9, "maxpool"), (9, 10, "maxpool(2, ceil=true)"),
+                                         (11, 11, "max2d(3)"), (10, 9, "maxpool(2, stride=3)"),
+                                         (8, 8, "maxpool(3, stride=2)")])
+def test_batchnorm_pools_its_own_output(size, h, pool):
+    """conv :: batchnorm :: maxpool :: relu (examples/fashion.flow): batchnorm applies the max
+    window to its normalised values as it computes them, in training and evaluation, so its
+    full-size output is never written; backward takes the pooled gradient. Loss, gradients,
+    running statistics, predictions, Grad-CAM and the input gradient equal those of the separate
+    layers (float32 rounding of the sums' order at most); overlapping windows are not fused."""
+    text = (f"network = input({size}x{h}x2) :: conv(filters=5, field=3, pad=same, bias=false) :: batchnorm "
+            f":: {pool} :: relu :: conv(filters=7, field=3, pad=same) :: batchnorm :: maxpool(2, ceil=true) "
+            f":: dense(4) :: softmax\ntrain {{ seed = 4 }}")
+    nets = [Net(build_text(text, "<t>"), seed=4, fuse=f) for f in (True, False)]  # [1]: separate layers
+    overlap = "stride=2" in pool and "(3" in pool
+    want = {"batchnorm2": "maxpool2"} if overlap else {"batchnorm1": "maxpool1", "batchnorm2": "maxpool2"}
+    for training in (True, False):
+        assert nets[0].plan(training, 6).pooled() == want
+        assert nets[1].plan(training, 6).pooled() == {}
+    assert nets[0].plan(True, 6, keep={"batchnorm2"}).pooled() == ({} if overlap else {"batchnorm1": "maxpool1"})
+    rng = np.random.default_rng(7)
+    for net in nets:   # gamma of both signs (a negative one turns the window's maximum into its minimum)
+        for name in ("batchnorm1", "batchnorm2"):
+            g = net.params[name]["gamma"]
+            g[...] = np.linspace(-1.5, 2.0, g.size, dtype=np.float32)
+            net.params[name]["beta"][...] = np.linspace(0.3, -0.2, g.size, dtype=np.float32)
+    x = rng.standard_normal((6, h, size, 2)).astype(np.float32) * 2 + 0.5
+    outs = []
+    for net in nets:
+        for _ in range(2):   # the second step reads running statistics the first one moved
+            loss, correct = net.loss_grad(x, rng.integers(0, 4, 6) * 0 + np.arange(6) % 4)
+        with Timer(net) as t:
+            probs = net.predict(x)
+        cam = net.gradcam(x, layer="relu1")
+        _, _, dinput = net.backprop(x, lambda z: np.ones_like(z))
+        outs.append((loss, net.gflat.copy(), {k: v["mean"].copy() for k, v in net.state.items() if "mean" in v},
+                     probs, cam, dinput, set(t.times)))
+    (la, ga, sa, pa, ca, da, ran_a), (lb, gb, sb, pb, cb, db, ran_b) = outs
+    assert ("maxpool1" in ran_a) == overlap and "maxpool2" not in ran_a and {"maxpool1", "maxpool2"} <= ran_b
+    assert np.abs(gb).max() > 0 and pb.std() > 0 and np.abs(db).max() > 0 and cb.max() > 0
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6 * np.abs(gb).max())
+    for k in sb:
+        np.testing.assert_array_equal(sa[k], sb[k])
+    np.testing.assert_allclose(pa, pb, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ca, cb, rtol=1e-5, atol=1e-6 * cb.max())
+    np.testing.assert_allclose(da, db, rtol=1e-4, atol=1e-6 * np.abs(db).max())

@@ -20,7 +20,9 @@ MPIEXEC = shutil.which("mpiexec")
 MPI_ENV = dict(ENV, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
 
-FLOW = """network = input(8x8x1) :: conv(filters=4, field=3, pad=1, bias=false) :: batchnorm :: relu :: maxpool
+# batchnorm :: maxpool: batchnorm applies the max window itself (its pooled step), with the
+# global batch's statistics and sums
+FLOW = """network = input(8x8x1) :: conv(filters=4, field=3, pad=1, bias=false) :: batchnorm :: maxpool :: relu
   :: dropout(0.25) :: dense(8, bias=false) :: batchnorm :: relu :: dense(2) :: softmax
 train {
   data = npz("d.npz")

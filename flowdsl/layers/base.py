@@ -117,15 +117,16 @@ class Layer:
         activation may run after it), else None."""
         return None
 
-    def can_pool(self, n):
-        """Whether, in evaluation of n samples, forward_fused can apply the next layer's max
-        window itself."""
+    def can_pool(self, n, training, window):
+        """Whether, for a batch of n samples (in training or evaluation), forward_fused can apply
+        the next layer's max window (size, stride) itself (and then backward takes the gradient
+        at the pooled output)."""
         return False
 
     def forward_fused(self, x, p, ctx, training, act, pool):
         """forward with the activation `act` (kind, alpha) instead of its own act=, and (pool:
-        (size, stride, PH, PW), evaluation only) the next layer's max window applied to the
-        output before the activation. Only for layers whose own_act / can_pool offer it."""
+        (size, stride, PH, PW)) the next layer's max window applied to the output before the
+        activation. Only for layers whose own_act / can_pool offer it."""
         raise NotImplementedError(f"{self.kind} cannot run fused")
 
     # --- engine ---------------------------------------------------------------------------------

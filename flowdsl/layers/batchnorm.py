@@ -8,7 +8,9 @@ running averages r = momentum*r + (1-momentum)*batch with the unbiased one (as P
 
 Kernels: the column sums are reductions over rows, so each parallel chunk of rows sums into its
 own row of partials, merged serially (no races); partials are float64 because a chunk may hold
-many thousand rows. Backward recomputes x-hat from x instead of keeping a second copy."""
+many thousand rows. Backward recomputes x-hat from x instead of keeping a second copy.
+Followed by a maxpool of windows that do not overlap, batchnorm runs it too (flowdsl.plan's
+pooled steps, forward_fused): the normalised values go straight into the window maxima."""
 import numpy as np
 
 from ..jit import kernel, prange
@@ -37,13 +39,24 @@ class BatchNorm(Layer):
                      (("gamma", p["gamma"]), ("beta", p["beta"]), ("mean", state["mean"]), ("var", state["var"]))]
         return g.op("BatchNormalization", ins, self.name, kind=g.kind[x], epsilon=float(self.args["eps"]))
 
+    def can_pool(self, n, training, window):
+        return window[1] >= window[0]   # windows that do not overlap (the backward's scatter)
+
     def forward(self, x, p, ctx, training):
+        return self.forward_fused(x, p, ctx, training, None, None)
+
+    def forward_fused(self, x, p, ctx, training, act, pool):
+        """forward, or with pool = (size, stride, PH, PW) the maxpool after it applied to the
+        normalised values as they are computed: the full-size output is never written, and in
+        training the winners are recorded (their flat index y*W + x, as maxpool, and their
+        input value, which is all backward's sums need)."""
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         m = x2.shape[0]
         st = ctx["state"]
         eps = self.args["eps"]
         world = ctx.get("world")
+        backward = training     # a training pass: backward follows
         if ctx.get("frozen"):   # gradients in evaluation mode (focus --gradcam): running statistics
             training = False
         if training and world is not None:   # data-parallel ranks: the global batch's statistics
@@ -64,21 +77,41 @@ class BatchNorm(Layer):
         inv = 1.0 / np.sqrt(var + eps)
         scale = (p["gamma"] * inv).astype(np.float32)
         shift = (p["beta"] - mean * scale).astype(np.float32)
-        y = np.empty_like(x)
-        _bn_affine(x2, scale, shift, y.reshape(-1, c))
         ctx["x"], ctx["training"] = x, training
         ctx["mean"], ctx["inv"] = mean.astype(np.float32), inv.astype(np.float32)
+        if pool is None:
+            y = np.empty_like(x)
+            _bn_affine(x2, scale, shift, y.reshape(-1, c))
+            return y
+        size, stride, ph, pw = pool
+        y = np.empty((x.shape[0], ph, pw, c), np.float32)
+        if backward:
+            arg = np.empty(y.shape, np.int32)
+            won = np.empty(y.shape, np.float32)
+            _bn_pool(x, scale, shift, y, arg, won, size, stride)
+            ctx["pool"], ctx["arg"], ctx["won"] = (size, stride), arg, won
+        else:
+            _bn_pool_eval(x, scale, shift, y, size, stride)
         return y
 
     def backward(self, dy, p, g, ctx, need_dx):
+        """dy is the gradient at the pooled output when forward applied the maxpool (ctx "pool"):
+        the sums run over the pooled values (the full-size gradient is zero off the winners)
+        and dx takes dy at the winners."""
         x = ctx["x"]
         c = x.shape[-1]
-        x2, dy2 = x.reshape(-1, c), dy.reshape(-1, c)
+        x2 = x.reshape(-1, c)
         m = x2.shape[0]
         mean, inv = ctx["mean"], ctx["inv"]
+        pool = ctx.get("pool")
         sdy = np.empty(c, np.float64)
         sdyx = np.empty(c, np.float64)
-        _bn_bwd_sums(x2, dy2, mean, inv, sdy, sdyx, min(CHUNKS, m))
+        if pool is None:
+            dy2 = dy.reshape(-1, c)
+            _bn_bwd_sums(x2, dy2, mean, inv, sdy, sdyx, min(CHUNKS, m))
+        else:
+            won2 = ctx["won"].reshape(-1, c)
+            _bn_bwd_sums(won2, dy.reshape(-1, c), mean, inv, sdy, sdyx, min(CHUNKS, won2.shape[0]))
         g["beta"][...] = sdy
         g["gamma"][...] = sdyx
         if not need_dx:
@@ -91,10 +124,16 @@ class BatchNorm(Layer):
             if ctx.get("world") is not None:
                 both = ctx["world"].allreduce(np.concatenate([sdy, sdyx]))
                 sdy, sdyx, m = both[:c], both[c:], ctx["count"]
-            _bn_dx(x2, dy2, mean, inv, scale, (sdy / m).astype(np.float32),
-                   (sdyx / m).astype(np.float32), dx.reshape(-1, c))
-        else:  # running statistics are constants
-            np.multiply(dy, scale, out=dx)
+            mdy, mdyx = (sdy / m).astype(np.float32), (sdyx / m).astype(np.float32)
+        else:  # running statistics are constants: dx = dy * scale
+            if pool is None:
+                np.multiply(dy, scale, out=dx)
+                return dx
+            mdy = mdyx = np.zeros(c, np.float32)
+        if pool is None:
+            _bn_dx(x2, dy2, mean, inv, scale, mdy, mdyx, dx.reshape(-1, c))
+        else:
+            _bn_pool_dx(x, dy, ctx["arg"], mean, inv, scale, mdy, mdyx, dx, pool[0], pool[1])
         return dx
 
 
@@ -176,3 +215,96 @@ def _bn_dx(x, dy, mean, inv, scale, mdy, mdyx, dx):
         for k in range(c):
             xh = (x[r, k] - mean[k]) * inv[k]
             dx[r, k] = scale[k] * (dy[r, k] - mdy[k] - xh * mdyx[k])
+
+
+@kernel
+def _bn_pool(x, scale, shift, y, arg, won, k, s):
+    """y[n,i,j,c] = max of x * scale + shift over the window x[n, i*s : i*s+k, j*s : j*s+k, c]
+    (clipped to the input); arg = y_in * W + x_in of the first maximum (as maxpool's _max_fwd),
+    won = x there. Running maxima in C-long buffers updated with selects (they vectorise)."""
+    n_, h, w, c = x.shape
+    _, oh, ow, _ = y.shape
+    for row in prange(n_ * oh):
+        n = row // oh
+        i = row % oh
+        y0 = i * s
+        y1 = min(y0 + k, h)
+        best = np.empty(c, np.float32)
+        where = np.empty(c, np.int32)
+        raw = np.empty(c, np.float32)
+        for j in range(ow):
+            x0 = j * s
+            x1 = min(x0 + k, w)
+            for cc in range(c):
+                raw[cc] = x[n, y0, x0, cc]
+                best[cc] = x[n, y0, x0, cc] * scale[cc] + shift[cc]
+                where[cc] = y0 * w + x0
+            for yy in range(y0, y1):
+                for xx in range(x0, x1):
+                    q = np.int32(yy * w + xx)
+                    for cc in range(c):
+                        xv = x[n, yy, xx, cc]
+                        v = xv * scale[cc] + shift[cc]
+                        up = v > best[cc]
+                        best[cc] = v if up else best[cc]
+                        where[cc] = q if up else where[cc]
+                        raw[cc] = xv if up else raw[cc]
+            for cc in range(c):
+                y[n, i, j, cc] = best[cc]
+                arg[n, i, j, cc] = where[cc]
+                won[n, i, j, cc] = raw[cc]
+
+
+@kernel
+def _bn_pool_eval(x, scale, shift, y, k, s):
+    """_bn_pool without the winners (evaluation)."""
+    n_, h, w, c = x.shape
+    _, oh, ow, _ = y.shape
+    for row in prange(n_ * oh):
+        n = row // oh
+        i = row % oh
+        y0 = i * s
+        y1 = min(y0 + k, h)
+        best = np.empty(c, np.float32)
+        for j in range(ow):
+            x0 = j * s
+            x1 = min(x0 + k, w)
+            for cc in range(c):
+                best[cc] = x[n, y0, x0, cc] * scale[cc] + shift[cc]
+            for yy in range(y0, y1):
+                for xx in range(x0, x1):
+                    for cc in range(c):
+                        v = x[n, yy, xx, cc] * scale[cc] + shift[cc]
+                        best[cc] = v if v > best[cc] else best[cc]
+            for cc in range(c):
+                y[n, i, j, cc] = best[cc]
+
+
+@kernel
+def _bn_pool_dx(x, dp, arg, mean, inv, scale, mdy, mdyx, dx, k, s):
+    """_bn_dx with dy = dp at each window's winner (arg) and zero elsewhere, s >= k: the task of
+    output row i owns input rows [i*s, (i+1)*s) (the last one through the bottom), so it alone
+    writes them; a position in a window compares its flat index with the window's winners
+    (a select, which vectorises), one outside every window gets the dy = 0 term."""
+    n_, h, w, c = x.shape
+    _, oh, ow, _ = dp.shape
+    zero = np.float32(0.0)
+    for t in prange(n_ * oh):
+        n = t // oh
+        i = t % oh
+        r0 = i * s
+        r1 = h if i == oh - 1 else (i + 1) * s
+        for yy in range(r0, r1):
+            rin = yy - r0 < k
+            for xx in range(w):
+                j = xx // s
+                q = np.int32(yy * w + xx)
+                if rin and j < ow and xx - j * s < k:
+                    for cc in range(c):
+                        xh = (x[n, yy, xx, cc] - mean[cc]) * inv[cc]
+                        d = dp[n, i, j, cc] if arg[n, i, j, cc] == q else zero
+                        dx[n, yy, xx, cc] = scale[cc] * (d - mdy[cc] - xh * mdyx[cc])
+                else:
+                    for cc in range(c):
+                        xh = (x[n, yy, xx, cc] - mean[cc]) * inv[cc]
+                        dx[n, yy, xx, cc] = -scale[cc] * (mdy[cc] + xh * mdyx[cc])

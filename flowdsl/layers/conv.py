@@ -199,8 +199,8 @@ class Conv(Layer):
     def own_act(self):
         return act_spec(self)
 
-    def can_pool(self, n):
-        return STRATEGIES[self.algo_for(n, False)].POOLS
+    def can_pool(self, n, training, window):
+        return not training and STRATEGIES[self.algo_for(n, False)].POOLS
 
     def bytes_per_sample(self):
         kept, dz, _ = super().bytes_per_sample()
