@@ -56,7 +56,7 @@ class BatchNorm(Layer):
         st = ctx["state"]
         eps = self.args["eps"]
         world = ctx.get("world")
-        backward = training     # a training pass: backward follows
+        record = training       # a training pass (backward follows): pooling records the winners
         if ctx.get("frozen"):   # gradients in evaluation mode (focus --gradcam): running statistics
             training = False
         if training and world is not None:   # data-parallel ranks: the global batch's statistics
@@ -85,7 +85,7 @@ class BatchNorm(Layer):
             return y
         size, stride, ph, pw = pool
         y = np.empty((x.shape[0], ph, pw, c), np.float32)
-        if backward:
+        if record:
             arg = np.empty(y.shape, np.int32)
             won = np.empty(y.shape, np.float32)
             _bn_pool(x, scale, shift, y, arg, won, size, stride)
@@ -104,14 +104,11 @@ class BatchNorm(Layer):
         m = x2.shape[0]
         mean, inv = ctx["mean"], ctx["inv"]
         pool = ctx.get("pool")
+        dys = dy.reshape(-1, c)
+        xs = ctx["won"].reshape(-1, c) if pool else x2   # pooled: the winners' inputs
         sdy = np.empty(c, np.float64)
         sdyx = np.empty(c, np.float64)
-        if pool is None:
-            dy2 = dy.reshape(-1, c)
-            _bn_bwd_sums(x2, dy2, mean, inv, sdy, sdyx, min(CHUNKS, m))
-        else:
-            won2 = ctx["won"].reshape(-1, c)
-            _bn_bwd_sums(won2, dy.reshape(-1, c), mean, inv, sdy, sdyx, min(CHUNKS, won2.shape[0]))
+        _bn_bwd_sums(xs, dys, mean, inv, sdy, sdyx, min(CHUNKS, xs.shape[0]))
         g["beta"][...] = sdy
         g["gamma"][...] = sdyx
         if not need_dx:
@@ -125,13 +122,10 @@ class BatchNorm(Layer):
                 both = ctx["world"].allreduce(np.concatenate([sdy, sdyx]))
                 sdy, sdyx, m = both[:c], both[c:], ctx["count"]
             mdy, mdyx = (sdy / m).astype(np.float32), (sdyx / m).astype(np.float32)
-        else:  # running statistics are constants: dx = dy * scale
-            if pool is None:
-                np.multiply(dy, scale, out=dx)
-                return dx
+        else:  # running statistics are constants: dx = dy * scale (the kernels with zero means)
             mdy = mdyx = np.zeros(c, np.float32)
         if pool is None:
-            _bn_dx(x2, dy2, mean, inv, scale, mdy, mdyx, dx.reshape(-1, c))
+            _bn_dx(x2, dys, mean, inv, scale, mdy, mdyx, dx.reshape(-1, c))
         else:
             _bn_pool_dx(x, dy, ctx["arg"], mean, inv, scale, mdy, mdyx, dx, pool[0], pool[1])
         return dx
