@@ -80,7 +80,7 @@ def mm(a, b):
 
         def run(j):
             for i in range(nb * j // t, nb * (j + 1) // t):
-                out[rc[i]:rc[i + 1]] = a[rc[i]:rc[i + 1]] @ b
+                np.matmul(a[rc[i]:rc[i + 1]], b, out=out[rc[i]:rc[i + 1]])   # no temporary
 
         futs = [_pool.submit(run, j) for j in range(1, t)]
         run(0)
@@ -149,14 +149,16 @@ def split_threads(n):
 def mm_stack(a, b):
     """a[e] @ b[e] for stacks of 2-D float32 matrices (either may be transposed views): the
     products are shared out among the threads whole, one single-threaded BLAS call each
-    (Winograd's 16 per conv)."""
+    (Winograd's 16 or 36 per conv), each written straight into its slice of the result (`out[i] =
+    a[i] @ b[i]` wrote a temporary and copied it: 36 products of 576x32 by 32x64, one thread,
+    2.03 -> 1.55 ms)."""
     e = a.shape[0]
     out = np.empty((e, a.shape[1], b.shape[2]), np.float32)
     t = max(1, min(_team(), e))
 
     def run(j):
         for i in range(e * j // t, e * (j + 1) // t):
-            out[i] = a[i] @ b[i]
+            np.matmul(a[i], b[i], out=out[i])
 
     futs = [_pool.submit(run, j) for j in range(1, t)]
     run(0)
