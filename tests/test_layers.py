@@ -318,9 +318,11 @@ def test_conv_examples_cover_every_algorithm():
 def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
     """With AVX-512 (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
     "gemm" in evaluation except stride-1 convs over one input channel with a 3x3 or wider field
-    ("planar", nets A and B's first layers), and no conv runs "planar" in training (gemm wins there);
-    Winograd keeps its thresholds in training; fewer filters still run "rows". The suite itself
-    runs with FLOWDSL_WIDE=0 (conftest), so that every algorithm is exercised on any machine."""
+    ("planar", nets A and B's first layers) and Winograd's convs in batches of at least
+    WIDE_WINO_MIN_TILES tiles (gemm in smaller ones), and no conv runs "planar" in training (gemm
+    wins there); Winograd keeps its thresholds in training; fewer filters still run "rows". The
+    suite itself runs with FLOWDSL_WIDE=0 (conftest), so that every algorithm is exercised on any
+    machine."""
     import flowdsl.layers.conv as convmod
     assert convmod.wide_vectors() is False and os.environ["FLOWDSL_WIDE"] == "0"
     classic = {}
@@ -337,10 +339,17 @@ def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
             a = layer.args
             one_wide = (a["stride"] == 1 and layer.in_shape[0] == 1 and a["field"] >= 3   # the conv that
                         and layer._run_as().padding <= a["field"] - 1)                  # runs: pad_mode's pad=0 twin
-            evaluation.setdefault(layer.algo_for(256, training=False), set()).add("rows" if few else one_wide)
-            training.setdefault(layer.algo_for(256), set()).add(few)
             old = classic[(text, shape)]
+            th, tw = convmod._winograd.tiles(layer.out[1], layer.out[2])
+            big = old.startswith("winograd") and 256 * th * tw >= convmod.WIDE_WINO_MIN_TILES
+            evaluation.setdefault(layer.algo_for(256, training=False), set()).add(
+                "rows" if few else "wino" if big else one_wide)
+            if old.startswith("winograd"):   # a small batch: gemm
+                assert layer.algo_for(4, training=False) == "gemm", (text, shape)
+            training.setdefault(layer.algo_for(256), set()).add(few)
             assert layer.algo_for(256) == ("gemm" if old == "planar" else old), (text, shape)
+    wino = {a: evaluation.pop(a) for a in ("winograd", "winograd4") if a in evaluation}
+    assert wino and all(v == {"wino"} for v in wino.values()), wino
     assert evaluation == {"rows": {"rows"}, "gemm": {False}, "planar": {True}}, evaluation
     assert "planar" not in training and {"winograd", "winograd4"} <= set(training), training
 
@@ -361,6 +370,29 @@ def test_gemm_applies_the_next_max_window_in_evaluation(text, shape, pool, monke
     x = np.random.default_rng(0).normal(0, 1, (13,) + nhwc(m.layers[1].in_shape)).astype(np.float32)
     monkeypatch.setattr(convmod, "CHUNK_FLOATS", 1 << 10)   # a few images per chunk
     np.testing.assert_allclose(fused.forward(x), apart.forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,algo", [(40, "winograd4"), (20, "gemm")])
+def test_wide_evaluation_runs_winograd_for_big_batches(n, algo, monkeypatch):
+    """With AVX-512, a Winograd conv followed by a maxpool in evaluation: a batch of
+    WIDE_WINO_MIN_TILES tiles or more runs Winograd (the plan then leaves the maxpool apart), a
+    smaller one gemm with the maxpool inside; the predictions equal those of the unfused layers
+    on the classic rule."""
+    import flowdsl.layers.conv as convmod
+    from flowdsl.model import build_text
+    m = build_text("network = input(13x13x32) :: conv(filters=16, field=3) :: maxpool :: dense(3) "
+                   ":: softmax", "t.flow")
+    x = np.random.default_rng(1).normal(0, 1, (n, 13, 13, 32)).astype(np.float32)
+    want = Net(m, seed=4, fuse=False).forward(x)
+    monkeypatch.setattr(convmod, "WIDE", True)
+    net = Net(m, seed=4)
+    assert any(s.absorbs is not None for s in net.plan(False, n).steps) == (algo == "gemm")
+    ran = []
+    orig = convmod.Conv.algo_for
+    monkeypatch.setattr(convmod.Conv, "algo_for",
+                        lambda self, k, training=True: ran.append(orig(self, k, training)) or ran[-1])
+    np.testing.assert_allclose(net.forward(x), want, rtol=2e-5, atol=2e-5)
+    assert ran and set(ran) == {algo}, ran
 
 
 @pytest.mark.parametrize("shape,filters,field,pad,algo,n", [

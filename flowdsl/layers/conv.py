@@ -52,6 +52,11 @@ WIDE_PLANAR_MIN_FIELD = 3  # most this many input channels with fields at least 
                          # 28x28x1 -> 20 5x5, its maxpool fused: the whole pass 1.12-1.75x at
                          # batch 16-256 against gemm, interleaved; A's 1 -> 32 3x3 1.04-1.45x once
                          # planar ran four filters a pass, 0.94-1.08x before)
+WIDE_WINO_MIN_TILES = 1024  # with AVX-512, evaluation runs Winograd for batches of at least this
+                         # many 2x2 output tiles, gemm below (2026-12-03, once the transforms were
+                         # 3-6x faster: net A, batch 256 1.38x gemm's speed, 64 1.04-1.16x, 32
+                         # 1.0-1.2x, 16 0.76-0.94x; fashion.flow at 256 1.11x, fashion_res 1.18x;
+                         # in-process alternations, medians)
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
@@ -60,9 +65,11 @@ WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (h
 def wide_vectors():
     """Whether this machine's cores have AVX-512 (Linux: /proc/cpuinfo; elsewhere: no). There
     numpy's OpenBLAS runs its 16-wide kernels and the im2col product ("gemm", each thread its own
-    share) beats Winograd and "planar" on every conv of the bench nets in evaluation
-    (2026-12-02, net A at batch 256: 13,766 -> 19,940 img/s; B level), and planar in training
-    (28x28x1 -> 32 3x3 at batch 64, forward + weight gradient: 1.39 ms against 1.85); Winograd
+    share) beat Winograd and "planar" on every conv of the bench nets in evaluation
+    (2026-12-02, net A at batch 256: 13,766 -> 19,940 img/s; B level; Winograd's transforms
+    were 3-6x slower then: since 2026-12-03 it wins again from WIDE_WINO_MIN_TILES), and
+    planar in training (28x28x1 -> 32 3x3 at batch 64, forward + weight gradient: 1.39 ms
+    against 1.85); Winograd
     still wins in training (forward + backward at batch 64: 7x7x96 -> 96 gemm 8.11 ms, F(2x2)
     6.16, F(4x4) 5.27; 14x14x24 -> 64: 7.29, 6.09, 8.49), so training keeps its thresholds.
     Evaluation keeps "planar" for one-channel convs of 3x3 and wider (WIDE_PLANAR_MAX_C).
@@ -184,16 +191,22 @@ class Conv(Layer):
 
     def algo_for(self, n, training=True):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles; in
-        evaluation on AVX-512 machines, gemm (see wide_vectors), or planar for one-channel
-        convs of 3x3 and wider fields (WIDE_PLANAR_MAX_C)."""
+        evaluation on AVX-512 machines for WIDE_WINO_MIN_TILES, and otherwise runs gemm (see
+        wide_vectors), or planar for one-channel convs of 3x3 and wider fields
+        (WIDE_PLANAR_MAX_C). Monotonic in n: flowdsl.plan asks can_pool for the whole batch,
+        forward for what it is given (a thread's share of a split pass), which so never picks
+        a pooling algorithm its plan did not."""
         if self.pad_mode is not None:
             return self._run_as().algo_for(n, training)
         algo = self.algo
+        th, tw = _winograd.tiles(self.out[1], self.out[2])
+        wino = STRATEGIES[algo] in (_winograd, _winograd4)
         if not training and algo != "rows" and wide_vectors():
+            if wino and n * th * tw >= WIDE_WINO_MIN_TILES:
+                return algo
             wide_planar = self._planar_fits(WIDE_PLANAR_MAX_C) and self.args["field"] >= WIDE_PLANAR_MIN_FIELD
             return "planar" if wide_planar else "gemm"
-        th, tw = _winograd.tiles(self.out[1], self.out[2])
-        return "gemm" if STRATEGIES[algo] in (_winograd, _winograd4) and n * th * tw < WINO_MIN_TILES else algo
+        return "gemm" if wino and n * th * tw < WINO_MIN_TILES else algo
 
     # --- capabilities (flowdsl.plan) ----------------------------------------------------------
     def own_act(self):
