@@ -4,7 +4,8 @@
 
 For conv shapes of nets A and B and fashion.flow (batch 64, random inputs in [0, 1), the
 network's initial weights), every algorithm that can run the shape is forced in turn; prints
-max |y - y64| / max |y64| of the training forward (docs/internals.md quotes the table)."""
+max |y - y64| / max |y64| of the training forward (docs/internals.md quotes the table).
+--grad: the weight gradient's error instead (dz random normal), for the Winograd schemes and gemm."""
 from __future__ import annotations
 
 import sys
@@ -31,7 +32,17 @@ def reference(x, w, b, pad):
     return y
 
 
+def reference_dw(x, dz, f, pad):
+    """float64 weight gradient: dw[a, c] = sum over positions of the shifted input times dz."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh, ow = dz.shape[1], dz.shape[2]
+    d = dz.astype(np.float64)
+    return np.stack([np.stack([np.einsum("nhwc,nhwk->ck", x[:, a:a + oh, c:c + ow], d)
+                               for c in range(f)]) for a in range(f)])
+
+
 def main():
+    grad = "--grad" in sys.argv[1:]
     import flowdsl
     from flowdsl.layers import conv as convmod
     print("| conv | " + " | ".join(convmod.STRATEGIES) + " |")
@@ -47,11 +58,22 @@ def main():
         row = []
         for algo, mod in convmod.STRATEGIES.items():
             ok = {"rows": True, "gemm": True, "planar": c <= 8,
-                  "winograd": f == 3, "winograd4": f == 3}[algo]
+                  "winograd": f == 3, "winograd4": f == 3, "winograd25": f == 5}[algo]
             if not ok or (algo == "rows" and k > 8):
                 row.append("-")
                 continue
-            y = mod.forward(l, x, p["w"], p["b"], True, {})
+            ctx = {"x": x}
+            y = mod.forward(l, x, p["w"], p["b"], True, ctx)
+            if grad:
+                if algo in ("rows", "planar"):
+                    row.append("-")
+                    continue
+                dz = np.random.default_rng(2).normal(0, 1, y.shape).astype(np.float32)
+                g = {"w": np.empty_like(p["w"]), "b": np.empty_like(p["b"])}
+                mod.backward(l, dz, p["w"], g, ctx, False)
+                gref = reference_dw(x, dz, f, pad)
+                row.append(f"{float(np.abs(g['w'] - gref).max() / np.abs(gref).max()):.1e}")
+                continue
             row.append(f"{float(np.abs(y - ref).max() / np.abs(ref).max()):.1e}")
         print(f"| {shape} -> {k}, {f}x{f}, pad {pad} | " + " | ".join(row) + " |")
 

@@ -260,6 +260,9 @@ EXAMPLES = {
         ("conv(filters=5, field=3, act=relu)", "7x6x32"),            # F(4x4): pad 0, partial tiles
         ("conv(filters=6, field=3, pad=1)", "9x5x33"),               # F(4x4): three tiles across
         ("conv(filters=7, field=3, pad=2)", "4x3x32"),               # F(4x4): pad 2, one tile
+        ("conv(filters=5, field=5, act=relu)", "7x6x16"),            # F(2x2, 5x5): pad 0, partial tiles
+        ("conv(filters=6, field=5, pad=same)", "5x6x17"),            # F(2x2, 5x5): pad 2
+        ("conv(filters=5, field=5, pad=4, bias=false)", "3x4x16"),   # F(2x2, 5x5): pad 4, no bias
         ("conv(filters=2, field=3, stride=2)", "6x7x1"),             # stride leaves a row and a column unread
         ("conv(filters=6, field=3, stride=2, pad=1)", "8x6x3"),      # gemm, unread border
         ("conv(filters=5, field=2, stride=3, pad=1)", "7x8x9"),      # gemm, unread border

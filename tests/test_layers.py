@@ -154,10 +154,11 @@ def test_examples_name_only_registered_kinds():
 
 # ------------------------------------------------------------------------------ forward
 def atol_for(layer, want):
-    """1e-5; for Winograd F(4x4) layers 4e-6 of the output's scale: its transforms scale inputs by
-    up to 5 and outputs by up to 8, so its rounding (~2e-6 of the largest output here) is not
-    relative to each element, as im2col's is (a small output next to large ones errs by more)."""
-    if getattr(layer, "algo", None) == "winograd4":
+    """1e-5; for Winograd F(4x4) and F(2x2, 5x5) layers (the same six points) 4e-6 of the
+    output's scale: their transforms scale inputs by up to 5 and outputs by up to 8, so their
+    rounding (~2e-6 of the largest output here) is not relative to each element, as im2col's is
+    (a small output next to large ones errs by more)."""
+    if getattr(layer, "algo", None) in ("winograd4", "winograd25"):
         return max(1e-5, 4e-6 * float(np.abs(want).max()))
     return 1e-5
 
@@ -311,8 +312,9 @@ def test_conv_examples_cover_every_algorithm():
     for kind, text, shape in CASES:
         if kind == "conv":
             algos.setdefault(build(kind, text, shape)[1].algo, []).append(text)
-    assert set(algos) == {"rows", "gemm", "winograd", "winograd4", "planar"}, algos
+    assert set(algos) == {"rows", "gemm", "winograd", "winograd4", "winograd25", "planar"}, algos
     assert len(algos["winograd"]) >= 4 and len(algos["planar"]) >= 6 and len(algos["winograd4"]) >= 3
+    assert len(algos["winograd25"]) >= 3
 
 
 def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
@@ -348,7 +350,7 @@ def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
                 assert layer.algo_for(4, training=False) == "gemm", (text, shape)
             training.setdefault(layer.algo_for(256), set()).add(few)
             assert layer.algo_for(256) == ("gemm" if old == "planar" else old), (text, shape)
-    wino = {a: evaluation.pop(a) for a in ("winograd", "winograd4") if a in evaluation}
+    wino = {a: evaluation.pop(a) for a in ("winograd", "winograd4", "winograd25") if a in evaluation}
     assert wino and all(v == {"wino"} for v in wino.values()), wino
     assert evaluation == {"rows": {"rows"}, "gemm": {False}, "planar": {True}}, evaluation
     assert "planar" not in training and {"winograd", "winograd4"} <= set(training), training
@@ -399,11 +401,13 @@ def test_wide_evaluation_runs_winograd_for_big_batches(n, algo, monkeypatch):
     ("14x14x24", 64, 3, "same", "winograd", 10), ("13x13x32", 40, 3, "0", "winograd4", 10),
     ("7x7x64", 24, 3, "2", "winograd4", 10), ("7x7x96", 96, 3, "same", "winograd4", 10),
     ("28x28x1", 20, 5, "0", "planar", 40), ("28x28x1", 24, 3, "same", "planar", 40),
-    ("14x13x3", 16, 3, "1", "planar", 21), ("12x12x8", 10, 4, "3", "planar", 5)])
+    ("14x13x3", 16, 3, "1", "planar", 21), ("12x12x8", 10, 4, "3", "planar", 5),
+    ("12x12x20", 40, 5, "0", "winograd25", 10), ("14x14x16", 32, 5, "same", "winograd25", 9)])
 def test_fast_conv_matches_im2col_at_network_sizes(shape, filters, field, pad, algo, n, monkeypatch):
-    """Winograd (F(2x2) and F(4x4)) and planar convs against the im2col path on realistic
-    sizes (fashion.flow's second conv, hello-dl's, a padded one, fashion_res's block; net B's
-    and fashion's first layers, an RGB one, a generic field; batches that split the weight
+    """Winograd (F(2x2), F(4x4) and F(2x2, 5x5)) and planar convs against the im2col path on
+    realistic sizes (fashion.flow's second conv, hello-dl's, a padded one, fashion_res's block;
+    net B's and fashion's first layers, an RGB one, a generic field; net B's second conv and a
+    padded 5x5 one; batches that split the weight
     gradient's image ranges unevenly), training forward and backward and chunked evaluation."""
     import flowdsl.layers.conv as convmod
     net, layer = build("conv", f"conv(filters={filters}, field={field}, pad={pad})", shape)
@@ -428,12 +432,16 @@ def test_fast_conv_matches_im2col_at_network_sizes(shape, filters, field, pad, a
     assert layer.algo == algo
     got = run()
     monkeypatch.setattr(convmod, "WINO_MIN_C", 10 ** 9)
+    monkeypatch.setattr(convmod, "WINO25_MIN_C", 10 ** 9)
     monkeypatch.setattr(convmod, "PLANAR_MAX_C", 0)
     assert layer.algo == "gemm"
     want = run()
+    # F(2x2, 5x5)'s weight gradient sums products of values its transforms scaled by up to 25
+    # and 9 over all tiles: 1.6e-5 of the scale from the float64 result here (im2col's ~1e-6)
+    tol = 5e-5 if algo == "winograd25" else 2e-5
     for name, a, b in zip(("y", "dx", "dw", "db", "y eval"), got, want):
         scale = float(np.abs(b).max())
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale, err_msg=name)
 
 
 def test_winograd_waits_for_enough_tiles(monkeypatch):
@@ -520,6 +528,7 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=7, field=4, stride=2, pad=2)", "8x10x1", 8),
     ("conv", "conv(filters=19, field=5, pad=2)", "9x8x2", 8),     # planar: 3 filter groups
     ("conv", "conv(filters=6, field=3, pad=1)", "9x7x32", 8),     # Winograd F(4x4)
+    ("conv", "conv(filters=6, field=5, pad=1)", "9x8x16", 8),     # Winograd F(2x2, 5x5)
 ]
 
 

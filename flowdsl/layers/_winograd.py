@@ -23,15 +23,16 @@ from ..blas import colsum, mm_stack
 from ..jit import kernel, prange
 
 M = 2                               # output tile size
+R = 3                               # filter size
 POOLS = False
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 _GG = np.kron(_G, _G)              # (16, 9): U = GG @ w, row e = (i, j), column (a, b)
 _GGT = np.ascontiguousarray(_GG.T)  # (9, 16): dw = GG^T @ dU
 
 
-def values(m):
-    """Transformed values per tile: (m + 2)^2."""
-    return (m + 2) ** 2
+def values(m, r=3):
+    """Transformed values per tile: (m + r - 1)^2."""
+    return (m + r - 1) ** 2
 
 
 def tiles(oh, ow, m=2):
@@ -39,9 +40,9 @@ def tiles(oh, ow, m=2):
 
 
 def weights(w, scheme):
-    """U (E, C, K) from conv weights w (3, 3, C, K)."""
+    """U (E, C, K) from conv weights w (R, R, C, K)."""
     c, k = w.shape[2], w.shape[3]
-    return (scheme._GG @ w.reshape(9, c * k)).reshape(values(scheme.M), c, k)
+    return (scheme._GG @ w.reshape(scheme.R ** 2, c * k)).reshape(values(scheme.M, scheme.R), c, k)
 
 
 def run(x, w, b, pad, oh, ow, keep, scheme):
@@ -50,8 +51,8 @@ def run(x, w, b, pad, oh, ow, keep, scheme):
     n, c, k = x.shape[0], x.shape[3], w.shape[3]
     th, tw = tiles(oh, ow, m)
     U = weights(w, scheme)
-    V = np.empty((values(m), n * th * tw, c), np.float32)
-    scheme._in(x, V, pad, th, tw)
+    V = np.empty((values(m, scheme.R), n * th * tw, c), np.float32)
+    scheme._in(x, V, pad, th, tw, m)
     Mt = mm_stack(V, U)
     z = np.empty((n, oh, ow, k), np.float32)
     scheme._out(Mt, b, z, th, tw)
@@ -59,20 +60,20 @@ def run(x, w, b, pad, oh, ow, keep, scheme):
 
 
 def run_backward(dz, V, U, x_shape, pad, need_dx, scheme):
-    """(dw (3, 3, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
-    m = scheme.M
+    """(dw (R, R, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
+    m, r = scheme.M, scheme.R
     n, oh, ow, k = dz.shape
-    c, e = U.shape[1], values(m)
+    c, e = U.shape[1], values(m, r)
     th, tw = tiles(oh, ow, m)
     dM = np.empty((e, V.shape[1], k), np.float32)
     scheme._dout(dz, dM, th, tw)
     dU = mm_stack(V.transpose(0, 2, 1), dM)
-    dw = (scheme._GGT @ dU.reshape(e, c * k)).reshape(3, 3, c, k)
+    dw = (scheme._GGT @ dU.reshape(e, c * k)).reshape(r, r, c, k)
     if not need_dx:
         return dw, None
     dV = mm_stack(dM, np.ascontiguousarray(U.transpose(0, 2, 1)))
     dx = np.empty(x_shape, np.float32)
-    scheme._din(dV, dx, pad, th, tw)
+    scheme._din(dV, dx, pad, th, tw, m)
     return dw, dx
 
 
@@ -95,7 +96,7 @@ def strategy_chunk(conv, chunk_floats, scheme):
     """Evaluation chunks whose transformed tiles stay within chunk_floats."""
     k, oh, ow = conv.out
     th, tw = tiles(oh, ow, scheme.M)
-    return max(1, chunk_floats // (values(scheme.M) * th * tw * max(conv.in_shape[0], k)))
+    return max(1, chunk_floats // (values(scheme.M, scheme.R) * th * tw * max(conv.in_shape[0], k)))
 
 
 _self = sys.modules[__name__]
@@ -118,9 +119,9 @@ bytes_per_sample = _gemm.bytes_per_sample   # counted as im2col: batches below c
 
 # ------------------------------------------------------------------------------------ kernels
 @kernel
-def _in(x, V, pad, th, tw):
+def _in(x, V, pad, th, tw, m):
     """V[e, t, :] = (B^T d B)[e] for the 4x4 input patch d of tile t = (n, ty, tx), whose
-    top-left is input pixel (2 ty - pad, 2 tx - pad); zero outside the image.
+    top-left is input pixel (m ty - pad, m tx - pad), m = 2; zero outside the image.
     B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]. Every step is a loop over the
     channels, innermost, indexing the arrays directly (the form numba vectorises: a loop over
     the 16 positions e innermost ran 2-4x slower; the same loops over row views d[j], V[e, t]
@@ -135,9 +136,9 @@ def _in(x, V, pad, th, tw):
         for tx in range(tw):
             t = (n * th + ty) * tw + tx
             for i in range(4):
-                y = 2 * ty + i - pad
+                y = m * ty + i - pad
                 for j in range(4):
-                    xx = 2 * tx + j - pad
+                    xx = m * tx + j - pad
                     if y < 0 or y >= h or xx < 0 or xx >= w:
                         for q in range(c):
                             d[i, j, q] = zero
@@ -231,7 +232,7 @@ def _dout(dz, dM, th, tw):
 
 
 @kernel
-def _din(dV, dx, pad, th, tw):
+def _din(dV, dx, pad, th, tw, m):
     """dx = the sum over tiles of B dV B^T, each added back onto its 4x4 patch (the adjoint of
     _in). Patches overlap, so each parallel task owns a whole image."""
     n_, h, w, c = dx.shape
@@ -277,11 +278,11 @@ def _din(dV, dx, pad, th, tw):
                     q[3, 2, cc] = e1 + e2 - e0
                     q[3, 3, cc] = -e3
                 for r in range(4):
-                    y = 2 * ty + r - pad
+                    y = m * ty + r - pad
                     if y < 0 or y >= h:
                         continue
                     for s in range(4):
-                        xx = 2 * tx + s - pad
+                        xx = m * tx + s - pad
                         if xx < 0 or xx >= w:
                             continue
                         for cc in range(c):

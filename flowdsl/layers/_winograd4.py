@@ -23,6 +23,7 @@ from . import _winograd as _w
 from ..jit import kernel, prange
 
 M = 4                                      # output tile size
+R = 3                                      # filter size
 POOLS = False
 
 _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -54,10 +55,11 @@ bytes_per_sample = _gemm.bytes_per_sample   # counted as im2col, as F(2x2)
 # conv2 13x13x32 -> 64 at batch 64, 2 threads: _in 1.29 -> 0.22 ms, _out 0.90 -> 0.31, _dout
 # 1.37 -> 0.44, _din 1.69 -> 0.44).
 @kernel
-def _in(x, V, pad, th, tw):
+def _in(x, V, pad, th, tw, m):
     """V[e, t, :] = (B^T d B)[e] for the 6x6 input patch d of tile t = (n, ty, tx), whose
-    top-left is input pixel (4 ty - pad, 4 tx - pad); zero outside the image: B^T down each
-    column of the patch, then along each row."""
+    top-left is input pixel (m ty - pad, m tx - pad); zero outside the image: B^T down each
+    column of the patch, then along each row. m: the tile step, 4 here, 2 for F(2x2, 5x5)
+    (_winograd25.py: the same six points, so the same B)."""
     n_, h, w, c = x.shape
     zero, two, four, five = np.float32(0.0), np.float32(2.0), np.float32(4.0), np.float32(5.0)
     for task in prange(n_ * th):
@@ -68,9 +70,9 @@ def _in(x, V, pad, th, tw):
         for tx in range(tw):
             t = (n * th + ty) * tw + tx
             for i in range(6):
-                y = 4 * ty + i - pad
+                y = m * ty + i - pad
                 for j in range(6):
-                    xx = 4 * tx + j - pad
+                    xx = m * tx + j - pad
                     if y < 0 or y >= h or xx < 0 or xx >= w:
                         for q in range(c):
                             d[i, j, q] = zero
@@ -183,9 +185,10 @@ def _dout(dz, dM, th, tw):
                     dM[e + 5, t, q] = d
 
 @kernel
-def _din(dV, dx, pad, th, tw):
+def _din(dV, dx, pad, th, tw, m):
     """dx = the sum over tiles of B dV B^T, each added back onto its 6x6 patch (the adjoint of
-    _in); a patch wholly inside the image row is added directly, others through a buffer.
+    _in, tile step m); a patch wholly inside the image row is added directly, others through a
+    buffer.
     Patches overlap, so each parallel task owns a whole image."""
     n_, h, w, c = dx.shape
     zero, two, four, five = np.float32(0.0), np.float32(2.0), np.float32(4.0), np.float32(5.0)
@@ -196,7 +199,7 @@ def _din(dV, dx, pad, th, tw):
         for ty in range(th):
             for tx in range(tw):
                 t = (n * th + ty) * tw + tx
-                x0 = 4 * tx - pad
+                x0 = m * tx - pad
                 for j in range(6):
                     for q in range(c):
                         a, b, g, d, e, f = dV[j, t, q], dV[6 + j, t, q], dV[12 + j, t, q], dV[18 + j, t, q], dV[24 + j, t, q], dV[30 + j, t, q]
@@ -207,7 +210,7 @@ def _din(dV, dx, pad, th, tw):
                         r[4, j, q] = a + b + g + d + e
                         r[5, j, q] = f
                 for i in range(6):
-                    y = 4 * ty + i - pad
+                    y = m * ty + i - pad
                     if y < 0 or y >= h:
                         continue
                     if x0 >= 0 and x0 + 6 <= w:

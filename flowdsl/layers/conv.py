@@ -16,7 +16,8 @@ module of its own with the same interface (described in _rows.py), in STRATEGIES
   on the unpadded input, no im2col buffer, relu fused in (forward_fused asks `RELU`);
 - "winograd" (_winograd.py), 3x3 stride-1 filters over at least WINO_MIN_C input channels:
   Winograd F(2x2, 3x3), 2.25x fewer multiplications than im2col; from WINO4_MIN_C channels
-  "winograd4" (_winograd4.py), F(4x4, 3x3), 4x fewer;
+  "winograd4" (_winograd4.py), F(4x4, 3x3), 4x fewer; 5x5 stride-1 filters over at least
+  WINO25_MIN_C channels "winograd25" (_winograd25.py), F(2x2, 5x5), 2.8x fewer;
 - "planar" (_planar.py), stride-1 filters over at most PLANAR_MAX_C input channels (first
   layers): multiply-adds of shifted, padded input planes; in evaluation it can apply a following
   maxpool before the output is written (flowdsl.plan asks `can_pool`);
@@ -28,12 +29,14 @@ import os
 
 import numpy as np
 
-from . import _gemm, _padmodes, _planar, _rows, _winograd, _winograd4
+from . import _gemm, _padmodes, _planar, _rows, _winograd, _winograd4, _winograd25
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
 from .base import BIAS, TRAINABLE, Layer, LayerError, P, biased, need_map, show_shape
 
-STRATEGIES = {"rows": _rows, "planar": _planar, "gemm": _gemm, "winograd": _winograd, "winograd4": _winograd4}
+STRATEGIES = {"rows": _rows, "planar": _planar, "gemm": _gemm, "winograd": _winograd, "winograd4": _winograd4,
+              "winograd25": _winograd25}
+WINOGRADS = (_winograd, _winograd4, _winograd25)
 DIRECT_MAX_FILTERS = 4   # at or below this many filters: "rows"
 CHUNK_FLOATS = 1 << 20   # evaluation: im2col (or Winograd tile) buffers of about this many floats (4 MB)
 WINO_MIN_C = 12          # 3x3 stride-1 convs with at least this many input channels: Winograd
@@ -46,6 +49,11 @@ PLANAR_MAX_C = 8         # stride-1 convs over at most this many input channels:
 WINO4_MIN_C = 32         # F(4x4, 3x3) from this many input channels (forward + backward at
                          # batch 64, against F(2x2): 24 -> 64 at 14x14 0.84x as fast, 32 -> 64
                          # at 13x13 1.16x, 64 -> 128 at 6x6 1.24x, 96 -> 96 at 7x7 1.45x)
+WINO25_MIN_C = 16        # 5x5 stride-1 convs over at least this many input channels: F(2x2, 5x5)
+                         # (a training step of input :: conv :: dense(10) at batch 64 against
+                         # gemm, interleaved, 2026-12-03: 12x12x12 -> 40 same 0.83-0.88x,
+                         # x16 1.02x, 28x28x16 -> 32 1.09x, 14x14x16 -> 32 1.24x, 8x8x64 -> 64
+                         # 1.38x; net B, 12x12x20 -> 40: the whole step 1.25x)
 WIDE = None              # whether the cores have AVX-512 (see wide_vectors)
 WIDE_PLANAR_MAX_C = 1    # with AVX-512, evaluation still runs "planar" for stride-1 convs over at
 WIDE_PLANAR_MIN_FIELD = 3  # most this many input channels with fields at least this wide (net B's
@@ -181,6 +189,8 @@ class Conv(Layer):
             return "rows"
         if a["field"] == 3 and a["stride"] == 1 and self.in_shape[0] >= WINO_MIN_C:
             return "winograd4" if self.in_shape[0] >= WINO4_MIN_C else "winograd"
+        if a["field"] == 5 and a["stride"] == 1 and self.in_shape[0] >= WINO25_MIN_C:
+            return "winograd25"
         if self._planar_fits(PLANAR_MAX_C) and not wide_vectors():
             return "planar"
         return "gemm"
@@ -200,7 +210,7 @@ class Conv(Layer):
             return self._run_as().algo_for(n, training)
         algo = self.algo
         th, tw = _winograd.tiles(self.out[1], self.out[2])
-        wino = STRATEGIES[algo] in (_winograd, _winograd4)
+        wino = STRATEGIES[algo] in WINOGRADS
         if not training and algo != "rows" and wide_vectors():
             if wino and n * th * tw >= WIDE_WINO_MIN_TILES:
                 return algo
