@@ -7,7 +7,8 @@ Rewrites are decided here, once, from what layers say they can do, never from th
   is the same and the gradient reaches the same inputs (a window whose maximum is <= 0 passes no
   gradient either way), with the activation on a quarter of the values (measured on net B);
 - a pooled layer: a layer that can apply the following max window itself (`Layer.can_pool`:
-  conv's planar strategy in evaluation, batchnorm in training and evaluation) absorbs the
+  conv's planar strategy in evaluation, its gemm strategy and batchnorm in training and
+  evaluation) absorbs the
   maxpool step, so its full-size output is never written (in training, its backward takes the
   gradient at the pooled output); its deferred activation (if any) runs on the pooled output;
 - taps: the outputs a later layer reads (a branch's input, add(from=...), concat(...)) are saved.

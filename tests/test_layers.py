@@ -776,6 +776,44 @@ def test_conv_pools_its_own_output_in_evaluation(act, pool, fused):
 @pytest.mark.parametrize("size,h,pool", [(9, 9, "maxpool"), (9, 10, "maxpool(2, ceil=true)"),
                                          (11, 11, "max2d(3)"), (10, 9, "maxpool(2, stride=3)"),
                                          (8, 8, "maxpool(3, stride=2)")])
+def test_gemm_conv_pools_its_own_output_in_training(size, h, pool):
+    """conv (gemm) :: maxpool in training: each chunk's product is pooled while in cache and the
+    winners recorded (the full-size output is never written); backward takes the pooled gradient
+    to the winners. conv1 (NHWC columns, its relu deferred past the pool) and conv2 (columns as
+    rows, strided, input gradient needed): loss, gradients, predictions, Grad-CAM and the input
+    gradient equal those of the separate layers, for windows that tile, clip (ceil), skip
+    (stride > size) and overlap."""
+    from flowdsl import plan
+    text = (f"network = input({size}x{h}x9) :: conv(filters=6, field=3, pad=same, act=relu) :: {pool} "
+            f":: conv(filters=7, field=3, stride=2, pad=1) :: maxpool(2, ceil=true) :: relu "
+            f":: dense(4) :: softmax\ntrain {{ seed = 4 }}")
+    nets = [Net(build_text(text, "<t>"), seed=4, fuse=f) for f in (True, False)]
+    assert [nets[0].layers[i].algo_for(6) for i in (0, 2)] == ["gemm", "gemm"]
+    assert nets[0].plan(True, 6).pooled() == {"conv1": "maxpool1", "conv2": "maxpool2"}
+    assert nets[1].plan(True, 6).pooled() == {}
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, h, size, 9)).astype(np.float32)
+    outs = []
+    for net in nets:
+        with plan.Timer(net) as t:
+            loss, _ = net.loss_grad(x, np.arange(6) % 4)
+        probs = net.predict(x)
+        cam = net.gradcam(x, layer="maxpool1")
+        _, _, dinput = net.backprop(x, lambda z: np.ones_like(z))
+        outs.append((loss, net.gflat.copy(), probs, cam, dinput, set(t.times)))
+    (la, ga, pa, ca, da, ran_a), (lb, gb, pb, cb, db, ran_b) = outs
+    assert not {"maxpool1", "maxpool2"} & ran_a and {"maxpool1", "maxpool2"} <= ran_b
+    assert np.abs(gb).max() > 0 and pb.std() > 0 and np.abs(db).max() > 0 and cb.max() > 0
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6 * np.abs(gb).max())
+    np.testing.assert_allclose(pa, pb, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ca, cb, rtol=1e-5, atol=1e-6 * cb.max())
+    np.testing.assert_allclose(da, db, rtol=1e-4, atol=1e-6 * np.abs(db).max())
+
+
+@pytest.mark.parametrize("size,h,pool", [(9, 9, "maxpool"), (9, 10, "maxpool(2, ceil=true)"),
+                                         (11, 11, "max2d(3)"), (10, 9, "maxpool(2, stride=3)"),
+                                         (8, 8, "maxpool(3, stride=2)")])
 def test_batchnorm_pools_its_own_output(size, h, pool):
     """conv :: batchnorm :: maxpool :: relu (examples/fashion.flow): batchnorm applies the max
     window to its normalised values as it computes them, in training and evaluation, so its

@@ -8,10 +8,13 @@ import sys
 import numpy as np
 
 from ..blas import mm, shares
-from .maxpool import _max_eval
+from .maxpool import _max_bwd, _max_eval, _max_fwd
 from ..jit import kernel, prange
 
 POOLS = True    # in evaluation, forward can apply a following max window chunk by chunk
+TRAIN_POOLS = True   # in training too, recording each window's winner (conv.can_pool)
+POOL_CHUNK_FLOATS = 1 << 18   # training's pooled forward: products of about this many floats,
+                              # pooled while in cache (net A's conv1: 12 images a chunk)
 FLIP_DX = True
 TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (_im2col_t)
 
@@ -32,12 +35,20 @@ def forward(conv, x, w, b, training, ctx, pool=None):
     # training: a column of ones carries the bias, whose gradient then comes out of the weight
     # gradient's product
     wb = np.concatenate([w.reshape(-1, k), b[None, :]])
+    if pool is not None:   # the max windows of each chunk's product, their winners recorded
+        size, stride, ph, pw = pool
+        y = np.empty((x.shape[0], ph, pw, k), np.float32)
+        arg = ctx["pool_arg"] = np.empty((x.shape[0], ph, pw, k), np.int32)
+        ctx["pool"] = (size, stride)
+        ctx["cols"], ctx["tall"] = product(x, wb, None, f, s, pad, oh, ow, keep=True, pool=(size, stride, y),
+                                           arg=arg)
+        return y
     z = np.empty((x.shape[0], oh, ow, k), np.float32)
     ctx["cols"], ctx["tall"] = product(x, wb, z.reshape(-1, k), f, s, pad, oh, ow, keep=True)
     return z
 
 
-def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
+def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, arg=None):
     """out (N*OH*OW, K) = im2col(x) @ wmat, where wmat has f*f*C rows, or one more (then im2col
     adds a column of ones: the bias row). Each thread takes a contiguous share of the images
     and runs im2col and its product itself (one hand-over per call; net A's conv2 in evaluation
@@ -46,16 +57,23 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
     forward), into the whole column matrix, returned for the weight gradient with whether it is
     stored transposed: (cols or None, tall). pool = (size, stride, y): out is None, and each
     chunk's product goes to a buffer whose max windows (clipped to OH x OW) are written to y
-    (N, PH, PW, K): the conv's full-size output is never written. bias: a K-vector added to
-    each chunk's product."""
+    (N, PH, PW, K): the conv's full-size output is never written; with arg (N, PH, PW, K) int32
+    as well (training, keep=True) each window's winner is recorded as maxpool's forward does,
+    chunk by chunk (POOL_CHUNK_FLOATS of output). bias: a K-vector added to each chunk's
+    product."""
     width = wmat.shape[0]
     n = x.shape[0]
     r = oh * ow                       # rows (output positions) per image
     tall = x.shape[3] < TALL_BELOW_C  # columns as rows: few channels make short NHWC segments
     cols = np.empty((width, n * r) if tall else (n * r, width), np.float32) if keep else None
-    step = n if keep else max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
-    im2col = _im2col_t.serial if tall else _im2col.serial
     kk = wmat.shape[1]
+    if keep and pool is not None:
+        step = max(1, POOL_CHUNK_FLOATS // max(1, r * kk))
+    elif keep:
+        step = n
+    else:
+        step = max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
+    im2col = _im2col_t.serial if tall else _im2col.serial
 
     def run(lo, hi):
         buf = cols if keep else np.empty((width, min(step, hi - lo) * r) if tall else
@@ -73,7 +91,9 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
                 part = buf[a:b]
                 im2col(x[i:e], part, f, s, pad, oh, ow)
                 np.matmul(part, wmat, out=dst)
-            if pool is not None:   # max(z + b) = max(z) + b: the bias goes on the pooled values
+            if arg is not None:   # training: the bias is in the product (its row of ones)
+                _max_fwd.serial(dst.reshape(e - i, oh, ow, kk), pool[2][i:e], arg[i:e], pool[0], pool[1], 0)
+            elif pool is not None:   # max(z + b) = max(z) + b: the bias goes on the pooled values
                 _max_eval.serial(dst.reshape(e - i, oh, ow, kk), pool[2][i:e], pool[0], pool[1], 0)
                 if bias is not None:
                     pool[2][i:e] += bias
@@ -87,6 +107,11 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None):
 def backward(conv, dz, w, g, ctx, need_dx):
     k = conv.args["filters"]
     cols = ctx.pop("cols")
+    if "pool_arg" in ctx:   # dz is the gradient at the pooled output: to the windows' winners
+        _, oh, ow = conv.out
+        full = np.empty((dz.shape[0], oh * ow, k), np.float32)
+        _max_bwd(dz, ctx.pop("pool_arg"), full, oh, *ctx["pool"], 0)
+        dz = full.reshape(dz.shape[0], oh, ow, k)
     dz2 = dz.reshape(-1, k)
     gwb = mm(cols, dz2) if ctx["tall"] else mm(cols.T, dz2)  # ones give the bias gradient
     g["w"].reshape(-1, k)[...] = gwb[:-1]

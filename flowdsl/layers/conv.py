@@ -223,7 +223,8 @@ class Conv(Layer):
         return act_spec(self)
 
     def can_pool(self, n, training, window):
-        return not training and STRATEGIES[self.algo_for(n, False)].POOLS
+        strategy = STRATEGIES[self.algo_for(n, training)]
+        return getattr(strategy, "TRAIN_POOLS", False) if training else strategy.POOLS
 
     def bytes_per_sample(self):
         kept, dz, _ = super().bytes_per_sample()
@@ -247,6 +248,8 @@ class Conv(Layer):
         algo = ctx["algo"] = run.algo_for(x.shape[0], training)
         strategy = STRATEGIES[algo]
         kw = {"relu": True} if act[0] == "relu" and getattr(strategy, "RELU", False) else {}
+        if pool is not None and not (getattr(strategy, "TRAIN_POOLS", False) if training else strategy.POOLS):
+            raise RuntimeError(f"{self.name}: {algo} cannot apply the max window its plan gave it")
         if training or pool is not None:
             z = strategy.forward(run, x, w, b, training, ctx, pool, **kw)
         else:  # in chunks whose work buffers stay in cache
