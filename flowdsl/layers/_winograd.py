@@ -30,9 +30,9 @@ _GG = np.kron(_G, _G)              # (16, 9): U = GG @ w, row e = (i, j), column
 _GGT = np.ascontiguousarray(_GG.T)  # (9, 16): dw = GG^T @ dU
 
 
-def values(m, r=3):
-    """Transformed values per tile: (m + r - 1)^2."""
-    return (m + r - 1) ** 2
+def values(scheme):
+    """Transformed values per tile: (M + R - 1)^2."""
+    return (scheme.M + scheme.R - 1) ** 2
 
 
 def tiles(oh, ow, m=2):
@@ -42,7 +42,7 @@ def tiles(oh, ow, m=2):
 def weights(w, scheme):
     """U (E, C, K) from conv weights w (R, R, C, K)."""
     c, k = w.shape[2], w.shape[3]
-    return (scheme._GG @ w.reshape(scheme.R ** 2, c * k)).reshape(values(scheme.M, scheme.R), c, k)
+    return (scheme._GG @ w.reshape(scheme.R ** 2, c * k)).reshape(values(scheme), c, k)
 
 
 def run(x, w, b, pad, oh, ow, keep, scheme):
@@ -51,7 +51,7 @@ def run(x, w, b, pad, oh, ow, keep, scheme):
     n, c, k = x.shape[0], x.shape[3], w.shape[3]
     th, tw = tiles(oh, ow, m)
     U = weights(w, scheme)
-    V = np.empty((values(m, scheme.R), n * th * tw, c), np.float32)
+    V = np.empty((values(scheme), n * th * tw, c), np.float32)
     scheme._in(x, V, pad, th, tw, m)
     Mt = mm_stack(V, U)
     z = np.empty((n, oh, ow, k), np.float32)
@@ -63,7 +63,7 @@ def run_backward(dz, V, U, x_shape, pad, need_dx, scheme):
     """(dw (R, R, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
     m, r = scheme.M, scheme.R
     n, oh, ow, k = dz.shape
-    c, e = U.shape[1], values(m, r)
+    c, e = U.shape[1], values(scheme)
     th, tw = tiles(oh, ow, m)
     dM = np.empty((e, V.shape[1], k), np.float32)
     scheme._dout(dz, dM, th, tw)
@@ -96,7 +96,7 @@ def strategy_chunk(conv, chunk_floats, scheme):
     """Evaluation chunks whose transformed tiles stay within chunk_floats."""
     k, oh, ow = conv.out
     th, tw = tiles(oh, ow, scheme.M)
-    return max(1, chunk_floats // (values(scheme.M, scheme.R) * th * tw * max(conv.in_shape[0], k)))
+    return max(1, chunk_floats // (values(scheme) * th * tw * max(conv.in_shape[0], k)))
 
 
 _self = sys.modules[__name__]

@@ -223,8 +223,7 @@ class Conv(Layer):
         return act_spec(self)
 
     def can_pool(self, n, training, window):
-        strategy = STRATEGIES[self.algo_for(n, training)]
-        return getattr(strategy, "TRAIN_POOLS", False) if training else strategy.POOLS
+        return _pools(STRATEGIES[self.algo_for(n, training)], training)
 
     def bytes_per_sample(self):
         kept, dz, _ = super().bytes_per_sample()
@@ -248,7 +247,7 @@ class Conv(Layer):
         algo = ctx["algo"] = run.algo_for(x.shape[0], training)
         strategy = STRATEGIES[algo]
         kw = {"relu": True} if act[0] == "relu" and getattr(strategy, "RELU", False) else {}
-        if pool is not None and not (getattr(strategy, "TRAIN_POOLS", False) if training else strategy.POOLS):
+        if pool is not None and not _pools(strategy, training):
             raise RuntimeError(f"{self.name}: {algo} cannot apply the max window its plan gave it")
         if training or pool is not None:
             z = strategy.forward(run, x, w, b, training, ctx, pool, **kw)
@@ -293,6 +292,12 @@ class Conv(Layer):
             _, h, w = self.in_shape
             dx = _padmodes.fold(dx, h, w, self.padding, self.pad_mode)
         return dx
+
+
+def _pools(strategy, training):
+    """Whether the strategy's forward applies a following max window itself (POOLS in
+    evaluation, TRAIN_POOLS in training)."""
+    return getattr(strategy, "TRAIN_POOLS", False) if training else strategy.POOLS
 
 
 def _in_chunks(x, step, run):
