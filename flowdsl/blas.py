@@ -26,6 +26,10 @@ MIN_WORK = 12 << 20  # multiply-adds below which one thread is faster than split
 SPLIT_MIN = 2 * MIN_WORK  # a whole evaluation pass below this runs on one thread (split): measured
                           # on A and B (2 threads), passes of 13-15 M multiply-adds split ran at
                           # 0.5-1.0x, of 25 M and more at 1.15-1.6x
+SPLIT_TRAIN_MIN = 2 * SPLIT_MIN  # a training pass splits when each thread's share of the forward
+                                 # work reaches this (Net._split_loss_grad; measured on 2 threads
+                                 # in a fast hour: A and B at batch 16, shares of 30 and 13 M,
+                                 # 0.94x and 0.87x; at batch 64, 119 and 53 M, 0.99x and 0.93x)
 ROWS = 4096         # rows per block of a row-split product
 KSPLIT = 4          # split the inner dimension instead when it is this many times the rows
 

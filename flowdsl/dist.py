@@ -115,6 +115,56 @@ class MPIWorld(Solo):
         return idx[r0:r1], np.arange(r0, r1)
 
 
+class Team:
+    """The threads of one process sharing out a training batch (Net._split_loss_grad): each
+    thread runs the whole pass on its rows and reaches the others only through its member's
+    collectives, the same calls a data-parallel rank makes (batchnorm's statistics). A thread
+    that fails aborts the team: the others' next collective raises BrokenBarrierError instead
+    of waiting forever."""
+
+    def __init__(self, size):
+        from ._spin import SpinBarrier
+        self.size = size
+        self._bar = SpinBarrier(size)
+        self._slots = ([None] * size, [None] * size)   # two sets, used in turn (see allreduce)
+
+    def member(self, rank):
+        return _Member(self, rank)
+
+    def abort(self):
+        self._bar.abort()
+
+
+class _Member(Solo):
+    """One thread's view of its Team, a world of Team.size ranks."""
+
+    def __init__(self, team, rank):
+        self.team, self.rank, self.size, self.local_size = team, rank, team.size, team.size
+        self._turn = 0
+
+    @property
+    def root(self):
+        return self.rank == 0
+
+    def allreduce(self, a):
+        """Sum a over the team's threads, in place, in rank order (every thread gets the same
+        bits). One barrier per call: the copies are posted in one of two slot sets, used in
+        turn; a thread can reuse a set only after the next call's barrier, which every thread
+        reaches after it has read this call's copies."""
+        slots = self.team._slots[self._turn]
+        self._turn ^= 1
+        slots[self.rank] = np.array(a, copy=True)
+        self.team._bar.wait(self.rank)
+        total = slots[0].copy()
+        for s in slots[1:]:
+            total += s
+        a[...] = total
+        return a
+
+    def barrier(self):
+        self.team._bar.wait(self.rank)
+
+
 class _Watchdog(threading.Thread):
     """Checks twice a second whether the reduction in progress is past its deadline."""
 

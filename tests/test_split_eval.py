@@ -2,8 +2,8 @@
 thread runs the whole network on its own share of the batch. The outputs must be the ones of the
 layer-by-layer pass (SPLIT_EVAL off) for every kind of layer that treats samples independently
 in evaluation (batchnorm's running statistics, dropout as identity, branches, padding modes,
-pooled convs of every algorithm), at odd batch sizes, and training, focus and one thread must
-not go through it."""
+pooled convs of every algorithm), at odd batch sizes, and focus and one thread must not go
+through it (training's own split pass: test_split_train.py)."""
 import threading
 
 import numpy as np
@@ -114,7 +114,7 @@ def test_training_focus_batch_one_and_one_thread_do_not_split(two_threads, monke
     net = _trained(NETS["bn_dropout"])
     x = _inputs(net, 6)
     calls = _count_splits(monkeypatch)
-    net.loss_grad(x, np.arange(6) % 5)      # training: batchnorm's batch statistics, dropout masks
+    net.loss_grad(x, np.arange(6) % 5)      # training (below SPLIT_TRAIN_MIN: test_split_train.py)
     net.focus("conv1", x[:3])               # keep: outputs of inner layers
     net.predict(x[:1])                      # one sample
     from flowdsl.plan import Timer

@@ -134,12 +134,17 @@ class BatchNorm(Layer):
 def _global_stats(world, x2):
     """(mean, biased variance, count) per column over every rank's rows, two passes as
     _bn_stats (float64 sums: the exact mean first, then the squared deviations from it)."""
-    c = x2.shape[1]
-    s = world.allreduce(np.concatenate([x2.sum(axis=0, dtype=np.float64), [float(x2.shape[0])]]))
+    m, c = x2.shape
+    s = np.zeros(c + 1, np.float64)
+    chunks = max(1, min(CHUNKS, m))
+    _bn_col_sums(x2, np.zeros(c, np.float64), s[:c], False, chunks)
+    s[c] = m
+    world.allreduce(s)
     m = int(s[c])
     mean = s[:c] / m
-    d = x2 - mean.astype(np.float32)
-    var = world.allreduce(np.einsum("ij,ij->j", d, d, dtype=np.float64)) / m
+    q = np.empty(c, np.float64)
+    _bn_col_sums(x2, mean, q, True, chunks)
+    var = world.allreduce(q) / m
     return mean, var, m
 
 
@@ -169,6 +174,23 @@ def _bn_stats(x, mean, var, chunks):
         for t in range(chunks):
             acc += part[t, k]
         var[k] = acc / m
+
+
+@kernel
+def _bn_col_sums(x, center, out, square, chunks):
+    """out[k] = the sum over rows of x[r, k] - center[k], or of its square (float64)."""
+    m, c = x.shape
+    part = np.zeros((chunks, c), np.float64)
+    for t in prange(chunks):
+        for r in range(m * t // chunks, m * (t + 1) // chunks):
+            for k in range(c):
+                d = x[r, k] - center[k]
+                part[t, k] += d * d if square else d
+    for k in range(c):
+        acc = 0.0
+        for t in range(chunks):
+            acc += part[t, k]
+        out[k] = acc
 
 
 @kernel
