@@ -257,8 +257,8 @@ class Net:
         others update copies). The result is the one-thread pass's up to float32 rounding: the
         parameter gradients are sums of the shares' partial sums. Against handing every
         layer's work to the threads (two wake-ups a layer), this waits only at the
-        collectives: on a virtual machine whose wake-ups took 0.1-1.8 ms (2026-12-03),
-        fashion.flow's step ran 1,660 img/s this way against 500-730."""
+        collectives, which matters where waking a thread is slow (measurements in
+        docs/internals.md, "Split training")."""
         from . import blas
         from .dist import Team
         n = x.shape[0]
