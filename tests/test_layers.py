@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive  # noqa: E402
 
+from flowdsl.dist import Solo  # noqa: E402
 from flowdsl.layers import REGISTRY, load_all  # noqa: E402
 from flowdsl.model import build_text  # noqa: E402
 from flowdsl.net import Net  # noqa: E402
@@ -495,13 +496,17 @@ def python_kernels(monkeypatch):
     return called
 
 
-def run_layer(net, layer, x):
+def run_layer(net, layer, x, world=None):
     """A training forward and backward, then an evaluation forward, of one layer: [y, dx,
     y in evaluation, parameter gradients...]. Running statistics are put back after training,
-    and a random layer gets the same generator state every time (dropout: the same mask)."""
+    and a random layer gets the same generator state every time (dropout: the same mask).
+    world: the layer runs as a data-parallel rank of it (ctx["world"]; batchnorm's global
+    statistics)."""
     p = params_of(net, layer)
     ctx = ctx_of(net, layer, x)
     ctx["rng"] = np.random.default_rng(0)
+    if world is not None:
+        ctx["world"] = world
     st = {k: v.copy() for k, v in ctx["state"].items()}
     y = layer.forward(x, p, ctx, True)
     g = {k: np.full_like(v, np.nan) for k, v in p.items()}
@@ -599,6 +604,40 @@ def test_pooled_kernels_match_their_python_versions(kind, text, shape, batch, wi
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4 * scale, err_msg=f"output {i}")
 
 
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+@pytest.mark.parametrize("shape,batch", [("6x5x4", 3), ("1x1x7", 40), ("3x3x2", 1)])
+def test_batchnorm_as_a_rank_matches_the_one_process_statistics(shape, batch, mode, monkeypatch):
+    """batchnorm on a data-parallel rank (ctx["world"]: MPI ranks, split training's threads)
+    takes its statistics from _global_stats' sums instead of _bn_stats: with a world of one the
+    outputs, input gradient, parameter gradients and running statistics must be the
+    one-process pass's, compiled and as Python."""
+    from flowdsl import jit
+    net, layer, _, rng = setup("batchnorm", "batchnorm", shape)
+    x = rng.normal(3.0, 2.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32)
+    monkeypatch.setattr(jit, "SERIAL_BELOW", 0 if mode == "parallel" else 1 << 62)
+
+    def compare():
+        plain, ranked = run_layer(net, layer, x), run_layer(net, layer, x, world=Solo())
+        for i, (a, b) in enumerate(zip(ranked, plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"output {i}")
+        return ranked
+    compiled = compare()
+    python_kernels(monkeypatch)
+    for i, (a, b) in enumerate(zip(compiled, compare())):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"python output {i}")
+    st = net.state[layer.name]
+    before = {k: v.copy() for k, v in st.items()}
+    ctx = dict(ctx_of(net, layer, x), world=Solo())
+    layer.forward(x, params_of(net, layer), ctx, True)
+    after = {k: v.copy() for k, v in st.items()}
+    for k, v in before.items():
+        st[k][...] = v
+    layer.forward(x, params_of(net, layer), ctx_of(net, layer, x), True)
+    for k in st:
+        assert not np.array_equal(after[k], before[k])
+        np.testing.assert_allclose(after[k], st[k], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
 def test_python_versions_reach_every_kernel(monkeypatch):
     """Every kernel in the layer package runs (as Python) in some case of
@@ -613,6 +652,8 @@ def test_python_versions_reach_every_kernel(monkeypatch):
     for kind, text, shape, batch, window in POOLED:
         net, layer, _, rng = setup(kind, text, shape)
         run_pooled(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32), window)
+    net, layer, x, _ = setup("batchnorm", "batchnorm", "6x5x4")
+    run_layer(net, layer, x, world=Solo())
     missing = sorted(f"{m}.{k}" for m, k in every - called)
     assert not missing, f"kernels no case runs: {missing}; add an example to tests/naive.py or PYFUNC"
 
