@@ -82,8 +82,8 @@ class SpinBarrier:
     """wait(rank) returns once every one of `size` threads has called it as often; abort() makes
     every present and later wait raise threading.BrokenBarrierError."""
 
-    def __init__(self, size, spin=SPIN):
-        self.size, self.spin = size, spin
+    def __init__(self, size, spin=None):
+        self.size, self.spin = size, SPIN if spin is None else spin
         self._counts = np.zeros((size + 1) * LINE, np.int64)
         self._mine = [0] * size
         self._cond = threading.Condition()
