@@ -18,7 +18,6 @@ from numba.extending import intrinsic
 
 SPIN = 300_000   # rounds a waiter spins before it sleeps (each reads every count: ~1.5 ns, 0.45 ms in all)
 LINE = 8         # int64s per count: one cache line each, so arrivals do not contend
-ABORT = -1       # the abort slot (the last line) holds 1 once a thread has aborted
 
 
 def _ptr(context, builder, aryty, ary, idx):
