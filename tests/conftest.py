@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,3 +123,30 @@ def toy_image_folder(root, classes=("cat", "dog"), per_class=3, shape=(4, 4, 1),
     """The toy set as an images("...") folder: per_class images of each class, shape (H, W, C)."""
     x, y = toy_set(shape=shape, classes=len(classes), per_class=per_class, seed=seed)
     return save_image_folder(root, x, y, classes)
+
+
+# ---------------------------------------------------------------- split passes (test_split_*.py)
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Two threads, and every evaluation pass of the tests' small nets splits (blas.SPLIT_MIN 0)."""
+    from flowdsl import blas, jit
+    jit.numba()
+    old = blas._threads
+    jit.threads(2)
+    monkeypatch.setattr(blas, "SPLIT_MIN", 0)
+    yield
+    jit.threads(old)
+
+
+def count_splits(monkeypatch):
+    """Record (n, whether it split) for every blas.split call from now on."""
+    from flowdsl import blas
+    calls = []
+    real = blas.split
+
+    def counted(n, run, work):
+        out = real(n, run, work)
+        calls.append((n, out is not None))
+        return out
+    monkeypatch.setattr(blas, "split", counted)
+    return calls

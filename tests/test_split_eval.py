@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import count_splits
 
 from flowdsl import blas, jit
 from flowdsl import net as netmod
@@ -26,28 +27,6 @@ NETS = {
                ":: conv(filters=7, field=3, stride=2) :: globalavgpool :: dense(3) :: squared",
     "dense": "network = input(30) :: dense(64, act=relu) :: dense(32, act=swish) :: dense(3) :: softmax",
 }
-
-
-@pytest.fixture
-def two_threads(monkeypatch):
-    jit.numba()
-    old = blas._threads
-    jit.threads(2)
-    monkeypatch.setattr(blas, "SPLIT_MIN", 0)   # every batch of these small nets splits
-    yield
-    jit.threads(old)
-
-
-def _count_splits(monkeypatch):
-    calls = []
-    real = blas.split
-
-    def counted(n, run, work):
-        out = real(n, run, work)
-        calls.append((n, out is not None))
-        return out
-    monkeypatch.setattr(blas, "split", counted)
-    return calls
 
 
 def _trained(text, seed=3):
@@ -75,7 +54,7 @@ def test_split_pass_equals_the_layer_by_layer_pass(two_threads, monkeypatch, nam
     x = _inputs(net, n)
     monkeypatch.setattr(netmod, "SPLIT_EVAL", False)
     want = net.predict(x)
-    calls = _count_splits(monkeypatch)
+    calls = count_splits(monkeypatch)
     monkeypatch.setattr(netmod, "SPLIT_EVAL", True)
     got = net.predict(x)
     assert calls == [(n, True)]   # it did split
@@ -104,7 +83,7 @@ def test_split_pass_every_conv_algorithm(two_threads, monkeypatch):
     monkeypatch.setattr(netmod, "SPLIT_EVAL", False)
     want = net.predict(x)
     monkeypatch.setattr(netmod, "SPLIT_EVAL", True)
-    calls = _count_splits(monkeypatch)
+    calls = count_splits(monkeypatch)
     got = net.predict(x)
     assert calls == [(2 * n, True)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -113,7 +92,7 @@ def test_split_pass_every_conv_algorithm(two_threads, monkeypatch):
 def test_training_focus_batch_one_and_one_thread_do_not_split(two_threads, monkeypatch):
     net = _trained(NETS["bn_dropout"])
     x = _inputs(net, 6)
-    calls = _count_splits(monkeypatch)
+    calls = count_splits(monkeypatch)
     net.loss_grad(x, np.arange(6) % 5)      # training (below SPLIT_TRAIN_MIN: test_split_train.py)
     net.focus("conv1", x[:3])               # keep: outputs of inner layers
     net.predict(x[:1])                      # one sample

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import count_splits
 
 from flowdsl import blas, dist, jit
 from flowdsl import net as netmod
@@ -33,26 +34,10 @@ NETS = {
 
 
 @pytest.fixture
-def two_threads(monkeypatch):
-    jit.numba()
-    old = blas._threads
-    jit.threads(2)
-    monkeypatch.setattr(blas, "SPLIT_MIN", 0)         # every batch of these small nets splits
+def two_threads(two_threads, monkeypatch):
+    """conftest's, and every training pass of these small nets splits too."""
     monkeypatch.setattr(blas, "SPLIT_TRAIN_MIN", 0)
     yield
-    jit.threads(old)
-
-
-def _count_splits(monkeypatch):
-    calls = []
-    real = blas.split
-
-    def counted(n, run, work):
-        out = real(n, run, work)
-        calls.append((n, out is not None))
-        return out
-    monkeypatch.setattr(blas, "split", counted)
-    return calls
 
 
 def _net(text, seed=3, train="seed = 3"):
@@ -84,7 +69,7 @@ def test_split_training_pass_equals_the_layer_by_layer_pass(two_threads, monkeyp
     a, b = _net(NETS[name]), _net(NETS[name])
     x, y = _batch(a, n)
     want = _step(a, x, y, False, monkeypatch)
-    calls = _count_splits(monkeypatch)
+    calls = count_splits(monkeypatch)
     got = _step(b, x, y, True, monkeypatch)
     assert calls == [(n, True)]   # it did split
     assert got[1] == want[1]
@@ -142,7 +127,7 @@ def test_split_training_every_conv_algorithm(two_threads, monkeypatch):
     assert set(algos) >= {"rows", "winograd", "winograd4", "winograd25", "gemm"}, algos
     x, y = _batch(a, n)
     want = _step(a, x, y, False, monkeypatch)
-    calls = _count_splits(monkeypatch)
+    calls = count_splits(monkeypatch)
     got = _step(b, x, y, True, monkeypatch)
     assert calls == [(n, True)]
     np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=2e-5 * np.abs(want[2]).max())
@@ -155,7 +140,7 @@ def test_small_batches_one_thread_timer_and_ranks_do_not_split(monkeypatch):
         jit.threads(2)
         net = _net(NETS["bn_dropout"])
         x, y = _batch(net, 6)
-        calls = _count_splits(monkeypatch)
+        calls = count_splits(monkeypatch)
         net.loss_grad(x, y)                  # below SPLIT_TRAIN_MIN: the layer-by-layer pass
         monkeypatch.setattr(blas, "SPLIT_MIN", 0)
         monkeypatch.setattr(blas, "SPLIT_TRAIN_MIN", 0)
@@ -225,7 +210,7 @@ def test_a_failing_share_raises_its_error_and_leaves_nothing_waiting(two_threads
     assert isinstance(out.get("err"), ValueError) and who in str(out["err"])
     assert not blas._solo
     monkeypatch.setattr(type(bn2), "forward_fused", real)
-    calls = _count_splits(monkeypatch)
+    calls = count_splits(monkeypatch)
     loss, _ = net.loss_grad(x, y)
     assert calls == [(8, True)] and np.isfinite(loss)
 
