@@ -10,7 +10,7 @@ import sys
 import time
 
 
-def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None, out=sys.stdout):
+def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None, out=None):
     import numpy as np
 
     from . import jit
@@ -20,6 +20,7 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
     from .plan import Timer
     from .settings import OPTIMIZERS
 
+    out = out or sys.stdout   # at call time: a default of sys.stdout would keep the stream of import time
     t_import = time.perf_counter()
     n_threads = jit.threads(threads)
     batch = batch or model.train["batch"]
@@ -84,9 +85,13 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
             net.loss_grad(x, y)
         for k, (f, b) in t.times.items():
             per.setdefault(k, []).append((f, b))
-    print(f"train: {statistics.median(train):,.0f} img/s   (forward + backward + {opt.kind} step, batch {batch}; "
-          f"median of {repeats} runs of {steps} steps)", file=out)
+    shares = net.train_shares(batch)
+    split = f", split {shares} ways (each thread runs the whole pass on its share)" if shares > 1 else ""
+    print(f"train: {statistics.median(train):,.0f} img/s   (forward + backward + {opt.kind} step, batch {batch}"
+          f"{split}; median of {repeats} runs of {steps} steps)", file=out)
     print(f"infer: {statistics.median(infer):,.0f} img/s   (batch {infer_batch}; median of {repeats} runs)", file=out)
+    if shares > 1:
+        print("per layer, the same step run layer by layer (each layer's work shared by the threads):", file=out)
     rows = [("layer", "forward ms", "backward ms")]
     tot_f = tot_b = 0.0
     pooled = net.plan(True, batch).pooled()   # a layer that applies the next maxpool itself

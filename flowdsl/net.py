@@ -262,10 +262,8 @@ class Net:
         from . import blas
         from .dist import Team
         n = x.shape[0]
-        t = blas.split_threads(n)
-        if (t <= 1 or self.run_forward is not plan.run_forward
-                or (self.world is not None and self.world.size > 1)
-                or n // t * self.macs_per_sample() < blas.SPLIT_TRAIN_MIN):
+        t = self.train_shares(n)
+        if t <= 1:
             return None
         c = blas.cuts(n, t)
         plans = {hi - lo: self.plan(True, hi - lo).steps for lo, hi in zip(c, c[1:])}
@@ -305,6 +303,17 @@ class Net:
             return None
         self._trace = []
         return sum(o[0] for o in outs) / n, sum(o[1] for o in outs)
+
+    def train_shares(self, n):
+        """Into how many shares a training pass of n samples splits (_split_loss_grad; 1: it
+        runs layer by layer)."""
+        from . import blas
+        t = blas.split_threads(n)
+        if (t <= 1 or self.run_forward is not plan.run_forward
+                or (self.world is not None and self.world.size > 1)
+                or n // t * self.macs_per_sample() < blas.SPLIT_TRAIN_MIN):
+            return 1
+        return t
 
     def _share_states(self, t):
         """Copies of the running state for shares 1 .. t-1 (their updates are discarded)."""

@@ -161,6 +161,30 @@ def test_broken_parser_cache_is_rebuilt(tmp_path):
     assert len(cache.read_bytes()) > len(good) // 2  # rewritten whole
 
 
+def test_bench_says_when_the_training_step_splits(tmp_path, capsys, monkeypatch):
+    """With two threads and a pass above blas.SPLIT_TRAIN_MIN the training rate is the split
+    pass's, and bench says so, and that the per-layer table is the layer-by-layer pass; with one
+    thread neither line appears. (On a one-core machine two threads are capped at one.)"""
+    from flowdsl import blas, jit
+    monkeypatch.setattr(blas, "SPLIT_MIN", 0)
+    monkeypatch.setattr(blas, "SPLIT_TRAIN_MIN", 0)
+    f = tmp_path / "tiny.flow"
+    f.write_text("network = input(10x10x3) :: conv(filters=6, field=3, pad=same) :: relu"
+                 " :: dense(3) :: softmax\ntrain { batch = 16 }\n")
+    jit.numba()
+    old = blas._threads
+    try:
+        for threads in ("2", "1"):
+            assert cli.main(["bench", str(f), "--threads", threads, "--infer-batch", "8", "--repeats", "2"]) == 0
+            out = capsys.readouterr().out
+            two = blas._threads >= 2   # bench ran on this many
+            assert ("split 2 ways" in out) == two, out
+            assert ("per layer, the same step run layer by layer" in out) == two, out
+            assert "conv1 (conv," in out and "total" in out
+    finally:
+        jit.threads(old)
+
+
 def test_bench_prints_rates_and_a_row_per_layer(tmp_path, capsys):
     """`flowdsl bench`: training and inference rates, then forward/backward milliseconds for every
     layer with each conv's algorithm (Winograd waits for enough 2x2 tiles: 16 images of 10x10
