@@ -311,9 +311,23 @@ class Net:
         t = blas.split_threads(n)
         if (t <= 1 or self.run_forward is not plan.run_forward
                 or (self.world is not None and self.world.size > 1)
-                or n // t * self.macs_per_sample() < blas.SPLIT_TRAIN_MIN):
+                or n // t * self.macs_per_sample() < blas.SPLIT_TRAIN_MIN
+                or not self._shares_fit(t)):
             return 1
         return t
+
+    def _shares_fit(self, t):
+        """Whether the other shares' gradient buffers (t - 1 copies of the parameters) fit in a
+        quarter of the memory available when first asked; decided once per net and thread
+        count. A model too large for them trains layer by layer instead of risking the kernel's
+        out-of-memory killer."""
+        fits = self.__dict__.setdefault("_fits", {})
+        if t not in fits:
+            from .memory import available_memory
+            avail = available_memory()
+            have = len(getattr(self, "_shares", None) or ()) - 1   # buffers already made
+            fits[t] = not avail or 4 * max(0, t - 1 - have) * self.gflat.size <= avail // 4
+        return fits[t]
 
     def _share_states(self, t):
         """Copies of the running state for shares 1 .. t-1 (their updates are discarded)."""

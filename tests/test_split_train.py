@@ -172,6 +172,23 @@ class _Ranks(dist.Solo):
     size = 2
 
 
+def test_a_model_whose_extra_gradients_do_not_fit_trains_layer_by_layer(two_threads, monkeypatch):
+    """The other share's gradient buffer is a copy of the parameters: when it would take more
+    than a quarter of the available memory the pass runs layer by layer (no out-of-memory kill);
+    the decision is made once per net."""
+    net = _net(NETS["dense"])
+    x, y = _batch(net, 8)
+    calls = count_splits(monkeypatch)
+    monkeypatch.setenv("FLOWDSL_MEM_AVAILABLE", str(4 * 4 * net.gflat.size - 1))
+    net.loss_grad(x, y)
+    monkeypatch.setenv("FLOWDSL_MEM_AVAILABLE", str(10 ** 12))
+    net.loss_grad(x, y)                       # still no: decided once
+    assert calls == [] and net.train_shares(8) == 1
+    fresh = _net(NETS["dense"])
+    fresh.loss_grad(x, y)
+    assert calls == [(8, True)] and fresh.train_shares(8) == 2
+
+
 def test_training_threshold_splits_the_bench_nets_at_batch_64():
     """Nets A and B (bench/nets) at their batch of 64 split on 2 threads; at batch 16 not."""
     import flowdsl
