@@ -47,12 +47,9 @@ class Net:
         check_parameters(model, self._spec, off)
         self.flat = np.zeros(off, np.float32)
         self.gflat = np.zeros(off, np.float32)
-        self.params = {l.name: {} for l in self.layers}
-        self.grads = {l.name: {} for l in self.layers}
-        for l, pname, shape, o in self._spec:
-            n = math.prod(shape)
-            self.params[l.name][pname] = self.flat[o:o + n].reshape(shape)
-            self.grads[l.name][pname] = self.gflat[o:o + n].reshape(shape)
+        self.params = self._views(self.flat)
+        self.grads = self._views(self.gflat)
+        self._shares, self._states, self._fits = [None], [], {}   # split training's (lazily made)
         self.state = {l.name: l.new_state() for l in self.layers}
         self.fuse = fuse           # False: run every layer as written (a reference for tests)
         self._plans = {}
@@ -63,6 +60,13 @@ class Net:
         self.initialise(model.train["seed"] if seed is None else seed)
 
     # --- parameters ------------------------------------------------------------------------------
+    def _views(self, flat):
+        """{layer: {param: view of flat}}, laid out as self._spec says."""
+        views = {l.name: {} for l in self.layers}
+        for l, pname, shape, o in self._spec:
+            views[l.name][pname] = flat[o:o + math.prod(shape)].reshape(shape)
+        return views
+
     def initialise(self, seed):
         rng = np.random.default_rng(seed)
         self.rng = np.random.default_rng([seed, 1])
@@ -321,39 +325,31 @@ class Net:
         quarter of the memory available when first asked; decided once per net and thread
         count. A model too large for them trains layer by layer instead of risking the kernel's
         out-of-memory killer."""
-        fits = self.__dict__.setdefault("_fits", {})
-        if t not in fits:
+        if t not in self._fits:
             from .memory import available_memory
             avail = available_memory()
-            have = len(getattr(self, "_shares", None) or ()) - 1   # buffers already made
-            fits[t] = not avail or 4 * max(0, t - 1 - have) * self.gflat.size <= avail // 4
-        return fits[t]
+            more = max(0, t - len(self._shares))   # buffers not made yet
+            self._fits[t] = not avail or 4 * more * self.gflat.size <= avail // 4
+        return self._fits[t]
 
     def _share_states(self, t):
         """Copies of the running state for shares 1 .. t-1 (their updates are discarded)."""
-        got = getattr(self, "_states", None)
-        if got is None or len(got) < t - 1:
-            got = self._states = [copy.deepcopy(self.state) for _ in range(1, t)]
+        while len(self._states) < t - 1:
+            self._states.append(copy.deepcopy(self.state))
+        got = self._states[:t - 1]
         for st in got:
             for name, d in self.state.items():
                 for k, v in d.items():
                     st[name][k][...] = v
-        return got[:t - 1]
+        return got
 
     def _share_grads(self, t):
         """Gradient buffers for shares 1 .. t-1 of _split_loss_grad: [(flat, {layer: {param:
         view}})], index 0 unused (share 0 writes self.grads)."""
-        got = getattr(self, "_shares", None)
-        if got is None or len(got) < t:
-            got = [None]
-            for _ in range(1, t):
-                flat = np.zeros_like(self.gflat)
-                views = {l.name: {} for l in self.layers}
-                for l, pname, shape, o in self._spec:
-                    views[l.name][pname] = flat[o:o + math.prod(shape)].reshape(shape)
-                got.append((flat, views))
-            self._shares = got
-        return got[:t]
+        while len(self._shares) < t:
+            flat = np.zeros_like(self.gflat)
+            self._shares.append((flat, self._views(flat)))
+        return self._shares[:t]
 
     def backprop(self, x, seed, upto=None, wrt=()):
         """Gradients in evaluation mode that touch no parameter gradient and no batchnorm
