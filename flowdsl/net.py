@@ -89,8 +89,21 @@ class Net:
 
     # --- input -----------------------------------------------------------------------------------
     def as_input(self, x) -> np.ndarray:
-        """Accept (N,H,W,C) or (N,C,H,W) (or (H,W,C) for one image); return float32 NHWC."""
+        """Accept (N,H,W,C) or (N,C,H,W) (or (H,W,C) for one image); return float32 NHWC,
+        checked to be finite."""
+        x = self._layout(x)
+        from .data import check_finite
+        check_finite(x)
+        return x
+
+    def _layout(self, x) -> np.ndarray:
+        """as_input without the finite check: the input as C-contiguous float32 NHWC, or a
+        FlowError naming the shapes it takes. The kernels index by the network's shapes and
+        trust them: an input of another shape would write outside their buffers."""
         s = self.model.input_shape
+        if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == len(s) + 1 \
+                and x.shape[1:] == (tuple(s[1:]) + s[:1] if len(s) == 3 else tuple(s)):
+            return x   # already as the kernels want it (every training step's batch)
         x = np.asarray(x)
         if x.dtype == np.uint8:
             x = x.astype(np.float32) / np.float32(255)
@@ -111,10 +124,26 @@ class Net:
             x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[None]
             if x.shape[1] != s[0]:
                 raise FlowError(f"input of {x.shape[1]} values does not fit the network input {s[0]}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        from .data import check_finite
-        check_finite(x)
-        return x
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _targets(self, y, n):
+        """loss_grad's targets checked against the loss: n labels in 0..classes-1 (or, for a
+        regression loss, n outputs' values), else a FlowError (a stray label would index past
+        the loss's rows)."""
+        y = np.asarray(y)
+        out = self.loss_layer.out
+        if getattr(self.loss_layer, "targets", "labels") != "labels":
+            if y.size != n * math.prod(out):
+                raise FlowError(f"targets of shape {y.shape} do not fit {n} samples of {show_shape(out)} outputs")
+            return y
+        if y.shape != (n,) or y.dtype.kind not in "iu":
+            raise FlowError(f"labels must be {n} integers (one per sample); received an array of shape {y.shape} "
+                            f"and type {y.dtype}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= out[0]):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise FlowError(f"label {bad} is out of range for a model with {out[0]} classes (labels must be "
+                            f"0..{out[0] - 1})")
+        return y
 
     # --- forward / backward ----------------------------------------------------------------------
     def plan(self, training, n, keep=()):
@@ -238,12 +267,15 @@ class Net:
         """One training forward and backward pass: gradients land in self.grads.
         Returns (loss, number correct). total: the global batch this batch is part of (data-
         parallel ranks): the gradients are then this batch's share of the global mean, so that
-        summing them over the ranks gives one process's gradient."""
+        summing them over the ranks gives one process's gradient. x: as forward takes it; not
+        checked to be finite (fit checks its data once; a NaN input gives a NaN loss)."""
+        x = self._layout(x)
+        y = self._targets(y, x.shape[0])
         got = self._split_loss_grad(x, y, total) if SPLIT_TRAIN else None
         if got is not None:
             return got
-        z = self.forward(x, training=True)
-        loss, d, correct = self.loss_layer.loss(z, np.asarray(y))
+        z = self._forward(x, training=True)
+        loss, d, correct = self.loss_layer.loss(z, y)
         if total is not None and total != len(z):
             d = d * np.float32(len(z) / total)
         trace, self._trace = self._trace, []

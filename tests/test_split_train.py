@@ -63,6 +63,34 @@ def _step(net, x, y, split, monkeypatch, seed=7):
     return loss, correct, net.gflat.copy()
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_loss_grad_takes_what_forward_takes_and_refuses_the_rest(two_threads, monkeypatch, split):
+    """Both passes index by the network's shapes: an NCHW batch is converted (not read as NHWC, which
+    wrote outside the kernels' buffers and aborted the process in free()), and a batch or labels
+    that do not fit are a FlowError before any kernel runs."""
+    from flowdsl.errors import FlowError
+    a, b = _net(NETS["bn_dropout"]), _net(NETS["bn_dropout"])
+    x, y = _batch(a, 9)
+    calls = count_splits(monkeypatch)
+    want = _step(a, x, y, split, monkeypatch)
+    got = _step(b, np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y, split, monkeypatch)   # (N, C, H, W)
+    assert calls == ([(9, True)] * 2 if split else [])
+    assert got[:2] == want[:2]
+    np.testing.assert_array_equal(got[2], want[2])
+    assert _step(b, x.astype(np.float64), y, split, monkeypatch)[0] == pytest.approx(want[0], rel=1e-6)
+    for bad_x, bad_y, msg in [(x[:, :, :11], y, "does not fit the network input"),
+                              (x, y[:8], "labels must be 9 integers"),
+                              (x, y.astype(np.float32), "labels must be 9 integers"),
+                              (x, np.r_[y[:8], 5], "label 5 is out of range"),
+                              (x, np.r_[-1, y[1:]], "label -1 is out of range")]:
+        with pytest.raises(FlowError, match=msg):
+            b.loss_grad(bad_x, bad_y)
+    r = _net(NETS["reflect"])   # a regression loss: its targets' size is checked
+    xr, yr = _batch(r, 4)
+    with pytest.raises(FlowError, match="do not fit 4 samples"):
+        r.loss_grad(xr, yr[:3])
+
+
 @pytest.mark.parametrize("name", sorted(NETS))
 @pytest.mark.parametrize("n", [2, 7, 33])
 def test_split_training_pass_equals_the_layer_by_layer_pass(two_threads, monkeypatch, name, n):
