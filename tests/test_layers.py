@@ -322,7 +322,8 @@ def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
     """With AVX-512 (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
     "gemm" in evaluation except stride-1 convs over one input channel with a 3x3 or wider field
     ("planar", nets A and B's first layers) and Winograd's convs in batches of at least
-    WIDE_WINO_MIN_TILES tiles (gemm in smaller ones), and no conv runs "planar" in training (gemm
+    WIDE_WINO_MIN_TILES tiles (gemm in smaller ones; F(2x2, 5x5) over WIDE_WINO25_MIN_C input
+    channels or more), and no conv runs "planar" in training (gemm
     wins there); Winograd keeps its thresholds in training; fewer filters still run "rows". The
     suite itself runs with FLOWDSL_WIDE=0 (conftest), so that every algorithm is exercised on any
     machine."""
@@ -344,13 +345,17 @@ def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
                         and layer._run_as().padding <= a["field"] - 1)                  # runs: pad_mode's pad=0 twin
             old = classic[(text, shape)]
             th, tw = convmod._winograd.tiles(layer.out[1], layer.out[2])
-            big = old.startswith("winograd") and 256 * th * tw >= convmod.WIDE_WINO_MIN_TILES
+            big = old.startswith("winograd") and 256 * th * tw >= convmod.WIDE_WINO_MIN_TILES and (
+                old != "winograd25" or layer.in_shape[0] >= convmod.WIDE_WINO25_MIN_C)
             evaluation.setdefault(layer.algo_for(256, training=False), set()).add(
                 "rows" if few else "wino" if big else one_wide)
             if old.startswith("winograd"):   # a small batch: gemm
                 assert layer.algo_for(4, training=False) == "gemm", (text, shape)
             training.setdefault(layer.algo_for(256), set()).add(few)
             assert layer.algo_for(256) == ("gemm" if old == "planar" else old), (text, shape)
+    for c, want in ((convmod.WIDE_WINO25_MIN_C - 1, "gemm"), (convmod.WIDE_WINO25_MIN_C, "winograd25")):
+        layer = build("conv", "conv(filters=40, field=5)", f"12x12x{c}")[1]   # net B's conv2 at 20
+        assert (layer.algo_for(256), layer.algo_for(256, training=False)) == ("winograd25", want), c
     wino = {a: evaluation.pop(a) for a in ("winograd", "winograd4", "winograd25") if a in evaluation}
     assert wino and all(v == {"wino"} for v in wino.values()), wino
     assert evaluation == {"rows": {"rows"}, "gemm": {False}, "planar": {True}}, evaluation

@@ -65,6 +65,11 @@ WIDE_WINO_MIN_TILES = 1024  # with AVX-512, evaluation runs Winograd for batches
                          # 3-6x faster: net A, batch 256 1.38x gemm's speed, 64 1.04-1.16x, 32
                          # 1.0-1.2x, 16 0.76-0.94x; fashion.flow at 256 1.11x, fashion_res 1.18x;
                          # in-process alternations, medians)
+WIDE_WINO25_MIN_C = 32   # and F(2x2, 5x5) there from this many input channels, gemm (its maxpool
+                         # fused) below: 2 threads, batch 256, interleaved (2026-12-07, AVX-512 Zen
+                         # 4): net B's 12x12x20 -> 40 ran 1.13-1.19x faster as gemm (one thread:
+                         # level), 12x12x24 -> 48 1.06x, x32 -> 40 1.03x, x20 -> 64 level; 16x16x32
+                         # -> 64 (pad 2) 1.10x faster as Winograd
 WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (hello-dl net, a
                          # training step: at batch 1, 36 and 4 tiles, im2col 3.2 ms, Winograd
                          # 5.7; level at batch 8; Winograd ahead at 64, its conv3's 256 tiles too)
@@ -201,7 +206,8 @@ class Conv(Layer):
 
     def algo_for(self, n, training=True):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles; in
-        evaluation on AVX-512 machines for WIDE_WINO_MIN_TILES, and otherwise runs gemm (see
+        evaluation on AVX-512 machines for WIDE_WINO_MIN_TILES (F(2x2, 5x5) for
+        WIDE_WINO25_MIN_C input channels too), and otherwise runs gemm (see
         wide_vectors), or planar for one-channel convs of 3x3 and wider fields
         (WIDE_PLANAR_MAX_C). Monotonic in n: flowdsl.plan asks can_pool for the whole batch,
         forward for what it is given (a thread's share of a split pass), which so never picks
@@ -212,7 +218,8 @@ class Conv(Layer):
         th, tw = _winograd.tiles(self.out[1], self.out[2])
         wino = STRATEGIES[algo] in WINOGRADS
         if not training and algo != "rows" and wide_vectors():
-            if wino and n * th * tw >= WIDE_WINO_MIN_TILES:
+            if wino and n * th * tw >= WIDE_WINO_MIN_TILES and (
+                    algo != "winograd25" or self.in_shape[0] >= WIDE_WINO25_MIN_C):
                 return algo
             wide_planar = self._planar_fits(WIDE_PLANAR_MAX_C) and self.args["field"] >= WIDE_PLANAR_MIN_FIELD
             return "planar" if wide_planar else "gemm"
