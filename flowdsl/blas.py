@@ -155,10 +155,18 @@ def mm_stack(a, b):
     products are shared out among the threads whole, one single-threaded BLAS call each
     (Winograd's 16 or 36 per conv), each written straight into its slice of the result (`out[i] =
     a[i] @ b[i]` wrote a temporary and copied it: 36 products of 576x32 by 32x64, one thread,
-    2.03 -> 1.55 ms)."""
+    2.03 -> 1.55 ms). On one thread, or inside a split pass, the stack is one np.matmul: numpy
+    loops over the products in C and takes the GIL back once, not once a product. In a split
+    training pass the other thread is often holding the GIL, and each taking-back then waited
+    for it, asleep, and a wake-up (~0.1 ms here): net A's step (2 threads, batch 64) went from
+    ~50 to ~15 sleeps per thread and 1.21x faster (B 1.10x, fashion.flow 1.04x; one thread
+    1.04x), interleaved in one process, 2026-12-07."""
     e = a.shape[0]
     out = np.empty((e, a.shape[1], b.shape[2]), np.float32)
     t = max(1, min(_team(), e))
+    if t == 1:   # one call, one release of the GIL for the whole stack (see below)
+        np.matmul(a, b, out=out)
+        return out
 
     def run(j):
         for i in range(e * j // t, e * (j + 1) // t):

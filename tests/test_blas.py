@@ -40,3 +40,28 @@ def test_colsum_is_the_column_sums(m, k):
     got = blas.colsum(a, out)
     assert got is out and out.dtype == np.float32
     np.testing.assert_allclose(out, a.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-6 * np.sqrt(m))
+
+
+@pytest.mark.parametrize("threads,solo", [(1, False), (2, False), (3, False), (2, True)])
+def test_mm_stack_is_each_product(threads, solo, monkeypatch):
+    """mm_stack: one product per stack entry, shared out among the threads or (one thread, inside a
+    split pass) as one stacked call; either operand may be a transposed view (Winograd's V^T and
+    U^T), and the result is a fresh float32 array."""
+    jit.numba()
+    rng = np.random.default_rng(threads)
+    old = blas._threads
+    try:
+        blas.set_threads(threads)
+        monkeypatch.setattr(blas, "_solo", solo)
+        for ta, tb in [(False, False), (True, False), (False, True)]:
+            a = rng.standard_normal((7, 33, 19)).astype(np.float32)
+            b = rng.standard_normal((7, 19, 12)).astype(np.float32)
+            a = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1) if ta else a
+            b = np.ascontiguousarray(b.transpose(0, 2, 1)).transpose(0, 2, 1) if tb else b
+            got = blas.mm_stack(a, b)
+            assert got.shape == (7, 33, 12) and got.dtype == np.float32 and got.flags.c_contiguous
+            for e in range(7):
+                want = a[e].astype(np.float64) @ b[e].astype(np.float64)
+                np.testing.assert_allclose(got[e], want, rtol=1e-4, atol=1e-4 * np.sqrt(19))
+    finally:
+        blas.set_threads(old)
