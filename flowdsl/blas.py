@@ -5,6 +5,14 @@ process) for the cores: measured here, a 2 ms product sometimes took 100-250 ms.
 capped at one thread and `mm` splits a large product into row blocks (or, for a long inner
 dimension, into partial sums) computed by a small pool of Python threads; numpy releases the
 GIL inside BLAS, so the blocks run in parallel, and idle pool threads sleep instead of spinning.
+
+The GIL, measured (numpy 2.4, 2026-12-07): np.matmul (`a @ b`) lets it go only for products with
+more than ~500 outputs; np.dot always does. A weight gradient of few outputs and a long inner
+dimension (net A's first conv: 10 x 21632 by 21632 x 32, 0.27 ms; a bias gradient's row of ones)
+held the GIL throughout, so two threads running it ran one after the other (0.95x the rate of
+one), and in a split training pass the other thread, returning from each of its own kernels,
+slept until it was done. So the 2-D products here are np.dot (the same BLAS call, as fast);
+stacked and row-block products keep np.matmul, which writes into `out` (their outputs are large).
 """
 from __future__ import annotations
 
@@ -72,7 +80,7 @@ def mm(a, b):
     n = b.shape[1]
     t = _team()
     if t <= 1 or m * k * n < MIN_WORK:
-        return a @ b
+        return np.dot(a, b)   # (not a @ b: see the module's note on the GIL)
     if m >= 8 * t and k < KSPLIT * m:
         # row blocks of about ROWS rows, a contiguous run of them per thread: products with a
         # short inner dimension and a wide output (input-gradient columns) ran 40% faster in
@@ -95,8 +103,8 @@ def mm(a, b):
     # there makes every thread read all of b: a 26 x 36864 x 20 product took 1.7 ms so, 0.6 split
     # over k.)
     kc = cuts(k, t)
-    futs = [_pool.submit(np.matmul, a[:, kc[i]:kc[i + 1]], b[kc[i]:kc[i + 1]]) for i in range(1, t)]
-    out = a[:, :kc[1]] @ b[:kc[1]]
+    futs = [_pool.submit(np.dot, a[:, kc[i]:kc[i + 1]], b[kc[i]:kc[i + 1]]) for i in range(1, t)]
+    out = np.dot(a[:, :kc[1]], b[:kc[1]])
     for f in futs:
         out += f.result()
     return out
@@ -183,5 +191,5 @@ def colsum(a, out):
     """out[j] = sum_i a[i, j] for a 2-D float32 array (bias gradients), as one product with a row
     of ones: numpy's sum over axis 0 of a tall, narrow array ran 3-11x slower here (36864 x 20:
     0.85 ms against 0.08)."""
-    out[...] = (np.ones((1, a.shape[0]), np.float32) @ a)[0]
+    out[...] = np.dot(np.ones((1, a.shape[0]), np.float32), a)[0]
     return out
