@@ -106,7 +106,7 @@ def test_trainable_false_never_moves_but_passes_gradient_back():
     rng = np.random.default_rng(0)
     x = rng.random((32, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 3, 32)
-    for opt in ("adam(lr=0.01)", "momentum(lr=0.05)", "sgd(lr=0.1)"):
+    for opt in ("adam(lr=0.01)", "momentum(lr=0.05)", "sgd(lr=0.1)", "rmsprop(lr=0.01)"):
         net = Net(build_text(src + f"train {{\n  optimizer = {opt}\n  l2 = 0.01\n  batch = 8\n}}\n"))
         before = {k: v.copy() for k, v in net.named_params().items()}
         net.fit(x, y, epochs=2, verbose=0)

@@ -71,6 +71,40 @@ def test_adam_first_steps_match_hand_computation():
         np.testing.assert_allclose(net.flat, w, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "rmsprop"])
+def test_optimizer_step_parallel_equals_serial_and_skips_frozen(kind, monkeypatch):
+    """The optimizer's kernel runs on the calling thread below optim.SERIAL_PARAMS and in parallel
+    above: every element is updated on its own, so the two agree to the last bit (the compiled
+    loops contract multiply-adds differently at the chunks' edges); a frozen
+    (trainable=false) parameter and its optimizer state never move, in both."""
+    import flowdsl.optim as optim
+    from flowdsl import jit
+    jit.numba()
+    old = jit.threads()
+    try:
+        jit.threads(2)
+        rng = np.random.default_rng(4)
+        n = 300_001
+        w, g = rng.standard_normal(n), rng.standard_normal(n)
+        got = []
+        for serial in (True, False):
+            monkeypatch.setattr(optim, "SERIAL_PARAMS", n + 1 if serial else 0)
+            net = _FakeNet(w, g)
+            o = Optimizer(net, _opt(kind, lr=0.01), l2=0.1)
+            o.live[::5] = 0
+            for _ in range(3):
+                o.step()
+            got.append((net.flat.copy(), o.m.copy(), o.v.copy()))
+        for a, b in zip(*got):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)   # |g| ~ 1
+        frozen, flat, m = slice(0, n, 5), got[0][0], got[0][1]
+        np.testing.assert_array_equal(flat[frozen], np.float32(w[frozen]))
+        assert not np.any(m[frozen]) and not np.any(got[0][2][frozen] if kind in ("adam", "rmsprop") else 0)
+        assert np.mean(flat[1::5] != np.float32(w[1::5])) > 0.99   # the others moved
+    finally:
+        jit.threads(old)
+
+
 def test_rmsprop_step():
     net = _FakeNet([1.0, 2.0], [0.5, -1.0])
     Optimizer(net, _opt("rmsprop", lr=0.01, rho=0.9, eps=1e-8)).step()
