@@ -294,6 +294,7 @@ EXAMPLES = {
     "flatten": [("flatten", "3x4x2")],
     "maxpool": [
         ("maxpool", "6x4x2"),
+        ("maxpool", "7x5x20"),                       # 2x2 inside an odd input (its last row and column unread)
         ("maxpool(2, ceil=true)", "5x7x2"),          # partial last windows both ways
         ("max2d(3, stride=2)", "7x5x2"),             # overlapping
         ("maxpool(3, stride=2, ceil=true)", "8x6x3"),  # overlapping and partial

@@ -908,3 +908,40 @@ def test_batchnorm_pools_its_own_output(size, h, pool):
     np.testing.assert_allclose(pa, pb, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ca, cb, rtol=1e-5, atol=1e-6 * cb.max())
     np.testing.assert_allclose(da, db, rtol=1e-4, atol=1e-6 * np.abs(db).max())
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 8, 5), (2, 7, 9, 17)])
+def test_maxpool_ties_go_to_the_first_maximum(shape):
+    """Equal values in a window (relu's zeros, before a pool that runs after it): the maximum's
+    gradient goes to the window's first position in reading order, in the 2x2 fast path (an even
+    input, and an odd one whose last row and column no window reads) as in the general one."""
+    from flowdsl.layers.maxpool import _max_bwd, _max_fwd
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.normal(0, 1, shape), 0).astype(np.float32)
+    x[:, :4, :4] = 0.0      # all-zero windows
+    x[:, 4:6, :2] = 1.5     # a window of equal positive values
+    n, h, w, c = shape
+    oh, ow = h // 2, w // 2
+    k, s, p = 2, 2, 0
+    for fn_f, fn_b in [(_max_fwd, _max_bwd), (_max_fwd.py_func, _max_bwd.py_func)]:
+        y = np.empty((n, oh, ow, c), np.float32)
+        arg = np.empty((n, oh, ow, c), np.int32)
+        fn_f(x, y, arg, k, s, p)
+        want = np.empty_like(y)
+        first = np.empty_like(arg)
+        for i in range(oh):
+            for j in range(ow):
+                win = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(n, 4, c)
+                want[:, i, j] = win.max(axis=1)
+                f = win.argmax(axis=1)   # numpy: the first maximum
+                first[:, i, j] = (2 * i + f // 2) * w + 2 * j + f % 2
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(arg, first)
+        dy = rng.normal(0, 1, y.shape).astype(np.float32)
+        dx = np.full((n, h * w, c), np.nan, np.float32)
+        fn_b(dy, arg, dx, h, k, s, p)
+        ref = np.zeros((n, h * w, c), np.float32)
+        for b in range(n):
+            for cc in range(c):
+                np.add.at(ref[b, :, cc], first[b, :, :, cc].ravel(), dy[b, :, :, cc].ravel())
+        np.testing.assert_array_equal(dx, ref)

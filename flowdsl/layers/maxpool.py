@@ -112,6 +112,32 @@ def _max_fwd(x, y, arg, k, s, p):
     the output arrays, measured on one thread)."""
     n_, h, w, c = x.shape
     _, oh, ow, _ = y.shape
+    if k == 2 and s == 2 and p == 0 and 2 * oh <= h and 2 * ow <= w:
+        # 2x2 windows inside the input (every first pool of the examples): the four candidates
+        # in one pass over the channels (the general loop below makes six; 2.5x slower)
+        for row in prange(n_ * oh):
+            n = row // oh
+            i = row % oh
+            for j in range(ow):
+                q = np.int32(2 * i * w + 2 * j)
+                for cc in range(c):
+                    bv = x[n, 2 * i, 2 * j, cc]
+                    bq = q
+                    v = x[n, 2 * i, 2 * j + 1, cc]
+                    up = v > bv
+                    bv = v if up else bv
+                    bq = q + 1 if up else bq
+                    v = x[n, 2 * i + 1, 2 * j, cc]
+                    up = v > bv
+                    bv = v if up else bv
+                    bq = q + w if up else bq
+                    v = x[n, 2 * i + 1, 2 * j + 1, cc]
+                    up = v > bv
+                    bv = v if up else bv
+                    bq = q + w + 1 if up else bq
+                    y[n, i, j, cc] = bv
+                    arg[n, i, j, cc] = bq
+        return
     for row in prange(n_ * oh):
         n = row // oh
         i = row % oh
@@ -173,6 +199,22 @@ def _max_bwd(dy, arg, dx, h, k, s, p):
     _, oh, ow, _ = dy.shape
     w = hw // h
     zero = np.float32(0.0)
+    if k == 2 and s == 2 and p == 0 and h == 2 * oh and w == 2 * ow:
+        # 2x2 windows tiling the input: each window's four values written once (the winner's
+        # gradient, zeros), no zeroing pass and no scatter
+        for row in prange(n_ * oh):
+            n = row // oh
+            i = row % oh
+            for j in range(ow):
+                q = 2 * i * w + 2 * j
+                for cc in range(c):
+                    g = dy[n, i, j, cc]
+                    a = arg[n, i, j, cc]
+                    dx[n, q, cc] = g if a == q else zero
+                    dx[n, q + 1, cc] = g if a == q + 1 else zero
+                    dx[n, q + w, cc] = g if a == q + w else zero
+                    dx[n, q + w + 1, cc] = g if a == q + w + 1 else zero
+        return
     per = 1 if s >= k else oh      # output rows per task
     for t in prange(n_ * oh // per):
         n = t * per // oh
