@@ -69,6 +69,11 @@ def _team():
     return _threads if _pool is not None and not _solo else 1
 
 
+def solo():
+    """Whether a call runs on the calling thread alone: one thread, or inside a split pass."""
+    return _team() == 1
+
+
 def cuts(n, t):
     """The bounds of t contiguous shares of range(n)."""
     return [n * i // t for i in range(t + 1)]

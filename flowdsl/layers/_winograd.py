@@ -19,12 +19,13 @@ import sys
 import numpy as np
 
 from . import _gemm
-from ..blas import colsum, mm_stack
+from ..blas import colsum, mm_stack, solo
 from ..jit import kernel, prange
 
 M = 2                               # output tile size
 R = 3                               # filter size
 POOLS = False
+CHUNK_FLOATS = 1 << 18      # see chunks()
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 _GG = np.kron(_G, _G)              # (16, 9): U = GG @ w, row e = (i, j), column (a, b)
 _GGT = np.ascontiguousarray(_GG.T)  # (9, 16): dw = GG^T @ dU
@@ -45,35 +46,54 @@ def weights(w, scheme):
     return (scheme._GG @ w.reshape(scheme.R ** 2, c * k)).reshape(values(scheme), c, k)
 
 
+def chunks(n, th, tw, c, k, scheme):
+    """Image ranges [(i0, i1)] for run and run_backward: each range's transformed tiles (the
+    larger of its V and M, E x tiles x max(C, K)) within CHUNK_FLOATS when the pass runs on
+    one thread (blas.solo: one thread, or a share of a split pass), so that the product's output
+    is still in cache when the inverse transform reads it; one range otherwise (the kernels and
+    products are then shared by the threads, each call a hand-over)."""
+    if not solo():
+        return [(0, n)]
+    step = max(1, CHUNK_FLOATS // (values(scheme) * th * tw * max(c, k)))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def run(x, w, b, pad, oh, ow, keep, scheme):
-    """z (N, OH, OW, K) = conv(x, w) + b. keep: also return (V, U) for backward."""
+    """z (N, OH, OW, K) = conv(x, w) + b. keep: also return ([V of each chunk], U) for backward."""
     m = scheme.M
     n, c, k = x.shape[0], x.shape[3], w.shape[3]
     th, tw = tiles(oh, ow, m)
     U = weights(w, scheme)
-    V = np.empty((values(scheme), n * th * tw, c), np.float32)
-    scheme._in(x, V, pad, th, tw, m)
-    Mt = mm_stack(V, U)
     z = np.empty((n, oh, ow, k), np.float32)
-    scheme._out(Mt, b, z, th, tw)
-    return (z, V, U) if keep else z
+    Vs = []
+    for i0, i1 in chunks(n, th, tw, c, k, scheme):
+        V = np.empty((values(scheme), (i1 - i0) * th * tw, c), np.float32)
+        scheme._in(x[i0:i1], V, pad, th, tw, m)
+        scheme._out(mm_stack(V, U), b, z[i0:i1], th, tw)
+        Vs.append(V)
+    return (z, Vs, U) if keep else z
 
 
-def run_backward(dz, V, U, x_shape, pad, need_dx, scheme):
-    """(dw (R, R, C, K), dx or None) from dz (N, OH, OW, K) and forward's V, U."""
+def run_backward(dz, Vs, U, x_shape, pad, need_dx, scheme):
+    """(dw (R, R, C, K), dx or None) from dz (N, OH, OW, K) and forward's V chunks and U; chunk
+    by chunk as forward (dU summed over them)."""
     m, r = scheme.M, scheme.R
     n, oh, ow, k = dz.shape
     c, e = U.shape[1], values(scheme)
     th, tw = tiles(oh, ow, m)
-    dM = np.empty((e, V.shape[1], k), np.float32)
-    scheme._dout(dz, dM, th, tw)
-    dU = mm_stack(V.transpose(0, 2, 1), dM)
+    dx = np.empty(x_shape, np.float32) if need_dx else None
+    Ut = np.ascontiguousarray(U.transpose(0, 2, 1)) if need_dx else None
+    dU, i0 = None, 0
+    for V in Vs:
+        i1 = i0 + V.shape[1] // (th * tw)
+        dM = np.empty((e, V.shape[1], k), np.float32)
+        scheme._dout(dz[i0:i1], dM, th, tw)
+        part = mm_stack(V.transpose(0, 2, 1), dM)
+        dU = part if dU is None else np.add(dU, part, out=dU)
+        if need_dx:
+            scheme._din(mm_stack(dM, Ut), dx[i0:i1], pad, th, tw, m)
+        i0 = i1
     dw = (scheme._GGT @ dU.reshape(e, c * k)).reshape(r, r, c, k)
-    if not need_dx:
-        return dw, None
-    dV = mm_stack(dM, np.ascontiguousarray(U.transpose(0, 2, 1)))
-    dx = np.empty(x_shape, np.float32)
-    scheme._din(dV, dx, pad, th, tw, m)
     return dw, dx
 
 
