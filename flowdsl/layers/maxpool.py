@@ -114,7 +114,8 @@ def _max_fwd(x, y, arg, k, s, p):
     _, oh, ow, _ = y.shape
     if k == 2 and s == 2 and p == 0 and 2 * oh <= h and 2 * ow <= w:
         # 2x2 windows inside the input (every first pool of the examples): the four candidates
-        # in one pass over the channels (the general loop below makes six; 2.5x slower)
+        # in one pass over the channels (the general loop below makes six: net B's first pool at
+        # 32 images 0.44 ms, this 0.06)
         for row in prange(n_ * oh):
             n = row // oh
             i = row % oh
