@@ -94,7 +94,8 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
         print("per layer, the same step run layer by layer (each layer's work shared by the threads):", file=out)
     rows = [("layer", "forward ms", "backward ms")]
     tot_f = tot_b = 0.0
-    pooled = net.plan(True, batch).pooled()   # a layer that applies the next maxpool itself
+    plan = net.plan(True, batch)
+    pooled, tails = plan.pooled(), plan.tails()   # a layer that applies the next maxpool, activation
     for l in net.layers[:-1]:
         v = per.get(l.name)
         if not v:
@@ -104,7 +105,7 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
         tot_f += f
         tot_b += b
         kind = f"{l.kind}, {l.algo_for(batch)}" if hasattr(l, "algo_for") else l.kind
-        also = f" + {pooled[l.name]}" if l.name in pooled else ""
+        also = (f" + {pooled[l.name]}" if l.name in pooled else "") + (f" -> {tails[l.name]}" if l.name in tails else "")
         rows.append((f"{l.name} ({kind}){also}", f"{f:.2f}", f"{b:.2f}"))
     rows.append(("total", f"{tot_f:.2f}", f"{tot_b:.2f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -11,6 +11,10 @@ Rewrites are decided here, once, from what layers say they can do, never from th
   evaluation) absorbs the
   maxpool step, so its full-size output is never written (in training, its backward takes the
   gradient at the pooled output); its deferred activation (if any) runs on the pooled output;
+- an absorbed activation: an activation layer (`Layer.as_post()`) right after a step with no
+  activation of its own to apply afterwards runs as that step's `post` (one step less to
+  dispatch: net A at batch 1 1.02x, interleaved), unless the step's own output is read by
+  another layer or kept;
 - taps: the outputs a later layer reads (a branch's input, add(from=...), concat(...)) are saved.
 Nothing is rewritten around a layer whose own output is needed: one a later layer reads, or one
 the caller keeps (focus). The executor (Net.forward / Net.loss_grad) loops over the steps
@@ -18,7 +22,7 @@ through `run_forward` / `run_backward`; `Timer` wraps those two to time each lay
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import layers as registry
 from .layers.activations import act_backward, act_forward
@@ -38,15 +42,16 @@ class Step:
                                # not the step before (a branch; -1: the network input)
     extras: tuple = ()         # indices of the layers whose outputs it also reads (add, concat)
     save: bool = False         # keep this step's output: a later step reads it (feed or extras)
+    tail: object = None        # the activation layer whose work `post` does (no step of its own)
 
     @property
     def out_index(self):
         """The index of the layer whose output this step produces."""
-        return self.index + 1 if self.absorbs is not None else self.index
+        return self.index + (self.absorbs is not None) + (self.tail is not None)
 
     @property
     def out_name(self):
-        return (self.absorbs or self.layer).name
+        return (self.tail or self.absorbs or self.layer).name
 
     @property
     def fused(self):
@@ -61,6 +66,8 @@ class Step:
             s += f" + {self.absorbs.name}"
         if self.post is not None:
             s += f" -> {self.post[0]}"
+        if self.tail is not None:
+            s += f" ({self.tail.name})"
         return s
 
 
@@ -76,6 +83,10 @@ class Plan:
     def pooled(self):
         """{layer name: maxpool name} of the layers that apply the next maxpool themselves."""
         return {s.layer.name: s.absorbs.name for s in self.steps if s.absorbs is not None}
+
+    def tails(self):
+        """{layer name: activation layer name} of the steps that apply the next activation layer."""
+        return {s.layer.name: s.tail.name for s in self.steps if s.tail is not None}
 
     def describe(self):
         return [s.describe() for s in self.steps]
@@ -99,6 +110,16 @@ def build(layers, training, n, keep=(), fuse=True):
     keep = set(keep or ())
     steps = []
     post = None   # an activation deferred by the step before, for this one
+
+    def absorb(step):
+        """The step with the activation layer after its output as its post, if it can take it."""
+        j = step.out_index + 1
+        tail = layers[j] if fuse and step.post is None and j < len(layers) else None
+        act = tail.as_post() if tail is not None else None
+        if act is None or step.out_index in tapped or step.out_name in keep or j in feeds or j in extras:
+            return step
+        return replace(step, post=act, tail=tail, save=j in tapped)
+
     i = 0
     while i < len(layers):
         l = layers[i]
@@ -110,16 +131,17 @@ def build(layers, training, n, keep=(), fuse=True):
         defer = free and act is not None and act != LINEAR and monotone(act)
         if free and (defer or act is None or act == LINEAR) and l.can_pool(n, training, window):
             _, ph, pw = nxt.out
-            steps.append(Step(i, l, act=None if act is None else LINEAR, pool=(window[0], window[1], ph, pw),
-                              absorbs=nxt, post=act if defer else None, feed=feeds.get(i), extras=extras.get(i, ()),
-                              save=i + 1 in tapped))
-            i += 2
+            steps.append(absorb(Step(i, l, act=None if act is None else LINEAR, pool=(window[0], window[1], ph, pw),
+                                     absorbs=nxt, post=act if defer else None, feed=feeds.get(i),
+                                     extras=extras.get(i, ()), save=i + 1 in tapped)))
+            i = steps[-1].out_index + 1
             post = None
             continue
-        steps.append(Step(i, l, act=LINEAR if defer else None, post=post, feed=feeds.get(i),
-                          extras=extras.get(i, ()), save=i in tapped))
+        step = Step(i, l, act=LINEAR if defer else None, post=post, feed=feeds.get(i),
+                    extras=extras.get(i, ()), save=i in tapped)
+        steps.append(step if defer else absorb(step))
         post = act if defer else None
-        i += 1
+        i = steps[-1].out_index + 1
     return Plan(tuple(steps), -1 in tapped)
 
 
@@ -133,11 +155,9 @@ def run_forward(step, x, params, ctx, post, training):
         y = l.forward_fused(x, params, ctx, training, step.act or l.own_act(), step.pool)
     if step.post is not None:
         kind, alpha = step.post
+        z, y = y, act_forward(kind, alpha, y)   # a fresh output (see activations.act_forward)
         if training:
-            post["z"] = y
-            y = post["y"] = act_forward(kind, alpha, y)
-        else:  # the step's output is its own: in place
-            y = act_forward(kind, alpha, y, out=y)
+            post["z"], post["y"] = z, y
     return y
 
 

@@ -188,7 +188,8 @@ def test_bench_says_when_the_training_step_splits(tmp_path, capsys, monkeypatch)
 def test_bench_prints_rates_and_a_row_per_layer(tmp_path, capsys):
     """`flowdsl bench`: training and inference rates, then forward/backward milliseconds for every
     layer with each conv's algorithm (Winograd waits for enough 2x2 tiles: 16 images of 10x10
-    have 400, one image 25; gemm applies the maxpool itself, and its row names it)."""
+    have 400, one image 25; gemm applies the maxpool itself, and its row names it; the relu
+    after it runs in the same step, and that row names it too)."""
     f = tmp_path / "tiny.flow"
     f.write_text("network = input(10x10x12) :: conv(filters=6, field=3, pad=same) :: maxpool :: relu"
                  " :: dense(3) :: softmax\ntrain { batch = 16 }\n")
@@ -200,9 +201,10 @@ def test_bench_prints_rates_and_a_row_per_layer(tmp_path, capsys):
         assert set(rates) == {"train", "infer"} and min(rates.values()) > 0, out
         rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
         pooled = algo == "gemm"
-        names = {"layer", "conv1", "relu1", "dense1", "total"}
+        names = {"layer", "conv1", "dense1", "total"}   # relu1 runs in the step before it
         assert set(rows) == (names if pooled else names | {"maxpool1"}), out
         assert rows["conv1"][1:3] == ["(conv,", f"{algo})"], out
         assert (rows["conv1"][3:5] == ["+", "maxpool1"]) == pooled, out
+        assert rows["conv1" if pooled else "maxpool1"][-4:-2] == ["->", "relu1"], out
         for name in ("conv1", "dense1", "total") + (() if pooled else ("maxpool1",)):
             assert float(rows[name][-2]) >= 0 and float(rows[name][-1]) >= 0

@@ -959,3 +959,36 @@ def test_maxpool_ties_go_to_the_first_maximum(shape):
             for cc in range(c):
                 np.add.at(ref[b, :, cc], first[b, :, :, cc].ravel(), dy[b, :, :, cc].ravel())
         np.testing.assert_array_equal(dx, ref)
+
+
+def test_activation_layers_run_in_the_step_before_them():
+    """An activation layer after a step with no activation of its own to apply runs as that step's
+    post (flowdsl.plan): outputs and gradients equal the unfused net's bit for bit, in training and
+    evaluation, one step fewer each; not when the step's own output is read by another layer (add)
+    or kept (focus); and never in place on the step's input (in evaluation dropout hands its input
+    back: the caller's array must not change)."""
+    from flowdsl.model import build_text
+    src = ("a = conv(filters=4, field=3, pad=same)\n"
+           "network = input(6x6x2) :: dropout(0.3) :: relu :: a :: tanh :: add(a) :: maxpool :: relu "
+           ":: flatten :: gelu :: dense(5) :: batchnorm :: swish :: dense(3) :: softmax\n")
+    m = build_text(src, "t.flow")
+    fused, apart = Net(m, seed=2), Net(m, seed=2, fuse=False)
+    for training in (False, True):
+        tails = fused.plan(training, 7).tails()
+        assert tails == {"dropout1": "relu1", "maxpool1": "relu2", "flatten1": "gelu1", "batchnorm1": "swish1"}, tails
+        assert apart.plan(training, 7).tails() == {}
+        assert len(fused.plan(training, 7).steps) == len(apart.plan(training, 7).steps) - 4
+    assert "swish1" not in fused.plan(False, 7, keep={"batchnorm1"}).tails().values()
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (7, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 7)
+    x0 = x.copy()
+    np.testing.assert_array_equal(fused.predict(x), apart.predict(x))
+    np.testing.assert_array_equal(x, x0)   # relu1 after dropout (the identity here) left x alone
+    for net in (fused, apart):
+        net.rng = np.random.default_rng([5, 4])
+    assert fused.loss_grad(x, y) == apart.loss_grad(x, y)
+    np.testing.assert_array_equal(fused.gflat, apart.gflat)
+    np.testing.assert_array_equal(x, x0)
+    acts = fused.focus("swish1", x)
+    np.testing.assert_array_equal(acts, apart.focus("swish1", x))

@@ -60,6 +60,9 @@ class Activation(Layer):
     def to_onnx(self, g, x, p, state, extras):
         return g.act((self.kind, self.args.get("alpha", 0.0)), x, self.name)
 
+    def as_post(self):
+        return self.kind, self.args.get("alpha", 0.0)
+
     def forward(self, x, p, ctx, training):
         y = self.apply(x, self.args.get("alpha", 0.0))
         ctx["z"], ctx["y"] = x, y
@@ -141,7 +144,10 @@ def act_class(kind):
 
 
 def act_forward(kind, alpha, z, out=None):
-    """y = act(z). For linear returns z itself (no copy)."""
+    """y = act(z). For linear returns z itself (no copy). out: an array for y other than z. Not
+    z itself: in place (y[i] = f(z[i]) over one array) the kernels take LLVM's scalar fallback
+    loop (its run-time check finds the two ranges overlapping) and ran 3x (relu) to 10x (gelu)
+    slower than into a fresh array (692k values, one thread: gelu 2.57 ms against 0.26)."""
     return REGISTRY[kind].apply(z, alpha, out)
 
 

@@ -112,6 +112,11 @@ class Layer:
         forward_fused runs it with another), or None."""
         return None
 
+    def as_post(self):
+        """(kind, alpha) if this layer is an activation and nothing else, which the step before
+        it may apply to its own output (flowdsl.plan), else None."""
+        return None
+
     def max_window(self):
         """(size, stride) if this layer takes the maximum over windows (a deferred monotone
         activation may run after it), else None."""

@@ -261,9 +261,9 @@ class Conv(Layer):
         else:  # in chunks whose work buffers stay in cache
             step = strategy.eval_chunk(run, x.shape[0], CHUNK_FLOATS)
             z = _in_chunks(x, step, lambda xi: strategy.forward(run, xi, w, b, False, ctx, **kw))
-        # z is ours: in place. relu applied by the strategy: z is y (relu's derivative reads z > 0,
-        # the same as y > 0)
-        y = z if kw else act_forward(act[0], act[1], z, out=None if training else z)
+        # relu applied by the strategy: z is y (relu's derivative reads z > 0, the same as y > 0);
+        # else a fresh output (see activations.act_forward)
+        y = z if kw else act_forward(act[0], act[1], z)
         if training:
             ctx["x"], ctx["z"], ctx["y"], ctx["act"] = x, z, y, act
             ctx["fused_relu"] = bool(kw)

@@ -40,7 +40,7 @@ class Dense(Layer):
         if "b" in p:
             z += p["b"]
         kind, alpha = act_spec(self)
-        y = act_forward(kind, alpha, z, out=None if training else z)  # z is ours: in place
+        y = act_forward(kind, alpha, z)   # a fresh output: see activations.act_forward
         if training:
             ctx["x"], ctx["z"], ctx["y"] = x2, z, y
         return y
