@@ -30,18 +30,18 @@ class Activation(Layer):
         return cls.monotone
 
     @classmethod
-    def apply(cls, z, alpha, out=None):
+    def apply(cls, z, alpha):
         if cls.code == 0:
             return z
-        y = np.empty_like(z) if out is None else out
+        y = np.empty_like(z)
         _fwd(z.reshape(-1), y.reshape(-1), cls.code, np.float32(alpha))
         return y
 
     @classmethod
-    def derive(cls, z, y, dy, alpha, out=None):
+    def derive(cls, z, y, dy, alpha):
         if cls.code == 0:
             return dy
-        dz = np.empty_like(dy) if out is None else out
+        dz = np.empty_like(dy)
         _bwd(z.reshape(-1), y.reshape(-1), dy.reshape(-1), dz.reshape(-1), cls.code, np.float32(alpha))
         return dz
 
@@ -143,17 +143,17 @@ def act_class(kind):
     return REGISTRY[kind]
 
 
-def act_forward(kind, alpha, z, out=None):
-    """y = act(z). For linear returns z itself (no copy). out: an array for y other than z. Not
-    z itself: in place (y[i] = f(z[i]) over one array) the kernels take LLVM's scalar fallback
-    loop (its run-time check finds the two ranges overlapping) and ran 3x (relu) to 10x (gelu)
-    slower than into a fresh array (692k values, one thread: gelu 2.57 ms against 0.26)."""
-    return REGISTRY[kind].apply(z, alpha, out)
+def act_forward(kind, alpha, z):
+    """y = act(z) into a fresh array (for linear, z itself, no copy). Never in place: y[i] =
+    f(z[i]) over one array took LLVM's scalar fallback loop (its run-time check finds the two
+    ranges overlapping), 3x (relu) to 10x (gelu) slower (692k values, one thread: gelu 2.57 ms
+    against 0.26)."""
+    return REGISTRY[kind].apply(z, alpha)
 
 
-def act_backward(kind, alpha, z, y, dy, out=None):
+def act_backward(kind, alpha, z, y, dy):
     """dz = dy * act'(z) (some derivatives are computed from y, which is cheaper)."""
-    return REGISTRY[kind].derive(z, y, dy, alpha, out)
+    return REGISTRY[kind].derive(z, y, dy, alpha)
 
 
 def act_spec(layer):

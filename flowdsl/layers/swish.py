@@ -21,14 +21,14 @@ class Swish(Activation):
         return g.op("Mul", [x, g.op("Sigmoid", [x], f"{name}/sigmoid")], name)
 
     @classmethod
-    def apply(cls, z, alpha, out=None):
-        y = np.empty_like(z) if out is None else out
+    def apply(cls, z, alpha):
+        y = np.empty_like(z)
         _fwd(z.reshape(-1), y.reshape(-1))
         return y
 
     @classmethod
-    def derive(cls, z, y, dy, alpha, out=None):
-        dz = np.empty_like(dy) if out is None else out
+    def derive(cls, z, y, dy, alpha):
+        dz = np.empty_like(dy)
         _bwd(z.reshape(-1), dy.reshape(-1), dz.reshape(-1))
         return dz
 
