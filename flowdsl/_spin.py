@@ -105,3 +105,15 @@ class SpinBarrier:
         _arrive(self._counts, self.size, 1)
         with self._cond:
             self._cond.notify_all()
+
+
+@njit(cache=True, nogil=True)
+def _await(counts, at, k, size, rounds):
+    """Spin up to `rounds` times until counts[at] >= k (1), or the barrier of `size` members is
+    aborted (-1); 0: neither yet (flowdsl/forked.py's doorbell)."""
+    for _ in range(rounds):
+        if _load(counts, size * LINE) != 0:
+            return -1
+        if _load(counts, at) >= k:
+            return 1
+    return 0

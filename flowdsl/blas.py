@@ -17,6 +17,7 @@ stacked and row-block products keep np.matmul, which writes into `out` (their ou
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -156,6 +157,20 @@ def split(n, run, work):
         finally:
             _solo = False
     return [first] + rest
+
+
+@contextmanager
+def alone():
+    """The calling thread computes its products and kernels itself (their serial twins) while
+    inside, as a share of `split` does: the caller's share of a split training step whose other
+    shares run in helper processes (flowdsl/forked.py)."""
+    global _solo
+    with _lock:
+        _solo = True
+        try:
+            yield
+        finally:
+            _solo = False
 
 
 def split_threads(n):

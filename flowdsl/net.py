@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import threading
 
 import numpy as np
 
-from . import plan
+from . import forked, plan
 from .errors import FlowError
 from .jit import flushed
 from .layers import lookup
@@ -26,8 +27,13 @@ SPLIT_TRAIN = True  # training passes: each thread runs forward, loss and backwa
 
 def _same_generator(g):
     """A numpy Generator in g's state (copy.deepcopy took 80 us here, this 30)."""
-    bits = type(g.bit_generator)(0)
-    bits.state = g.bit_generator.state
+    return generator_from_state(g.bit_generator.state)
+
+
+def generator_from_state(state):
+    """A numpy Generator whose bit generator has this state (a bit_generator.state dict)."""
+    bits = getattr(np.random, state["bit_generator"])(0)
+    bits.state = state
     return np.random.Generator(bits)
 
 
@@ -45,11 +51,14 @@ class Net:
                 self._spec.append((l, pname, tuple(shape), off))
                 off += math.prod(shape)
         check_parameters(model, self._spec, off)
-        self.flat = np.zeros(off, np.float32)
-        self.gflat = np.zeros(off, np.float32)
+        # in shared memory: split training's helper processes read the one and add into the
+        # other (flowdsl/forked.py)
+        self.flat = forked.shared_zeros(off)
+        self.gflat = forked.shared_zeros(off)
         self.params = self._views(self.flat)
         self.grads = self._views(self.gflat)
         self._shares, self._states, self._fits = [None], [], {}   # split training's (lazily made)
+        self._crew = None          # split training's helper processes (forked.Crew), when forked
         self.state = {l.name: l.new_state() for l in self.layers}
         self.fuse = fuse           # False: run every layer as written (a reference for tests)
         self._plans = {}
@@ -296,13 +305,17 @@ class Net:
         collectives, which matters where waking a thread is slow (measurements in
         docs/internals.md, "Split training")."""
         from . import blas
-        from .dist import Team
         n = x.shape[0]
         t = self.train_shares(n)
         if t <= 1:
             return None
+        y = np.asarray(y)
+        if forked.wanted():
+            return self._forked_loss_grad(x, y, total, t)
+        from .dist import Team
         c = blas.cuts(n, t)
-        plans = {hi - lo: self.plan(True, hi - lo).steps for lo, hi in zip(c, c[1:])}
+        for lo, hi in zip(c, c[1:]):
+            self.plan(True, hi - lo)   # the plans are built here, not on the pool's threads
         grads = self._share_grads(t)
         flats = [self.gflat] + [f for f, _ in grads[1:]]
         dicts = [self.grads] + [d for _, d in grads[1:]]
@@ -310,7 +323,6 @@ class Net:
         states = [self.state] + self._share_states(t)
         gcut = blas.cuts(self.gflat.size, t)
         team = Team(t)
-        y = np.asarray(y)
         whole = total or n
         errs = np.geterr()   # (numpy's error state is per thread)
 
@@ -318,16 +330,8 @@ class Net:
             j = c.index(lo)
             try:
                 with np.errstate(**errs):
-                    extra = {"world": team.member(j), "rows": (np.arange(lo, hi), n), "rng": rngs[j]}
-                    z, _, trace = self._run(plans[hi - lo], x[lo:hi], True, extra, states=states[j])
-                    loss, d, correct = self.loss_layer.loss(z, y[lo:hi])
-                    d *= np.float32((hi - lo) / whole)
-                    self._back(trace, d, dicts[j].__getitem__)
-                    extra["world"].barrier()      # every share's gradients are written
-                    s = slice(gcut[j], gcut[j + 1])
-                    for f in flats[1:]:
-                        flats[0][s] += f[s]
-                    return loss * (hi - lo), correct
+                    return self._share_pass(j, lo, hi, n, whole, x[lo:hi], y[lo:hi], team.member(j),
+                                            rngs[j], states[j], dicts[j], flats, gcut)
             except threading.BrokenBarrierError:   # another share failed: its error is raised
                 return None
             except BaseException:
@@ -339,6 +343,72 @@ class Net:
             return None
         self._trace = []
         return sum(o[0] for o in outs) / n, sum(o[1] for o in outs)
+
+    def _share_pass(self, j, lo, hi, n, whole, x, y, world, rng, states, grads, flats, gcut):
+        """Share j (rows lo:hi of a batch of n, part of a global batch of `whole`) of a split
+        training step: forward, loss and backward on x (its rows), the gradient into grads
+        (share j's {layer: {param: view}}), then, once every share has written its own, this
+        share's slice gcut[j]:gcut[j + 1] of the sum over the shares' flat gradients (flats, in
+        rank order) into flats[0]. Returns (loss times rows, correct)."""
+        extra = {"world": world, "rows": (np.arange(lo, hi), n), "rng": rng}
+        z, _, trace = self._run(self.plan(True, hi - lo).steps, x, True, extra, states=states)
+        loss, d, correct = self.loss_layer.loss(z, y)
+        d *= np.float32((hi - lo) / whole)
+        self._back(trace, d, grads.__getitem__)
+        world.barrier()      # every share's gradients are written
+        s = slice(gcut[j], gcut[j + 1])
+        for f in flats[1:]:
+            flats[0][s] += f[s]
+        return loss * (hi - lo), correct
+
+    def _forked_loss_grad(self, x, y, total, t):
+        """_split_loss_grad with shares 1..t-1 in helper processes (flowdsl/forked.py)."""
+        from . import blas
+        n = x.shape[0]
+        c = blas.cuts(n, t)
+        rows = max(hi - lo for lo, hi in zip(c, c[1:]))
+        crew = self._crew
+        if crew is not None and (crew.t != t or crew.rows < rows or not crew.alive()):
+            crew.close()
+            crew = self._crew = None
+        if crew is None:
+            if not self._shares_fit(t):
+                return None
+            self.plan(True, c[1] - c[0])
+            crew = self._crew = forked.Crew(self, t, rows)
+        gcut = blas.cuts(self.gflat.size, t)
+        whole = total or n
+        errs = np.geterr()
+        state = self.rng.bit_generator.state
+        try:
+            msgs = []
+            for j in range(1, t):
+                lo, hi = c[j], c[j + 1]
+                crew.xs[j][:hi - lo] = x[lo:hi]
+                msgs.append(pickle.dumps((lo, hi, n, whole, state, y[lo:hi], errs, gcut), protocol=5))
+            crew.send(msgs)
+            with blas.alone():
+                got = self._share_pass(0, 0, c[1], n, whole, x[:c[1]], y[:c[1]], crew.member,
+                                       self.rng, self.state, self.grads, crew.grads, gcut)
+                crew.member.barrier()   # every helper is done
+        except forked.BrokenCrew:
+            err = crew.failure()
+            crew.close()
+            self._crew = None
+            raise err from None
+        except BaseException:
+            crew.abort()
+            crew.close()
+            self._crew = None
+            raise
+        self._trace = []
+        outs = [got] + [(float(crew.outs[j, 0]), int(crew.outs[j, 1])) for j in range(1, t)]
+        return sum(o[0] for o in outs) / n, sum(o[1] for o in outs)
+
+    def _sample_shape(self):
+        """One sample's shape as the kernels take it (NHWC's HWC)."""
+        s = tuple(self.model.input_shape)
+        return s[1:] + s[:1] if len(s) == 3 else s
 
     def train_shares(self, n):
         """Into how many shares a training pass of n samples splits (_split_loss_grad; 1: it

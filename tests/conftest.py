@@ -139,8 +139,10 @@ def two_threads(monkeypatch):
 
 
 def count_splits(monkeypatch):
-    """Record (n, whether it split) for every blas.split call from now on."""
+    """Record (n, whether it split) for every blas.split call from now on, and for every split
+    training step whose shares ran in helper processes (Net._forked_loss_grad)."""
     from flowdsl import blas
+    from flowdsl.net import Net
     calls = []
     real = blas.split
 
@@ -149,4 +151,11 @@ def count_splits(monkeypatch):
         calls.append((n, out is not None))
         return out
     monkeypatch.setattr(blas, "split", counted)
+    real_forked = Net._forked_loss_grad
+
+    def forked(self, x, y, total, t):
+        out = real_forked(self, x, y, total, t)
+        calls.append((x.shape[0], out is not None))
+        return out
+    monkeypatch.setattr(Net, "_forked_loss_grad", forked)
     return calls

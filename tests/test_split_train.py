@@ -33,11 +33,16 @@ NETS = {
 }
 
 
-@pytest.fixture
-def two_threads(two_threads, monkeypatch):
-    """conftest's, and every training pass of these small nets splits too."""
+@pytest.fixture(params=["procs", "threads"])
+def two_threads(request, two_threads, monkeypatch):
+    """conftest's, and every training pass of these small nets splits too; its shares run in
+    helper processes (flowdsl/forked.py) or in threads (FLOWDSL_SPLIT)."""
     monkeypatch.setattr(blas, "SPLIT_TRAIN_MIN", 0)
+    monkeypatch.setenv("FLOWDSL_SPLIT", request.param)
     yield
+
+
+IN_THREADS = pytest.mark.parametrize("two_threads", ["threads"], indirect=True)   # spies see threads only
 
 
 def _net(text, seed=3, train="seed = 3"):
@@ -112,9 +117,11 @@ def test_split_training_pass_equals_the_layer_by_layer_pass(two_threads, monkeyp
     assert a.rng.random() == b.rng.random()
 
 
+@IN_THREADS
 def test_split_dropout_masks_are_the_whole_batch_mask(two_threads, monkeypatch):
     """Each share's dropout mask is its rows of the layer-by-layer pass's mask, for both
-    dropouts of a pass (the generator advances alike in every share)."""
+    dropouts of a pass (the generator advances alike in every share). (Shares in processes:
+    tests/test_forked.py, the threads' results bit for bit.)"""
     from flowdsl.layers.dropout import Dropout
     masks = []
     real = Dropout.forward
@@ -226,6 +233,7 @@ def test_training_threshold_splits_the_bench_nets_at_batch_64():
         assert 32 * m >= blas.SPLIT_TRAIN_MIN > 8 * m, name
 
 
+@IN_THREADS
 @pytest.mark.parametrize("who", ["main", "pool"])
 def test_a_failing_share_raises_its_error_and_leaves_nothing_waiting(two_threads, monkeypatch, who):
     """A share that fails between batchnorm's collectives: the other share, waiting in one, is
@@ -260,6 +268,7 @@ def test_a_failing_share_raises_its_error_and_leaves_nothing_waiting(two_threads
     assert calls == [(8, True)] and np.isfinite(loss)
 
 
+@IN_THREADS
 def test_shares_keep_the_callers_numpy_error_state(two_threads, monkeypatch):
     """numpy's error state is per thread: the pool's share must use the caller's, so that
     train.py's errstate(all="ignore") silences a diverging step there too, and "raise" raises."""
