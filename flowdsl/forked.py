@@ -304,7 +304,9 @@ def _die_with_parent():
 
 def _helper(net, crew, j, conn, bell):
     """A helper's life: run share j of each step the caller rings for, until its pipe closes."""
+    import gc
     import pickle
+    gc.freeze()   # what the caller had is the caller's: never collected (or flushed, closed) here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() != crew.parent:   # the caller ended before prctl took effect

@@ -21,8 +21,8 @@ from .memory import check_parameters, check_training, data_budget
 
 
 SPLIT_EVAL = True   # evaluation passes: each thread runs the whole net on its share (_split_forward)
-SPLIT_TRAIN = True  # training passes: each thread runs forward, loss and backward on its share
-                    # (_split_loss_grad)
+SPLIT_TRAIN = True  # training passes: each thread (on Linux, helper process: flowdsl/forked.py)
+                    # runs forward, loss and backward on its share (_split_loss_grad)
 
 
 def _same_generator(g):
@@ -59,6 +59,7 @@ class Net:
         self.grads = self._views(self.gflat)
         self._shares, self._states, self._fits = [None], [], {}   # split training's (lazily made)
         self._crew = None          # split training's helper processes (forked.Crew), when forked
+        self._no_fork = False      # set when forking them failed: the shares run in threads
         self.state = {l.name: l.new_state() for l in self.layers}
         self.fuse = fuse           # False: run every layer as written (a reference for tests)
         self._plans = {}
@@ -303,15 +304,20 @@ class Net:
         parameter gradients are sums of the shares' partial sums. Against handing every
         layer's work to the threads (two wake-ups a layer), this waits only at the
         collectives, which matters where waking a thread is slow (measurements in
-        docs/internals.md, "Split training")."""
+        docs/internals.md, "Split training"). On Linux the shares other than the caller's run
+        in forked helper processes (_forked_loss_grad, flowdsl/forked.py) rather than threads:
+        the same collectives and sums in the same order, so the same bits, without the two
+        threads' contention for the GIL; FLOWDSL_SPLIT=threads keeps threads."""
         from . import blas
         n = x.shape[0]
         t = self.train_shares(n)
         if t <= 1:
             return None
         y = np.asarray(y)
-        if forked.wanted():
-            return self._forked_loss_grad(x, y, total, t)
+        if forked.wanted() and not self._no_fork:
+            got = self._forked_loss_grad(x, y, total, t)
+            if got is not None or not self._no_fork:
+                return got
         from .dist import Team
         c = blas.cuts(n, t)
         for lo, hi in zip(c, c[1:]):
@@ -375,7 +381,11 @@ class Net:
             if not self._shares_fit(t):
                 return None
             self.plan(True, c[1] - c[0])
-            crew = self._crew = forked.Crew(self, t, rows)
+            try:
+                crew = self._crew = forked.Crew(self, t, rows)
+            except OSError:     # no fork (a process limit, no memory to map): threads then
+                self._no_fork = True
+                return None
         gcut = blas.cuts(self.gflat.size, t)
         whole = total or n
         errs = np.geterr()
@@ -404,6 +414,13 @@ class Net:
         self._trace = []
         outs = [got] + [(float(crew.outs[j, 0]), int(crew.outs[j, 1])) for j in range(1, t)]
         return sum(o[0] for o in outs) / n, sum(o[1] for o in outs)
+
+    def release(self):
+        """End split training's helper processes (fit does when it returns): an idle helper
+        keeps the memory of its last step. The next split step forks new ones."""
+        if self._crew is not None:
+            self._crew.close()
+            self._crew = None
 
     def _sample_shape(self):
         """One sample's shape as the kernels take it (NHWC's HWC)."""

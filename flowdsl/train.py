@@ -343,6 +343,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
                     last_save = time.monotonic()
         finally:
             prefetch.close()
+            net.release()   # split training's helper processes and the memory they hold
             if bar is not None:
                 bar.close()
         if hist.stopped and out_dir and not hist.stopped.startswith("stopped early"):

@@ -231,3 +231,42 @@ def test_split_setting_is_checked_and_threads_still_work(split, monkeypatch):
     calls = count_splits(monkeypatch)
     net.loss_grad(x, y)
     assert calls == [(8, True)] and net._crew is None     # blas.split: the threads
+
+
+def test_a_failed_fork_falls_back_to_threads(split, monkeypatch):
+    """fork refused (a process limit, no memory to map the child): the shares run in threads,
+    with the same result, and the net does not try again."""
+    net, ref = _net("bn_dropout"), _net("bn_dropout")
+    x, y = _batch(net, 8)
+    want = _steps(ref, [(x, y)], "threads", monkeypatch)
+    monkeypatch.setenv("FLOWDSL_SPLIT", "procs")
+    tries = []
+
+    def refused():
+        tries.append(1)
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(os, "fork", refused)
+    calls = count_splits(monkeypatch)
+    got = _steps(net, [(x, y), (x, y)], "procs", monkeypatch)
+    assert tries == [1] and net._crew is None
+    assert calls == [(8, False), (8, True), (8, True)]   # the forked attempt, then blas.split twice
+    np.testing.assert_array_equal(got[0][2], want[0][2])
+
+
+def test_fit_ends_its_helpers(split, monkeypatch):
+    """A helper holds the memory of its last step: fit releases it when it returns."""
+    from conftest import toy_set
+    import flowdsl
+    net = flowdsl.parse("network = conv(8x8x1, filters=6, field=3, pad=1) :: batchnorm :: relu :: maxpool "
+                        ":: dense(2) :: softmax\ntrain { batch = 16  seed = 2 }")
+    x, y = toy_set(64, seed=1)
+    seen = []
+    real = Net._forked_loss_grad
+
+    def spy(self, *a):
+        out = real(self, *a)
+        seen.extend(_pids(self))
+        return out
+    monkeypatch.setattr(Net, "_forked_loss_grad", spy)
+    net.fit(x, y, epochs=1)
+    assert seen and net._crew is None and _gone(seen[0])
