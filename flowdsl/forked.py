@@ -19,8 +19,9 @@ generator state and numpy error state over a pipe.
 Failures: a helper that raises sends its exception back and the caller raises it; a helper that
 dies (killed, out of memory) is noticed by the caller's barrier within ~10 ms and reported; any
 failure, and Ctrl-C in the caller, kills the helpers, and the next step forks new ones. Helpers
-ignore SIGINT (the caller decides), die with the thread that forked them (PR_SET_PDEATHSIG) and
-are killed when their Net is collected or the interpreter exits.
+ignore SIGINT, SIGTERM and SIGHUP (the caller decides, and stops at a step boundary), die with
+the thread that forked them (PR_SET_PDEATHSIG), are named flowdsl-helper in top and ps, and are
+killed when their Net is collected or fit returns.
 
 Only on Linux (fork is unsafe on macOS, absent on Windows); FLOWDSL_SPLIT=threads keeps the
 shares in threads (the previous design). A helper runs serial kernels only (blas.solo), so
@@ -293,11 +294,13 @@ def _kill(owner, pids, conns, ended):
 
 
 def _die_with_parent():
-    """PR_SET_PDEATHSIG: SIGKILL this helper when the thread that forked it ends."""
+    """PR_SET_PDEATHSIG: SIGKILL this helper when the thread that forked it ends; and its name
+    (PR_SET_NAME, what top and ps -o comm show) flowdsl-helper."""
     try:
         import ctypes
         libc = ctypes.CDLL(None)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(15, ctypes.c_char_p(b"flowdsl-helper"), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -307,12 +310,14 @@ def _helper(net, crew, j, conn, bell):
     import gc
     import pickle
     gc.freeze()   # what the caller had is the caller's: never collected (or flushed, closed) here
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the caller decides when to stop: Ctrl-C, a terminal's hang-up or `kill` sent to the whole
+    # process group (`pkill -f` matches a helper too: it has the caller's command line) reach
+    # the caller, which stops at the next step boundary and saves; the helper ends with it
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() != crew.parent:   # the caller ended before prctl took effect
         return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
     from . import blas
     from ._spin import _await
     from .net import generator_from_state

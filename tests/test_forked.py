@@ -270,3 +270,40 @@ def test_fit_ends_its_helpers(split, monkeypatch):
     monkeypatch.setattr(Net, "_forked_loss_grad", spy)
     net.fit(x, y, epochs=1)
     assert seen and net._crew is None and _gone(seen[0])
+
+
+def test_sigterm_to_the_process_group_stops_training_gracefully(tmp_path):
+    """`kill -TERM -PGID` (or `pkill -f`, which matches the helper too: it has the caller's
+    command line) during split training: the helper ignores it, the caller stops at the step
+    boundary and saves, exit status 143, no error about the helper."""
+    import subprocess
+    import sys
+    from conftest import ENV, ROOT, save_npz, toy_set
+    x, y = toy_set(320, seed=3)
+    save_npz(tmp_path / "train.npz", x[:256], y[:256])
+    save_npz(tmp_path / "test.npz", x[256:], y[256:])
+    f = tmp_path / "bars.flow"
+    f.write_text("network = conv(8x8x1, filters=6, field=3, pad=1) :: batchnorm :: relu :: maxpool "
+                 ":: dense(2) :: softmax\ntrain {\n  data = npz(\"train.npz\")\n  test = npz(\"test.npz\")\n"
+                 "  batch = 16\n  epochs = 400\n  seed = 1\n}\n")
+    out = tmp_path / "run"
+    script = ("import sys; from flowdsl import blas, jit; jit.numba(); jit.threads(2); "
+              "blas.SPLIT_TRAIN_MIN = 0; from flowdsl.cli import main; "
+              f"sys.exit(main(['train', {str(f)!r}, '--out', {str(out)!r}]))")
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(ENV, FLOWDSL_SPLIT="procs"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "log.csv").exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    group = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split()
+    helpers = [int(h) for h in group if int(h) != p.pid]
+    assert helpers, group                   # the caller's helper, in its process group
+    for h in helpers:                       # a helper alone: it ignores the signal
+        os.kill(h, signal.SIGTERM)
+    assert not any(_gone(h, wait=0.5) for h in helpers)
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "helper" not in err and "Traceback" not in err, err
+    assert (out / "last.npz").exists()
+    assert all(_gone(h) for h in helpers)
