@@ -138,6 +138,23 @@ def two_threads(monkeypatch):
     jit.threads(old)
 
 
+# small nets with every layer kind a split training step must get right (tests/test_split_train.py,
+# tests/test_forked.py)
+SPLIT_NETS = {
+    "bn_dropout": "network = input(12x12x3) :: conv(filters=8, field=3, pad=same) :: batchnorm :: relu "
+                  ":: maxpool :: dropout(0.5) :: conv(filters=16, field=3) :: batchnorm :: maxpool(2, ceil=true) "
+                  ":: relu :: dense(20) :: batchnorm :: gelu :: dropout(0.3) :: dense(5) :: softmax(smoothing=0.1)",
+    "branches": "s = conv(filters=8, field=3, pad=same) :: batchnorm :: relu\n"
+                "network = input(10x10x2) :: conv(filters=8, field=3, pad=same) :: s "
+                ":: conv(filters=8, field=3, pad=same) :: add(s) :: relu "
+                ":: concat(s) :: conv(filters=6, field=1) :: avgpool(2) :: dense(4) :: softmax",
+    "reflect": "network = input(11x9x1) :: conv(filters=5, field=5, pad=2, pad_mode=reflect, act=tanh) "
+               ":: conv(filters=7, field=3, stride=2) :: globalavgpool :: dense(3) :: squared",
+    "dense": "network = input(30) :: dense(64, act=relu) :: batchnorm :: dropout(0.2) "
+             ":: dense(32, act=swish) :: dense(3) :: softmax",
+}
+
+
 def count_splits(monkeypatch):
     """Record (n, whether it split) for every blas.split call from now on, and for every split
     training step whose shares ran in helper processes (Net._forked_loss_grad)."""

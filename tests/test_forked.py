@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import count_splits
+from conftest import SPLIT_NETS, count_splits
 
 from flowdsl import blas, forked
 from flowdsl.errors import FlowError
@@ -20,17 +20,7 @@ from flowdsl.net import Net
 
 pytestmark = pytest.mark.skipif(not forked.supported(), reason="helper processes need fork (Linux)")
 
-NETS = {
-    "bn_dropout": "network = input(12x12x3) :: conv(filters=8, field=3, pad=same) :: batchnorm :: relu "
-                  ":: maxpool :: dropout(0.5) :: conv(filters=16, field=3) :: batchnorm :: maxpool(2, ceil=true) "
-                  ":: relu :: dense(20) :: batchnorm :: gelu :: dropout(0.3) :: dense(5) :: softmax(smoothing=0.1)",
-    "branches": "s = conv(filters=8, field=3, pad=same) :: batchnorm :: relu\n"
-                "network = input(10x10x2) :: conv(filters=8, field=3, pad=same) :: s "
-                ":: conv(filters=8, field=3, pad=same) :: add(s) :: relu "
-                ":: concat(s) :: conv(filters=6, field=1) :: avgpool(2) :: dense(4) :: softmax",
-    "regression": "network = input(11x9x1) :: conv(filters=5, field=5, pad=2, pad_mode=reflect, act=tanh) "
-                  ":: conv(filters=7, field=3, stride=2) :: globalavgpool :: dense(3) :: squared",
-}
+NETS = SPLIT_NETS
 
 
 @pytest.fixture
@@ -47,8 +37,8 @@ def _net(name, seed=3):
 
 def _batch(net, n, seed=0):
     rng = np.random.default_rng(seed)
-    c, h, w = net.model.input_shape
-    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    s = net.model.input_shape
+    x = rng.standard_normal((n,) + (tuple(s[1:]) + s[:1] if len(s) == 3 else tuple(s))).astype(np.float32)
     if net.loss_layer.kind == "softmax":
         return x, rng.integers(0, net.loss_layer.out[0], n)
     return x, rng.standard_normal((n,) + tuple(net.loss_layer.out)).astype(np.float32)

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import count_splits
+from conftest import SPLIT_NETS, count_splits
 
 from flowdsl import blas, dist, jit
 from flowdsl import net as netmod
@@ -18,19 +18,7 @@ from flowdsl.model import build_text
 from flowdsl.net import Net
 from flowdsl.optim import Optimizer
 
-NETS = {
-    "bn_dropout": "network = input(12x12x3) :: conv(filters=8, field=3, pad=same) :: batchnorm :: relu "
-                  ":: maxpool :: dropout(0.5) :: conv(filters=16, field=3) :: batchnorm :: maxpool(2, ceil=true) "
-                  ":: relu :: dense(20) :: batchnorm :: gelu :: dropout(0.3) :: dense(5) :: softmax(smoothing=0.1)",
-    "branches": "s = conv(filters=8, field=3, pad=same) :: batchnorm :: relu\n"
-                "network = input(10x10x2) :: conv(filters=8, field=3, pad=same) :: s "
-                ":: conv(filters=8, field=3, pad=same) :: add(s) :: relu "
-                ":: concat(s) :: conv(filters=6, field=1) :: avgpool(2) :: dense(4) :: softmax",
-    "reflect": "network = input(11x9x1) :: conv(filters=5, field=5, pad=2, pad_mode=reflect, act=tanh) "
-               ":: conv(filters=7, field=3, stride=2) :: globalavgpool :: dense(3) :: squared",
-    "dense": "network = input(30) :: dense(64, act=relu) :: batchnorm :: dropout(0.2) "
-             ":: dense(32, act=swish) :: dense(3) :: softmax",
-}
+NETS = SPLIT_NETS
 
 
 @pytest.fixture(params=["procs", "threads"])
