@@ -47,6 +47,8 @@ LINE = 8             # int64s per barrier counter (one cache line each)
 SPIN = 300_000       # rounds a waiter spins before it naps (~0.45 ms, as flowdsl/_spin.py)
 NAP = 50e-6          # seconds between polls after that
 CHECK = 0.01         # seconds between checks that the other processes are alive
+STALL = 300.0        # seconds the caller waits in one collective for a helper that is alive but
+                     # silent (a lock held forever in it, say) before it gives up with an error
 IDLE = 2_000_000     # rounds a helper spins for the next step's doorbell before it sleeps on its
                      # pipe (~3 ms: the caller's optimizer step and next batch come sooner; a
                      # sleeping helper took 0.2-0.5 ms to wake)
@@ -100,13 +102,17 @@ class Member:
         k = self._k
         _arrive(c, self.rank, k)
         s = _spin(c, t, k, SPIN)
-        last = time.monotonic()
+        start = last = time.monotonic()
         while s == 0:
             time.sleep(NAP)
             s = _spin(c, t, k, 1000)
             if s == 0 and time.monotonic() - last > CHECK:
                 last = time.monotonic()
                 if not self.crew.others_alive(self.rank):
+                    self.crew.abort()
+                    s = -1
+                elif self.rank == 0 and last - start > STALL:
+                    self.crew.stalled = last - start
                     self.crew.abort()
                     s = -1
         if s < 0:
@@ -154,6 +160,7 @@ class Crew:
                             for _ in range(1, t)]
         self.pids, self.conns, self.bells = [0], [None], [None]
         self.ended = {}
+        self.stalled = None
         self.member = Member(self, 0)
         try:
             for j in range(1, t):
@@ -237,7 +244,10 @@ class Crew:
             _arrive(self.counts, at // LINE, self.seq)
 
     def failure(self):
-        """The exception a helper sent back, or one saying that a helper died."""
+        """The exception a helper sent back, or one saying that a helper died or stalled."""
+        if self.stalled:
+            return FlowError(f"a helper process of split training did not answer for {self.stalled:.0f} s "
+                             "(alive but stuck); FLOWDSL_SPLIT=threads runs the shares in threads instead")
         for j in range(1, self.t):
             c = self.conns[j]
             try:

@@ -367,10 +367,19 @@ class Net:
             flats[0][s] += f[s]
         return loss * (hi - lo), correct
 
-    def _forked_loss_grad(self, x, y, total, t):
-        """_split_loss_grad with shares 1..t-1 in helper processes (flowdsl/forked.py)."""
+    def fork_helpers(self, n):
+        """Fork split training's helper processes for batches of n now, if a training step of n
+        samples would run in them (fit calls this before its prefetch thread starts: a fork
+        copies the calling thread only, and a lock another thread held at that moment would
+        stay held in the helper for good)."""
+        t = self.train_shares(n)
+        if SPLIT_TRAIN and t > 1 and forked.wanted() and not self._no_fork:
+            self._crew_for(n, t)
+
+    def _crew_for(self, n, t):
+        """The helpers for t shares of n samples (forked, or re-forked for larger shares or
+        after one died), or None: they would not fit in memory, or fork failed."""
         from . import blas
-        n = x.shape[0]
         c = blas.cuts(n, t)
         rows = max(hi - lo for lo, hi in zip(c, c[1:]))
         crew = self._crew
@@ -386,6 +395,16 @@ class Net:
             except OSError:     # no fork (a process limit, no memory to map): threads then
                 self._no_fork = True
                 return None
+        return crew
+
+    def _forked_loss_grad(self, x, y, total, t):
+        """_split_loss_grad with shares 1..t-1 in helper processes (flowdsl/forked.py)."""
+        from . import blas
+        n = x.shape[0]
+        c = blas.cuts(n, t)
+        crew = self._crew_for(n, t)
+        if crew is None:
+            return None
         gcut = blas.cuts(self.gflat.size, t)
         whole = total or n
         errs = np.geterr()

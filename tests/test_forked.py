@@ -297,3 +297,48 @@ def test_sigterm_to_the_process_group_stops_training_gracefully(tmp_path):
     assert "terminated (SIGTERM)" in err and "helper" not in err and "Traceback" not in err, err
     assert (out / "last.npz").exists()
     assert all(_gone(h) for h in helpers)
+
+
+def test_a_helper_that_hangs_is_an_error_not_a_hang(split, monkeypatch):
+    """A helper alive but stuck (a lock held for good, say) in the middle of a step: after
+    forked.STALL seconds in one collective the caller gives up with a FlowError that says so;
+    the next step forks a fresh helper."""
+    net = _net("bn_dropout")
+    x, y = _batch(net, 8)
+    bn2 = net.model.layer("batchnorm2")
+    real = type(bn2).forward_fused
+    caller = os.getpid()
+
+    def stuck(self, xx, p, ctx, training, act, pool):
+        if self is bn2 and os.getpid() != caller:
+            time.sleep(3600)
+        return real(self, xx, p, ctx, training, act, pool)
+    monkeypatch.setattr(type(bn2), "forward_fused", stuck)
+    monkeypatch.setattr(forked, "STALL", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(FlowError, match=r"did not answer for \d+ s \(alive but stuck\)"):
+        net.loss_grad(x, y)
+    assert time.monotonic() - t0 < 10 and net._crew is None
+    monkeypatch.setattr(type(bn2), "forward_fused", real)
+    assert np.isfinite(net.loss_grad(x, y)[0])
+
+
+def test_fit_forks_its_helpers_before_the_first_step(split, monkeypatch):
+    """fit forks the helpers before its prefetch thread starts (a fork copies only the calling
+    thread: a lock another thread held would stay held in the helper)."""
+    import threading
+    from conftest import toy_set
+    import flowdsl
+    net = flowdsl.parse("network = conv(8x8x1, filters=6, field=3, pad=1) :: batchnorm :: relu :: maxpool "
+                        ":: dense(2) :: softmax\ntrain { batch = 16  seed = 2 }")
+    x, y = toy_set(64, seed=1)
+    forks = []
+    real = forked.Crew.__init__
+
+    def spy(self, *a):
+        forks.append(sorted(t.name for t in threading.enumerate()))
+        real(self, *a)
+    monkeypatch.setattr(forked.Crew, "__init__", spy)
+    monkeypatch.setenv("FLOWDSL_PREFETCH", "thread")    # (the default for streamed data)
+    net.fit(x, y, epochs=1)
+    assert len(forks) == 1 and "flowdsl-prefetch" not in forks[0], forks
