@@ -30,6 +30,7 @@ _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
 _GG = np.kron(_G, _G).astype(np.float32)   # (36, 9): U = GG @ w
 _GGT = np.ascontiguousarray(_GG.T)         # (9, 36): dw = GG^T @ dU
+_G32 = _G.astype(np.float32)               # for _winograd._transform (weights)
 _self = sys.modules[__name__]
 
 
