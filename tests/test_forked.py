@@ -105,6 +105,25 @@ def _gone(pid, wait=5.0):
     return False
 
 
+def _in_share(monkeypatch, net, in_helper, action):
+    """Run action() in the middle of a step (between batchnorm2's collectives), in the helper's
+    share (in_helper) or the caller's; returns a function that undoes it."""
+    bn2 = net.model.layer("batchnorm2")
+    real = type(bn2).forward_fused
+    caller = os.getpid()
+
+    def patched(self, xx, p, ctx, training, act, pool):
+        if self is bn2 and (os.getpid() != caller) == in_helper:
+            action()
+        return real(self, xx, p, ctx, training, act, pool)
+    monkeypatch.setattr(type(bn2), "forward_fused", patched)
+    return lambda: monkeypatch.setattr(type(bn2), "forward_fused", real)
+
+
+def _raise(e):
+    raise e
+
+
 def test_a_failing_helper_raises_its_error_in_the_caller(split, monkeypatch):
     """A helper whose share raises between batchnorm's collectives: the caller, waiting in one,
     is released and raises the helper's own exception; the helper is gone; the next step forks
@@ -114,15 +133,7 @@ def test_a_failing_helper_raises_its_error_in_the_caller(split, monkeypatch):
     net.loss_grad(x, y)
     first = _pids(net)
     assert len(first) == 1
-    bn2 = net.model.layer("batchnorm2")
-    real = type(bn2).forward_fused
-    caller = os.getpid()
-
-    def flaky(self, xx, p, ctx, training, act, pool):
-        if self is bn2 and os.getpid() != caller:
-            raise ValueError("the helper's share failed")
-        return real(self, xx, p, ctx, training, act, pool)
-    monkeypatch.setattr(type(bn2), "forward_fused", flaky)
+    undo = _in_share(monkeypatch, net, True, lambda: _raise(ValueError("the helper's share failed")))
     net.loss_grad(x, y)        # the helper was forked before the patch: it runs the real code
     net._crew.close()          # a helper forked from here on has the patch
     net._crew = None
@@ -130,7 +141,7 @@ def test_a_failing_helper_raises_its_error_in_the_caller(split, monkeypatch):
         net.loss_grad(x, y)
     assert net._crew is None and _gone(first[0])
     assert not blas._solo
-    monkeypatch.setattr(type(bn2), "forward_fused", real)
+    undo()
     loss, _ = net.loss_grad(x, y)
     assert np.isfinite(loss) and len(_pids(net)) == 1
 
@@ -140,21 +151,13 @@ def test_a_helper_that_dies_is_reported_and_replaced(split, monkeypatch):
     is noticed by the caller waiting in a collective: a FlowError that says so, not a hang."""
     net = _net("bn_dropout")
     x, y = _batch(net, 8)
-    bn2 = net.model.layer("batchnorm2")
-    real = type(bn2).forward_fused
-    caller = os.getpid()
-
-    def die(self, xx, p, ctx, training, act, pool):
-        if self is bn2 and os.getpid() != caller:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, xx, p, ctx, training, act, pool)
-    monkeypatch.setattr(type(bn2), "forward_fused", die)
+    undo = _in_share(monkeypatch, net, True, lambda: os.kill(os.getpid(), signal.SIGKILL))
     t0 = time.monotonic()
     with pytest.raises(FlowError, match="helper process .* ended during a step .*signal 9"):
         net.loss_grad(x, y)
     assert time.monotonic() - t0 < 10
     assert net._crew is None
-    monkeypatch.setattr(type(bn2), "forward_fused", real)
+    undo()
     loss, _ = net.loss_grad(x, y)
     assert np.isfinite(loss)
 
@@ -166,19 +169,11 @@ def test_the_callers_failure_or_interrupt_stops_the_helpers(split, monkeypatch):
     x, y = _batch(net, 8)
     net.loss_grad(x, y)
     old = _pids(net)
-    bn2 = net.model.layer("batchnorm2")
-    real = type(bn2).forward_fused
-    caller = os.getpid()
-
-    def interrupted(self, xx, p, ctx, training, act, pool):
-        if self is bn2 and os.getpid() == caller:
-            raise KeyboardInterrupt
-        return real(self, xx, p, ctx, training, act, pool)
-    monkeypatch.setattr(type(bn2), "forward_fused", interrupted)
+    undo = _in_share(monkeypatch, net, False, lambda: _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         net.loss_grad(x, y)
     assert net._crew is None and _gone(old[0]) and not blas._solo
-    monkeypatch.setattr(type(bn2), "forward_fused", real)
+    undo()
     assert np.isfinite(net.loss_grad(x, y)[0])
     assert _pids(net) and _pids(net) != old
 
@@ -305,21 +300,13 @@ def test_a_helper_that_hangs_is_an_error_not_a_hang(split, monkeypatch):
     the next step forks a fresh helper."""
     net = _net("bn_dropout")
     x, y = _batch(net, 8)
-    bn2 = net.model.layer("batchnorm2")
-    real = type(bn2).forward_fused
-    caller = os.getpid()
-
-    def stuck(self, xx, p, ctx, training, act, pool):
-        if self is bn2 and os.getpid() != caller:
-            time.sleep(3600)
-        return real(self, xx, p, ctx, training, act, pool)
-    monkeypatch.setattr(type(bn2), "forward_fused", stuck)
+    undo = _in_share(monkeypatch, net, True, lambda: time.sleep(3600))
     monkeypatch.setattr(forked, "STALL", 0.5)
     t0 = time.monotonic()
     with pytest.raises(FlowError, match=r"did not answer for \d+ s \(alive but stuck\)"):
         net.loss_grad(x, y)
     assert time.monotonic() - t0 < 10 and net._crew is None
-    monkeypatch.setattr(type(bn2), "forward_fused", real)
+    undo()
     assert np.isfinite(net.loss_grad(x, y)[0])
 
 
