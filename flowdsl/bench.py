@@ -86,7 +86,12 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
         for k, (f, b) in t.times.items():
             per.setdefault(k, []).append((f, b))
     shares = net.train_shares(batch)
-    split = f", split {shares} ways (each thread runs the whole pass on its share)" if shares > 1 else ""
+    from . import forked
+    if forked.wanted() and not net._no_fork:   # (flowdsl/forked.py)
+        who = f"this process and {shares - 1} forked helper{'s' if shares > 2 else ''} each run"
+    else:
+        who = "each thread runs"
+    split = f", split {shares} ways ({who} the whole pass on its share)" if shares > 1 else ""
     print(f"train: {statistics.median(train):,.0f} img/s   (forward + backward + {opt.kind} step, batch {batch}"
           f"{split}; median of {repeats} runs of {steps} steps)", file=out)
     print(f"infer: {statistics.median(infer):,.0f} img/s   (batch {infer_batch}; median of {repeats} runs)", file=out)

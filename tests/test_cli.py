@@ -179,6 +179,9 @@ def test_bench_says_when_the_training_step_splits(tmp_path, capsys, monkeypatch)
             out = capsys.readouterr().out
             two = blas._threads >= 2   # bench ran on this many
             assert ("split 2 ways" in out) == two, out
+            from flowdsl import forked
+            says = "this process and 1 forked helper each run" if forked.wanted() else "each thread runs"
+            assert (says in out) == two, out
             assert ("per layer, the same step run layer by layer" in out) == two, out
             assert "conv1 (conv," in out and "total" in out
     finally:
