@@ -86,8 +86,7 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
         for k, (f, b) in t.times.items():
             per.setdefault(k, []).append((f, b))
     shares = net.train_shares(batch)
-    from . import forked
-    if forked.wanted() and not net._no_fork:   # (flowdsl/forked.py)
+    if net.in_helpers():   # (flowdsl/forked.py)
         who = f"this process and {shares - 1} forked helper{'s' if shares > 2 else ''} each run"
     else:
         who = "each thread runs"

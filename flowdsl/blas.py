@@ -141,29 +141,24 @@ def split(n, run, work):
     wake-ups a layer; see flowdsl.net). Returns the runs' results in order, or None when the
     work (multiply-adds) is too small to split (below SPLIT_MIN) or there is one thread: the
     caller then runs the pass itself. The shares are cuts(n, split_threads(n))."""
-    global _solo
     t = split_threads(n)
     if t <= 1 or work < SPLIT_MIN:
         return None
     c = cuts(n, t)
-    with _lock:
-        _solo = True
+    with alone():
+        futs = [_pool.submit(run, c[i], c[i + 1]) for i in range(1, t)]
         try:
-            futs = [_pool.submit(run, c[i], c[i + 1]) for i in range(1, t)]
-            try:
-                first = run(0, c[1])
-            finally:
-                rest = [f.result() for f in futs]
+            first = run(0, c[1])
         finally:
-            _solo = False
+            rest = [f.result() for f in futs]
     return [first] + rest
 
 
 @contextmanager
 def alone():
-    """The calling thread computes its products and kernels itself (their serial twins) while
-    inside, as a share of `split` does: the caller's share of a split training step whose other
-    shares run in helper processes (flowdsl/forked.py)."""
+    """Every thread computes its own products and kernels (their serial twins) while inside:
+    the shares of `split`, and the caller's share of a split training step whose other shares
+    run in helper processes (flowdsl/forked.py)."""
     global _solo
     with _lock:
         _solo = True

@@ -135,9 +135,6 @@ class Member:
         a[...] = total.reshape(a.shape)
         return a
 
-    def allgather(self, obj):   # not used by the layers; a rank's world has it
-        raise FlowError("internal: allgather is not offered inside a split training step")
-
 
 class Crew:
     """The helper processes of one Net for t shares of up to `rows` samples each: shares 1..t-1

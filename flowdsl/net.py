@@ -314,9 +314,9 @@ class Net:
         if t <= 1:
             return None
         y = np.asarray(y)
-        if forked.wanted() and not self._no_fork:
+        if self.in_helpers():
             got = self._forked_loss_grad(x, y, total, t)
-            if got is not None or not self._no_fork:
+            if got is not None:   # (None: fork was refused, and the shares run in threads)
                 return got
         from .dist import Team
         c = blas.cuts(n, t)
@@ -373,22 +373,26 @@ class Net:
         copies the calling thread only, and a lock another thread held at that moment would
         stay held in the helper for good)."""
         t = self.train_shares(n)
-        if SPLIT_TRAIN and t > 1 and forked.wanted() and not self._no_fork:
+        if SPLIT_TRAIN and t > 1 and self.in_helpers():
             self._crew_for(n, t)
+
+    def in_helpers(self):
+        """Whether split training steps run their shares in helper processes (FLOWDSL_SPLIT, and
+        fork not refused before) rather than threads."""
+        return forked.wanted() and not self._no_fork
 
     def _crew_for(self, n, t):
         """The helpers for t shares of n samples (forked, or re-forked for larger shares or
-        after one died), or None: they would not fit in memory, or fork failed."""
+        after one died), or None when fork was refused. (Whether their gradient buffers fit in
+        memory, train_shares has decided.)"""
         from . import blas
         c = blas.cuts(n, t)
         rows = max(hi - lo for lo, hi in zip(c, c[1:]))
         crew = self._crew
         if crew is not None and (crew.t != t or crew.rows < rows or not crew.alive()):
-            crew.close()
-            crew = self._crew = None
+            self.release()
+            crew = None
         if crew is None:
-            if not self._shares_fit(t):
-                return None
             self.plan(True, c[1] - c[0])
             try:
                 crew = self._crew = forked.Crew(self, t, rows)
@@ -422,13 +426,11 @@ class Net:
                 crew.member.barrier()   # every helper is done
         except forked.BrokenCrew:
             err = crew.failure()
-            crew.close()
-            self._crew = None
+            self.release()
             raise err from None
         except BaseException:
             crew.abort()
-            crew.close()
-            self._crew = None
+            self.release()
             raise
         self._trace = []
         outs = [got] + [(float(crew.outs[j, 0]), int(crew.outs[j, 1])) for j in range(1, t)]

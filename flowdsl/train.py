@@ -243,7 +243,7 @@ def fit(net, x, y, test=None, *, epochs=None, iterations=None, batch=32, optimiz
     t_epoch = time.perf_counter()
     last_eval = None
     with _Stop() as stop, clock:
-        net.fork_helpers(len(w.shard(np.arange(batch))[0]))   # before the prefetch thread starts
+        net.fork_helpers(batch)   # before the prefetch thread starts (none on MPI ranks)
         # streamed data: the next batches are read (and augmented) in a thread while a step runs
         prefetch = prefetcher(ds.streamed)(fetch, step, total)
         try:
