@@ -20,6 +20,9 @@ OPTIMIZERS = {
     "momentum": (P("lr", "float", 0.01, lo=0.0, lo_open=True), P("mu", "float", 0.9, lo=0.0, hi=1.0, hi_open=True)),
     "adam": (P("lr", "float", 1e-3, lo=0.0, lo_open=True), P("beta1", "float", 0.9, lo=0.0, hi=1.0, hi_open=True),
              P("beta2", "float", 0.999, lo=0.0, hi=1.0, hi_open=True), P("eps", "float", 1e-8, lo=0.0, lo_open=True)),
+    "adamw": (P("lr", "float", 1e-3, lo=0.0, lo_open=True), P("beta1", "float", 0.9, lo=0.0, hi=1.0, hi_open=True),
+              P("beta2", "float", 0.999, lo=0.0, hi=1.0, hi_open=True), P("eps", "float", 1e-8, lo=0.0, lo_open=True),
+              P("weight_decay", "float", 0.01, lo=0.0)),   # decoupled, as PyTorch's AdamW
     "rmsprop": (P("lr", "float", 1e-3, lo=0.0, lo_open=True), P("rho", "float", 0.9, lo=0.0, hi=1.0, hi_open=True),
                 P("eps", "float", 1e-8, lo=0.0, lo_open=True)),
 }

@@ -97,7 +97,7 @@ def test_sobel_and_misfit_fixed_filters():
 
 
 def test_trainable_false_never_moves_but_passes_gradient_back():
-    """A frozen middle layer keeps its weights (also under L2, with momentum and adam) while the
+    """A frozen middle layer keeps its weights (also under L2 and adamw's decay, with momentum and adam) while the
     layer before it learns: the gradient passes through."""
     src = ("a = conv(8x8x1, filters=4, field=3, pad=1, act=relu)\n"
            "f = conv(filters=8, field=3, trainable=false, act=relu)\n"
@@ -106,7 +106,8 @@ def test_trainable_false_never_moves_but_passes_gradient_back():
     rng = np.random.default_rng(0)
     x = rng.random((32, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 3, 32)
-    for opt in ("adam(lr=0.01)", "momentum(lr=0.05)", "sgd(lr=0.1)", "rmsprop(lr=0.01)"):
+    for opt in ("adam(lr=0.01)", "momentum(lr=0.05)", "sgd(lr=0.1)", "rmsprop(lr=0.01)",
+                "adamw(lr=0.01, weight_decay=0.1)"):
         net = Net(build_text(src + f"train {{\n  optimizer = {opt}\n  l2 = 0.01\n  batch = 8\n}}\n"))
         before = {k: v.copy() for k, v in net.named_params().items()}
         net.fit(x, y, epochs=2, verbose=0)

@@ -71,7 +71,7 @@ def test_adam_first_steps_match_hand_computation():
         np.testing.assert_allclose(net.flat, w, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "rmsprop"])
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "adamw", "rmsprop"])
 def test_optimizer_step_parallel_equals_serial_and_skips_frozen(kind, monkeypatch):
     """The optimizer's kernel runs on the calling thread below optim.SERIAL_PARAMS and in parallel
     above: every element is updated on its own, so the two agree to the last bit (the compiled
@@ -99,10 +99,32 @@ def test_optimizer_step_parallel_equals_serial_and_skips_frozen(kind, monkeypatc
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)   # |g| ~ 1
         frozen, flat, m = slice(0, n, 5), got[0][0], got[0][1]
         np.testing.assert_array_equal(flat[frozen], np.float32(w[frozen]))
-        assert not np.any(m[frozen]) and not np.any(got[0][2][frozen] if kind in ("adam", "rmsprop") else 0)
+        assert not np.any(m[frozen]) and not np.any(got[0][2][frozen] if kind in ("adam", "adamw", "rmsprop") else 0)
         assert np.mean(flat[1::5] != np.float32(w[1::5])) > 0.99   # the others moved
     finally:
         jit.threads(old)
+
+
+def test_adamw_step_matches_pytorch_formula():
+    """adamw: weights shrink by lr * weight_decay before the Adam step (PyTorch's AdamW, decoupled
+    from the moments); biases (not in the decay mask) only take the Adam step; and with
+    weight_decay=0 it is adam to the last bit."""
+    w0, g = np.array([1.0, -2.0, 0.5]), np.array([0.5, -1.0, 0.25])
+    net = _FakeNet(w0, g)
+    # _FakeNet's last parameter is a bias
+    o = Optimizer(net, _opt("adamw", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1))
+    w, m, v = w0.copy(), np.zeros(3), np.zeros(3)
+    for t in (1, 2, 3):
+        o.step()
+        w = w * (1 - 0.01 * 0.1 * np.array([1.0, 1.0, 0.0]))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        w = w - 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(net.flat, w, rtol=1e-6)
+    assert abs(net.flat[0] - w0[0]) > 0.03   # moved by the step and the decay
+    a, b = _FakeNet(w0, g), _FakeNet(w0, g)
+    Optimizer(a, _opt("adam", lr=0.01)).step()
+    Optimizer(b, _opt("adamw", lr=0.01, weight_decay=0.0)).step()
+    np.testing.assert_array_equal(a.flat, b.flat)
 
 
 def test_rmsprop_step():
