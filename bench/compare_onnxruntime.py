@@ -105,6 +105,8 @@ def main():
         paths = export_all(keys, tmp)
         print(f"threads={a.threads}  repeats={a.repeats} alternations x {a.runs} runs (fresh process each; "
               f"medians; ratio = flowdsl / ORT)", flush=True)
+        from flowdsl.blas import describe
+        print(describe(), flush=True)
         for key in keys:
             for b in [int(v) for v in a.batches.split(",")]:
                 res = {"flowdsl": [], "ort": []}

@@ -121,6 +121,8 @@ def main():
     import subprocess
     print(f"threads={a.threads}  repeats={a.repeats} alternations x {a.runs} runs  "
           f"(each framework in its own process; medians; ratio = flowdsl / torch)", flush=True)
+    from flowdsl.blas import describe
+    print(describe(), flush=True)
     rows = []
     for key in a.nets.split(","):
         for mode in a.modes.split(","):

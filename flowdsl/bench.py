@@ -47,6 +47,8 @@ def run(model, batch=None, threads=None, infer_batch=256, repeats=7, steps=None,
     first = time.perf_counter() - t0
     print(f"threads: {n_threads}   batch: {batch}   first step (numba compile or cache load): {first:.2f} s",
           file=out)
+    from .blas import describe
+    print(describe(), file=out)
 
     # size the timed runs to ~0.3 s each
     t0 = time.perf_counter()

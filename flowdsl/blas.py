@@ -16,6 +16,7 @@ stacked and row-block products keep np.matmul, which writes into `out` (their ou
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,42 @@ SPLIT_TRAIN_MIN = 2 * SPLIT_MIN  # a training pass splits when each thread's sha
                                  # 0.94x and 0.87x; at batch 64, 119 and 53 M, 0.99x and 0.93x)
 ROWS = 4096         # rows per block of a row-split product
 KSPLIT = 4          # split the inner dimension instead when it is this many times the rows
+
+
+AVX2_CORES = ("haswell", "zen", "excavator", "steamroller", "piledriver", "bulldozer", "sandybridge")
+
+
+def describe() -> str:
+    """One line on the BLAS numpy's products run in: library, version and OpenBLAS's kernel set,
+    and a warning when OPENBLAS_CORETYPE forces AVX2 kernels on a CPU with AVX-512 (measured on
+    a Zen 5 whose environment set OPENBLAS_CORETYPE=Haswell: single-thread products 110-128
+    GFLOP/s against 153-249 with the SkylakeX kernels OpenBLAS picks itself)."""
+    try:
+        from threadpoolctl import threadpool_info
+        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        info = []
+    if not info:
+        return "BLAS: unknown (threadpoolctl sees none)"
+    i = info[0]
+    arch = i.get("architecture") or ""
+    line = f"BLAS: {i.get('internal_api')} {i.get('version') or ''}" + (f", {arch} kernels" if arch else "")
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if forced and arch.lower() in AVX2_CORES and _cpu_has("avx512f"):
+        line += (f" (forced by OPENBLAS_CORETYPE={forced}: this CPU has AVX-512; without the variable"
+                 " OpenBLAS picks faster kernels)")
+    return line
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def set_threads(n: int):

@@ -65,3 +65,25 @@ def test_mm_stack_is_each_product(threads, solo, monkeypatch):
                 np.testing.assert_allclose(got[e], want, rtol=1e-4, atol=1e-4 * np.sqrt(19))
     finally:
         blas.set_threads(old)
+
+
+def test_describe_names_the_kernels_and_a_forced_avx2_core(monkeypatch):
+    """`flowdsl bench` and the bench scripts print the BLAS numpy runs in; OPENBLAS_CORETYPE
+    forcing AVX2 kernels on an AVX-512 CPU (as one machine's environment did: products at half
+    speed) is said, and only then."""
+    import threadpoolctl
+    from flowdsl import blas
+    info = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3.31", "architecture": "Haswell"}]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: info)
+    monkeypatch.setattr(blas, "_cpu_has", lambda flag: flag == "avx512f")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    line = blas.describe()
+    assert line.startswith("BLAS: openblas 0.3.31, Haswell kernels") and "OPENBLAS_CORETYPE=Haswell" in line
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert blas.describe() == "BLAS: openblas 0.3.31, Haswell kernels"   # picked by OpenBLAS itself
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setattr(blas, "_cpu_has", lambda flag: False)              # an AVX2 CPU: nothing to say
+    assert blas.describe() == "BLAS: openblas 0.3.31, Haswell kernels"
+    info[0]["architecture"] = "SkylakeX"
+    monkeypatch.setattr(blas, "_cpu_has", lambda flag: True)
+    assert blas.describe() == "BLAS: openblas 0.3.31, SkylakeX kernels"
