@@ -365,7 +365,7 @@ def test_cli_overrides_and_bad_values(npz_model, tmp_path):
     # bad command-line values are usage errors: exit 2, as argparse's own
     r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--batch", "0")
     assert r.returncode == 2 and "batch" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--optimizer", "adamw(lr=1)")
+    r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--optimizer", "addam(lr=1)")
     assert r.returncode == 2 and "did you mean 'adam'" in r.stderr
     r = run_cli("train", str(npz_model), "--out", str(tmp_path / "o"), "--lr", "-1")
     assert r.returncode == 2 and "--lr" in r.stderr
