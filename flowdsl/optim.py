@@ -105,7 +105,9 @@ def _step(kind, w, g, m, v, decay, live, lr, mu, b1, b2, eps, l2, wd, t):
 def lr_at(schedule, base_lr: float, step: int, total: int, per_epoch: int) -> float:
     """Learning rate for 0-based `step` of `total`. `schedule` is the train block's CallValue
     (None: constant). warmup counts steps, rising linearly from base/warmup to base; step()'s
-    `every` counts epochs; onecycle follows PyTorch's OneCycleLR (cosine up, cosine down)."""
+    `every` counts epochs; onecycle's learning rate follows PyTorch's OneCycleLR (cosine up from
+    max_lr/25 over pct of the steps, cosine down to max_lr/1e4); unlike PyTorch's default, momentum
+    and beta1 stay fixed (not cycled)."""
     import math
     if schedule is None:
         return base_lr
