@@ -63,21 +63,19 @@ def describe() -> str:
     arch = i.get("architecture") or ""
     line = f"BLAS: {i.get('internal_api')} {i.get('version') or ''}" + (f", {arch} kernels" if arch else "")
     forced = os.environ.get("OPENBLAS_CORETYPE")
-    if forced and arch.lower() in AVX2_CORES and _cpu_has("avx512f"):
+    if forced and arch.lower() in AVX2_CORES and has_avx512():
         line += (f" (forced by OPENBLAS_CORETYPE={forced}: this CPU has AVX-512; without the variable"
                  " OpenBLAS picks faster kernels)")
     return line
 
 
-def _cpu_has(flag: str) -> bool:
+def has_avx512() -> bool:
+    """Whether this machine's cores have AVX-512 (Linux: /proc/cpuinfo; elsewhere: no)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return flag in line.split()
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
     except OSError:
-        pass
-    return False
+        return False
 
 
 def set_threads(n: int):

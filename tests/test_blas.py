@@ -75,15 +75,15 @@ def test_describe_names_the_kernels_and_a_forced_avx2_core(monkeypatch):
     from flowdsl import blas
     info = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3.31", "architecture": "Haswell"}]
     monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: info)
-    monkeypatch.setattr(blas, "_cpu_has", lambda flag: flag == "avx512f")
+    monkeypatch.setattr(blas, "has_avx512", lambda: True)
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     line = blas.describe()
     assert line.startswith("BLAS: openblas 0.3.31, Haswell kernels") and "OPENBLAS_CORETYPE=Haswell" in line
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     assert blas.describe() == "BLAS: openblas 0.3.31, Haswell kernels"   # picked by OpenBLAS itself
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
-    monkeypatch.setattr(blas, "_cpu_has", lambda flag: False)              # an AVX2 CPU: nothing to say
+    monkeypatch.setattr(blas, "has_avx512", lambda: False)              # an AVX2 CPU: nothing to say
     assert blas.describe() == "BLAS: openblas 0.3.31, Haswell kernels"
     info[0]["architecture"] = "SkylakeX"
-    monkeypatch.setattr(blas, "_cpu_has", lambda flag: True)
+    monkeypatch.setattr(blas, "has_avx512", lambda: True)
     assert blas.describe() == "BLAS: openblas 0.3.31, SkylakeX kernels"

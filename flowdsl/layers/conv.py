@@ -93,11 +93,8 @@ def wide_vectors():
     if WIDE is None and os.environ.get("FLOWDSL_WIDE") in ("0", "1"):
         WIDE = os.environ["FLOWDSL_WIDE"] == "1"
     if WIDE is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                WIDE = any(line.startswith("flags") and " avx512f" in line for line in f)
-        except OSError:
-            WIDE = False
+        from ..blas import has_avx512
+        WIDE = has_avx512()
     return WIDE
 
 
