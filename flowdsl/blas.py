@@ -45,6 +45,24 @@ KSPLIT = 4          # split the inner dimension instead when it is this many tim
 
 
 AVX2_CORES = ("haswell", "zen", "excavator", "steamroller", "piledriver", "bulldozer", "sandybridge")
+AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")   # OpenBLAS's 16-wide kernel sets
+
+
+def numpy_blas():
+    """threadpoolctl's entry for the BLAS numpy's products run in, or None. Other libraries may
+    load a BLAS of their own (numba imports scipy, whose OpenBLAS 0.3.30 sat first in the list
+    beside numpy's 0.3.31 on 2026-12-07): the one inside numpy's own folder (numpy.libs for
+    pip's wheels) is numpy's; otherwise the first."""
+    try:
+        from threadpoolctl import threadpool_info
+        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        return None
+    if not info:
+        return None
+    home = os.path.dirname(os.path.abspath(np.__file__))
+    own = [i for i in info if os.path.abspath(i.get("filepath") or "").startswith(home)]
+    return (own or info)[0]
 
 
 def describe() -> str:
@@ -52,14 +70,9 @@ def describe() -> str:
     and a warning when OPENBLAS_CORETYPE forces AVX2 kernels on a CPU with AVX-512 (measured on
     a Zen 5 whose environment set OPENBLAS_CORETYPE=Haswell: single-thread products 110-128
     GFLOP/s against 153-249 with the SkylakeX kernels OpenBLAS picks itself)."""
-    try:
-        from threadpoolctl import threadpool_info
-        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    except ImportError:
-        info = []
-    if not info:
+    i = numpy_blas()
+    if i is None:
         return "BLAS: unknown (threadpoolctl sees none)"
-    i = info[0]
     arch = i.get("architecture") or ""
     line = f"BLAS: {i.get('internal_api')} {i.get('version') or ''}" + (f", {arch} kernels" if arch else "")
     forced = os.environ.get("OPENBLAS_CORETYPE")
@@ -67,6 +80,20 @@ def describe() -> str:
         line += (f" (forced by OPENBLAS_CORETYPE={forced}: this CPU has AVX-512; without the variable"
                  " OpenBLAS picks faster kernels)")
     return line
+
+
+def wide_kernels() -> bool:
+    """Whether numpy's BLAS runs AVX-512 (16-wide) kernels: the CPU has AVX-512 and, where the
+    BLAS is an OpenBLAS that names its kernel set, that set is one of AVX512_CORES (an
+    OPENBLAS_CORETYPE=Haswell in the environment makes it run AVX2 kernels on an AVX-512 CPU).
+    Other BLASes (MKL) are taken to use what the CPU has. conv.wide_vectors asks this."""
+    if not has_avx512():
+        return False
+    i = numpy_blas()
+    arch = ((i or {}).get("architecture") or "").lower()
+    if (i or {}).get("internal_api") == "openblas" and arch:
+        return arch in AVX512_CORES
+    return True
 
 
 def has_avx512() -> bool:

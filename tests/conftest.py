@@ -22,8 +22,8 @@ except ImportError:  # not installed: use the checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
-# Convs choose their algorithm by the rule of machines without AVX-512 (conv.wide_vectors), here
-# and in every child: with AVX-512 evaluation runs "gemm" for every conv of more than four
+# Convs choose their algorithm by the rule of machines without AVX-512 BLAS (conv.wide_vectors), here
+# and in every child: with AVX-512 BLAS kernels evaluation runs "gemm" for every conv of more than four
 # filters and nothing runs "planar", so that code would go unrun here; test_layers checks the
 # AVX-512 rule on its own.
 os.environ["FLOWDSL_WIDE"] = "0"

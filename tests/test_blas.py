@@ -87,3 +87,44 @@ def test_describe_names_the_kernels_and_a_forced_avx2_core(monkeypatch):
     info[0]["architecture"] = "SkylakeX"
     monkeypatch.setattr(blas, "has_avx512", lambda: True)
     assert blas.describe() == "BLAS: openblas 0.3.31, SkylakeX kernels"
+
+
+def test_numpy_blas_is_the_one_in_numpys_folder(monkeypatch):
+    """Another library's BLAS listed first (numba imports scipy, whose OpenBLAS is older) is not
+    taken for numpy's: describe and wide_kernels read the one inside numpy's folder."""
+    import os
+    import threadpoolctl
+    home = os.path.dirname(os.path.abspath(np.__file__))
+    scipy_one = {"user_api": "blas", "internal_api": "openblas", "version": "0.3.30",
+                 "architecture": "SkylakeX", "filepath": "/site-packages/scipy.libs/libscipy_openblas.so"}
+    numpy_one = {"user_api": "blas", "internal_api": "openblas", "version": "0.3.31",
+                 "architecture": "Haswell", "filepath": home + ".libs/libscipy_openblas64_.so"}
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: [scipy_one, numpy_one])
+    assert blas.numpy_blas() is numpy_one
+    assert blas.describe().startswith("BLAS: openblas 0.3.31, Haswell kernels")
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: [scipy_one])   # numpy's unknown
+    assert blas.numpy_blas() is scipy_one
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: [])
+    assert blas.numpy_blas() is None and blas.describe() == "BLAS: unknown (threadpoolctl sees none)"
+
+
+@pytest.mark.parametrize("api,arch,avx512,wide", [
+    ("openblas", "Haswell", True, False),     # OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU
+    ("openblas", "SkylakeX", True, True),
+    ("openblas", "Cooperlake", True, True),
+    ("openblas", "SapphireRapids", True, True),
+    ("openblas", "Zen", True, False),
+    ("openblas", "Haswell", False, False),    # an AVX2 CPU
+    ("openblas", "", True, True),             # no kernel set named: what the CPU has
+    ("mkl", None, True, True),
+    ("mkl", None, False, False),
+])
+def test_wide_kernels_reads_the_blas_kernel_set(monkeypatch, api, arch, avx512, wide):
+    """conv.wide_vectors' question: AVX-512 products only where the CPU has AVX-512 and
+    OpenBLAS runs one of its AVX-512 kernel sets."""
+    import threadpoolctl
+    info = [{"user_api": "blas", "internal_api": api, "version": "x", "architecture": arch,
+             "filepath": "/x/libblas.so"}]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: info)
+    monkeypatch.setattr(blas, "has_avx512", lambda: avx512)
+    assert blas.wide_kernels() is wide

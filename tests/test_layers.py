@@ -319,7 +319,7 @@ def test_conv_examples_cover_every_algorithm():
 
 
 def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
-    """With AVX-512 (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
+    """With AVX-512 BLAS kernels (conv.wide_vectors) every conv of more than DIRECT_MAX_FILTERS filters runs
     "gemm" in evaluation except stride-1 convs over one input channel with a 3x3 or wider field
     ("planar", nets A and B's first layers) and Winograd's convs in batches of at least
     WIDE_WINO_MIN_TILES tiles (gemm in smaller ones; F(2x2, 5x5) over WIDE_WINO25_MIN_C input

@@ -54,13 +54,13 @@ WINO25_MIN_C = 16        # 5x5 stride-1 convs over at least this many input chan
                          # gemm, interleaved, 2026-12-03: 12x12x12 -> 40 same 0.83-0.88x,
                          # x16 1.02x, 28x28x16 -> 32 1.09x, 14x14x16 -> 32 1.24x, 8x8x64 -> 64
                          # 1.38x; net B, 12x12x20 -> 40: the whole step 1.25x)
-WIDE = None              # whether the cores have AVX-512 (see wide_vectors)
-WIDE_PLANAR_MAX_C = 1    # with AVX-512, evaluation still runs "planar" for stride-1 convs over at
+WIDE = None              # whether numpy's BLAS runs AVX-512 kernels (see wide_vectors)
+WIDE_PLANAR_MAX_C = 1    # with AVX-512 BLAS, evaluation still runs "planar" for stride-1 convs over at
 WIDE_PLANAR_MIN_FIELD = 3  # most this many input channels with fields at least this wide (net B's
                          # 28x28x1 -> 20 5x5, its maxpool fused: the whole pass 1.12-1.75x at
                          # batch 16-256 against gemm, interleaved; A's 1 -> 32 3x3 1.04-1.45x once
                          # planar ran four filters a pass, 0.94-1.08x before)
-WIDE_WINO_MIN_TILES = 1024  # with AVX-512, evaluation runs Winograd for batches of at least this
+WIDE_WINO_MIN_TILES = 1024  # with AVX-512 BLAS, evaluation runs Winograd for batches of at least this
                          # many 2x2 output tiles, gemm below (2026-12-03, once the transforms were
                          # 3-6x faster: net A, batch 256 1.38x gemm's speed, 64 1.04-1.16x, 32
                          # 1.0-1.2x, 16 0.76-0.94x; fashion.flow at 256 1.11x, fashion_res 1.18x;
@@ -76,25 +76,29 @@ WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (h
 
 
 def wide_vectors():
-    """Whether this machine's cores have AVX-512 (Linux: /proc/cpuinfo; elsewhere: no). There
-    numpy's OpenBLAS runs its 16-wide kernels and the im2col product ("gemm", each thread its own
-    share) beat Winograd and "planar" on every conv of the bench nets in evaluation
-    (2026-12-02, net A at batch 256: 13,766 -> 19,940 img/s; B level; Winograd's transforms
-    were 3-6x slower then: since 2026-12-03 it wins again from WIDE_WINO_MIN_TILES), and
-    planar in training (28x28x1 -> 32 3x3 at batch 64, forward + weight gradient: 1.39 ms
-    against 1.85); Winograd
-    still wins in training (forward + backward at batch 64: 7x7x96 -> 96 gemm 8.11 ms, F(2x2)
-    6.16, F(4x4) 5.27; 14x14x24 -> 64: 7.29, 6.09, 8.49), so training keeps its thresholds.
-    Evaluation keeps "planar" for one-channel convs of 3x3 and wider (WIDE_PLANAR_MAX_C).
-    They were measured on this workplace's earlier machines (not recorded whether they had
-    AVX-512) and decide everything there.
+    """Whether numpy's BLAS runs AVX-512 (16-wide) kernels here (blas.wide_kernels: the CPU has
+    AVX-512 and OpenBLAS's kernel set is one of its AVX-512 sets). There the im2col product
+    ("gemm", each thread its own share) beat Winograd and "planar" on every conv of the bench
+    nets in evaluation (2026-12-02, net A at batch 256: 13,766 -> 19,940 img/s; B level;
+    Winograd's transforms were 3-6x slower then: since 2026-12-03 it wins again from
+    WIDE_WINO_MIN_TILES), and planar in training (28x28x1 -> 32 3x3 at batch 64, forward +
+    weight gradient: 1.39 ms against 1.85); Winograd still wins in training (forward + backward
+    at batch 64: 7x7x96 -> 96 gemm 8.11 ms, F(2x2) 6.16, F(4x4) 5.27; 14x14x24 -> 64: 7.29,
+    6.09, 8.49), so training keeps its thresholds. Evaluation keeps "planar" for one-channel
+    convs of 3x3 and wider (WIDE_PLANAR_MAX_C).
+    An AVX-512 CPU whose OpenBLAS runs AVX2 kernels (OPENBLAS_CORETYPE=Haswell in a Zen 5's
+    environment, 2026-12-07) is not wide: its products run at half that speed, and the
+    narrow rules won there (compare_onnxruntime.py, 2 threads, batch 256, interleaved: net A
+    26,773 -> 35,710 img/s, B 46,850 -> 58,548; training level: A 0.96x, B 1.02x).
+    The thresholds were measured on this workplace's earlier machines (not recorded whether
+    they had AVX-512) and decide everything where this is False.
     FLOWDSL_WIDE=1 or 0 overrides it (the test suite sets 0, so every algorithm keeps being run)."""
     global WIDE
     if WIDE is None and os.environ.get("FLOWDSL_WIDE") in ("0", "1"):
         WIDE = os.environ["FLOWDSL_WIDE"] == "1"
     if WIDE is None:
-        from ..blas import has_avx512
-        WIDE = has_avx512()
+        from ..blas import wide_kernels
+        WIDE = wide_kernels()
     return WIDE
 
 
@@ -203,7 +207,7 @@ class Conv(Layer):
 
     def algo_for(self, n, training=True):
         """The algorithm a batch of n images runs: Winograd waits for WINO_MIN_TILES tiles; in
-        evaluation on AVX-512 machines for WIDE_WINO_MIN_TILES (F(2x2, 5x5) for
+        evaluation where BLAS runs AVX-512 kernels for WIDE_WINO_MIN_TILES (F(2x2, 5x5) for
         WIDE_WINO25_MIN_C input channels too), and otherwise runs gemm (see
         wide_vectors), or planar for one-channel convs of 3x3 and wider fields
         (WIDE_PLANAR_MAX_C). Monotonic in n: flowdsl.plan asks can_pool for the whole batch,
