@@ -1,0 +1,324 @@
+"""flowdsl's own float32 matrix product, in numba with 16-wide vector registers: used instead of
+numpy's BLAS where the CPU has AVX-512 but the BLAS runs narrower kernels (blas.own_products).
+
+Why: OpenBLAS picks its kernels when it loads; `OPENBLAS_CORETYPE=Haswell` in the environment (a
+Zen 5 here, 2026-12-07), or an OpenBLAS older than the CPU (before 0.3.22 a Zen 4 ran as a Zen,
+that is Haswell kernels), makes it run AVX2 kernels on an AVX-512 CPU: 45-58 GMAC/s one thread
+on the shapes of nets A and B's products, where this kernel ran 72-87 (OpenBLAS's own SkylakeX
+kernels 82-105, so where those run, they do).
+
+The kernel: C (M, N) = A (M, K) @ B (K, N), C = 6 rows x 32 columns of accumulators held in
+registers (12 vectors of 16 floats) over the whole inner dimension, each step one row of B as
+two vector loads and six broadcasts of A's values, 12 fused multiply-adds. numba has no vector
+type, so one is declared here (F32x16, an LLVM <16 x float>) with the few operations the kernel
+needs as intrinsics (load, store, broadcast, fma); LLVM keeps the accumulators in registers and,
+on a CPU without AVX-512, splits each into narrower ones (correct, slower: not used there).
+B's rows must be contiguous and a multiple of 16 long (`prepare` pads a copy when not); A may
+be any 2-D view (a transposed one included); C is written whole, tails through a small buffer.
+Imported only once numba is configured (flowdsl.jit), by flowdsl.blas."""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from .jit import FLAGS
+
+W = 16                    # floats a vector
+MR = 6                    # rows a block
+_VT = ir.VectorType(ir.FloatType(), W)
+_OPTS = dict(FLAGS, fastmath=False, _nrt=False)   # the arithmetic is spelled out (fma, in order);
+# no reference counting: passing arrays to the helpers had cost atomic increments each block
+
+
+class F32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="F32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VT)
+
+
+def _ptr(context, builder, aryty, ary, idx):
+    a = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, a, [idx], wraparound=False)
+
+
+@intrinsic
+def vload(typingctx, ary, idx):
+    """The 16 floats ary[idx:idx + 16] (a 1-D contiguous float32 array; not checked)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, _VT.as_pointer()), align=4)
+    return f32x16(ary, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, ary, idx, v):
+    """ary[idx:idx + 16] = v."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(p, _VT.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(ary, idx, v), codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """16 copies of the float32 x."""
+    def codegen(context, builder, sig, args):
+        v = builder.insert_element(ir.Constant(_VT, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W)
+        return builder.shuffle_vector(v, ir.Constant(_VT, ir.Undefined), zeros)
+    return f32x16(types.float32), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c, each lane rounded once."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VT, [_VT] * 3), "llvm.fma.v16f32")
+        return builder.call(fn, args)
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VT, [0.0] * W)
+    return f32x16(), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _put(c, ci, v, cols, tmp):
+    """c[ci:ci + cols] = the first cols lanes of v: all 16 stored at once while they stay inside
+    c (the lanes past cols land on later rows' first columns, which later stores write: _mm
+    stores each row block's column blocks last to first, rows in order), else through tmp."""
+    if cols >= W or ci + W <= c.shape[0]:
+        vstore(c, ci, v)
+    elif cols > 0:
+        vstore(tmp, 0, v)
+        for j in range(cols):
+            c[ci + j] = tmp[j]
+
+
+@njit(**_OPTS)
+def _block(A, b, ldb, c, n_, m0, n0, tmp):
+    """The block of rows m0.. (up to 6; rows past M repeat row M - 1 and are not stored) and
+    columns n0.. (two vectors when more than one vector of columns is left, else one) of
+    c = A @ B, any edge: the whole-block stores of _mm's main loop where the block is whole,
+    _put's where not."""
+    m_, k_ = A.shape
+    last = m_ - 1
+    r0, r1, r2 = m0, min(m0 + 1, last), min(m0 + 2, last)
+    r3, r4, r5 = min(m0 + 3, last), min(m0 + 4, last), min(m0 + 5, last)
+    rows = min(MR, m_ - m0)
+    if n0 + W < n_:   # two vectors of columns
+        c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
+        c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+        bi = n0
+        for k in range(k_):
+            b0 = vload(b, bi)
+            b1 = vload(b, bi + W)
+            bi += ldb
+            x = vsplat(A[r0, k])
+            c00 = vfma(x, b0, c00)
+            c01 = vfma(x, b1, c01)
+            x = vsplat(A[r1, k])
+            c10 = vfma(x, b0, c10)
+            c11 = vfma(x, b1, c11)
+            x = vsplat(A[r2, k])
+            c20 = vfma(x, b0, c20)
+            c21 = vfma(x, b1, c21)
+            x = vsplat(A[r3, k])
+            c30 = vfma(x, b0, c30)
+            c31 = vfma(x, b1, c31)
+            x = vsplat(A[r4, k])
+            c40 = vfma(x, b0, c40)
+            c41 = vfma(x, b1, c41)
+            x = vsplat(A[r5, k])
+            c50 = vfma(x, b0, c50)
+            c51 = vfma(x, b1, c51)
+        cols0, cols1 = W, min(W, n_ - n0 - W)
+        ci = m0 * n_ + n0
+        if rows == MR and cols1 == W:   # the whole block
+            vstore(c, ci, c00)
+            vstore(c, ci + W, c01)
+            vstore(c, ci + n_, c10)
+            vstore(c, ci + n_ + W, c11)
+            vstore(c, ci + 2 * n_, c20)
+            vstore(c, ci + 2 * n_ + W, c21)
+            vstore(c, ci + 3 * n_, c30)
+            vstore(c, ci + 3 * n_ + W, c31)
+            vstore(c, ci + 4 * n_, c40)
+            vstore(c, ci + 4 * n_ + W, c41)
+            vstore(c, ci + 5 * n_, c50)
+            vstore(c, ci + 5 * n_ + W, c51)
+            return
+        _put(c, ci, c00, cols0, tmp)
+        _put(c, ci + W, c01, cols1, tmp)
+        if rows > 1:
+            _put(c, ci + n_, c10, cols0, tmp)
+            _put(c, ci + n_ + W, c11, cols1, tmp)
+        if rows > 2:
+            _put(c, ci + 2 * n_, c20, cols0, tmp)
+            _put(c, ci + 2 * n_ + W, c21, cols1, tmp)
+        if rows > 3:
+            _put(c, ci + 3 * n_, c30, cols0, tmp)
+            _put(c, ci + 3 * n_ + W, c31, cols1, tmp)
+        if rows > 4:
+            _put(c, ci + 4 * n_, c40, cols0, tmp)
+            _put(c, ci + 4 * n_ + W, c41, cols1, tmp)
+        if rows > 5:
+            _put(c, ci + 5 * n_, c50, cols0, tmp)
+            _put(c, ci + 5 * n_ + W, c51, cols1, tmp)
+        return
+    # one vector of columns
+    c00 = vzero(); c10 = vzero(); c20 = vzero(); c30 = vzero(); c40 = vzero(); c50 = vzero()
+    bi = n0
+    for k in range(k_):
+        b0 = vload(b, bi)
+        bi += ldb
+        x0 = A[r0, k]
+        x1 = A[r1, k]
+        x2 = A[r2, k]
+        x3 = A[r3, k]
+        x4 = A[r4, k]
+        x5 = A[r5, k]
+        c00 = vfma(vsplat(x0), b0, c00)
+        c10 = vfma(vsplat(x1), b0, c10)
+        c20 = vfma(vsplat(x2), b0, c20)
+        c30 = vfma(vsplat(x3), b0, c30)
+        c40 = vfma(vsplat(x4), b0, c40)
+        c50 = vfma(vsplat(x5), b0, c50)
+    cols0 = n_ - n0
+    ci = m0 * n_ + n0
+    _put(c, ci, c00, cols0, tmp)
+    if rows > 1:
+        _put(c, ci + n_, c10, cols0, tmp)
+    if rows > 2:
+        _put(c, ci + 2 * n_, c20, cols0, tmp)
+    if rows > 3:
+        _put(c, ci + 3 * n_, c30, cols0, tmp)
+    if rows > 4:
+        _put(c, ci + 4 * n_, c40, cols0, tmp)
+    if rows > 5:
+        _put(c, ci + 5 * n_, c50, cols0, tmp)
+
+
+@njit(**_OPTS)
+def _mm(A, b, ldb, c, n_, tmp):
+    """c (M x n_, flat, row-major) = A (M, K) @ B, B flat with rows of ldb floats (ldb a multiple
+    of 16, >= n_; columns past n_ are read and their results dropped). Whole 6 x 32 blocks run in
+    the main loop below, spelled out (the general _block there ran 1.5-2x slower on short inner
+    dimensions: 2304 x 20 x 32, one thread, 33.8 us against 18.5); the edges run _block, first
+    the right-hand columns of the whole row blocks, last the bottom rows, so that a store
+    spilling past its row's end (_put) lands on columns a later store writes."""
+    m_, k_ = A.shape
+    mfull = m_ // MR * MR
+    nfull = n_ // (2 * W) * (2 * W)
+    if nfull < n_:
+        for m0 in range(0, mfull, MR):
+            _block(A, b, ldb, c, n_, m0, nfull, tmp)
+    for m0 in range(0, mfull, MR):
+        for n0 in range(0, nfull, 2 * W):
+            c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
+            c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+            bi = n0
+            for k in range(k_):
+                b0 = vload(b, bi)
+                b1 = vload(b, bi + W)
+                bi += ldb
+                x = vsplat(A[m0, k])
+                c00 = vfma(x, b0, c00)
+                c01 = vfma(x, b1, c01)
+                x = vsplat(A[m0 + 1, k])
+                c10 = vfma(x, b0, c10)
+                c11 = vfma(x, b1, c11)
+                x = vsplat(A[m0 + 2, k])
+                c20 = vfma(x, b0, c20)
+                c21 = vfma(x, b1, c21)
+                x = vsplat(A[m0 + 3, k])
+                c30 = vfma(x, b0, c30)
+                c31 = vfma(x, b1, c31)
+                x = vsplat(A[m0 + 4, k])
+                c40 = vfma(x, b0, c40)
+                c41 = vfma(x, b1, c41)
+                x = vsplat(A[m0 + 5, k])
+                c50 = vfma(x, b0, c50)
+                c51 = vfma(x, b1, c51)
+            ci = m0 * n_ + n0
+            vstore(c, ci, c00)
+            vstore(c, ci + W, c01)
+            vstore(c, ci + n_, c10)
+            vstore(c, ci + n_ + W, c11)
+            vstore(c, ci + 2 * n_, c20)
+            vstore(c, ci + 2 * n_ + W, c21)
+            vstore(c, ci + 3 * n_, c30)
+            vstore(c, ci + 3 * n_ + W, c31)
+            vstore(c, ci + 4 * n_, c40)
+            vstore(c, ci + 4 * n_ + W, c41)
+            vstore(c, ci + 5 * n_, c50)
+            vstore(c, ci + 5 * n_ + W, c51)
+    if mfull < m_:
+        n0 = (n_ - 1) // (2 * W) * (2 * W)   # column blocks from the last to the first
+        while n0 >= 0:
+            _block(A, b, ldb, c, n_, mfull, n0, tmp)
+            n0 -= 2 * W
+
+
+@njit(**_OPTS)
+def _mm_stack(A, B, ldb, C, n_, tmp):
+    """C[e] = A[e] @ B[e] for each e: A (E, M, K) any strides, B (E, K * ldb) flat padded rows,
+    C (E, M * n_) flat."""
+    for e in range(A.shape[0]):
+        _mm(A[e], B[e], ldb, C[e], n_, tmp)
+
+
+def prepare(b):
+    """(flat B, ldb): b's rows as the kernel reads them (a copy padded to a multiple of 16
+    columns, or b itself when it already is one, C-contiguous)."""
+    k, n = b.shape[-2:]
+    ldb = -(-n // W) * W
+    if ldb == n and b.flags.c_contiguous:
+        return b.reshape(b.shape[:-2] + (k * n,)), ldb
+    bp = np.zeros(b.shape[:-2] + (k, ldb), np.float32)
+    bp[..., :n] = b
+    return bp.reshape(b.shape[:-2] + (k * ldb,)), ldb
+
+
+def matmul(a, b, out=None):
+    """a @ b for 2-D float32 arrays (a any view; b copied when its rows are not contiguous
+    multiples of 16); out: a C-contiguous (M, N) float32 array to write into."""
+    m, n = a.shape[0], b.shape[1]
+    if out is None:
+        out = np.empty((m, n), np.float32)
+    if m == 0 or n == 0:
+        return out
+    if a.shape[1] == 0:
+        out[...] = 0
+        return out
+    bf, ldb = prepare(b)
+    _mm(a, bf, ldb, out.reshape(-1), n, np.empty(W, np.float32))
+    return out
+
+
+def matmul_stack(a, b, out=None):
+    """a[e] @ b[e] for 3-D float32 stacks, into out (E, M, N) C-contiguous (fresh if None)."""
+    e, m, n = a.shape[0], a.shape[1], b.shape[2]
+    if out is None:
+        out = np.empty((e, m, n), np.float32)
+    if e == 0 or m == 0 or n == 0:
+        return out
+    if a.shape[2] == 0:
+        out[...] = 0
+        return out
+    bf, ldb = prepare(b)
+    _mm_stack(a, bf, ldb, out.reshape(e, m * n), n, np.empty(W, np.float32))
+    return out
