@@ -16,6 +16,7 @@ stacked and row-block products keep np.matmul, which writes into `out` (their ou
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from contextlib import contextmanager
@@ -105,6 +106,41 @@ def has_avx512() -> bool:
         return False
 
 
+OWN = None          # whether products run in flowdsl's own kernel (see own_products)
+OWN_MIN_WORK = 1 << 16  # ... for products (or stacks of them) of at least this many multiply-adds:
+                        # below, a BLAS call costs less than the kernel's own call (1 x 512 x 64
+                        # at batch 1: 3.2 us against 1.9; 4 x 512 x 64: 3.3 against 5.2)
+
+
+def own_products() -> bool:
+    """Whether the products run in flowdsl's own 16-wide kernel (flowdsl/_vgemm.py) instead of
+    numpy's BLAS: where the CPU has AVX-512 and the BLAS runs narrower kernels (wide_kernels
+    False: OPENBLAS_CORETYPE=Haswell on a Zen 5, 2026-12-07, or an OpenBLAS that does not know
+    the CPU). There it ran the bench nets' products 1.2-2.3x faster than the BLAS, one thread.
+    FLOWDSL_OWN_GEMM=0 or 1 overrides."""
+    global OWN
+    if OWN is None:
+        env = os.environ.get("FLOWDSL_OWN_GEMM")
+        OWN = env == "1" if env in ("0", "1") else (has_avx512() and not wide_kernels())
+    return OWN
+
+
+def _own(a, b):
+    return own_products() and math.prod(a.shape) * b.shape[-1] >= OWN_MIN_WORK
+
+
+def dot(a, b, out=None):
+    """a @ b for 2-D float32 arrays (either may be a view), into out (C-contiguous) if given:
+    flowdsl's own kernel where own_products() says so and b is small enough, else numpy's
+    (np.dot lets the GIL go for any size; see the module's note)."""
+    if _own(a, b):
+        from ._vgemm import matmul
+        return matmul(a, b, out)
+    if out is None:
+        return np.dot(a, b)
+    return np.matmul(a, b, out=out)
+
+
 def set_threads(n: int):
     """Use n threads for products (and cap BLAS's own pool at one)."""
     global _pool, _threads
@@ -148,7 +184,7 @@ def mm(a, b):
     n = b.shape[1]
     t = _team()
     if t <= 1 or m * k * n < MIN_WORK:
-        return np.dot(a, b)   # (not a @ b: see the module's note on the GIL)
+        return dot(a, b)   # (not a @ b: see the module's note on the GIL)
     if m >= 8 * t and k < KSPLIT * m:
         # row blocks of about ROWS rows, a contiguous run of them per thread: products with a
         # short inner dimension and a wide output (input-gradient columns) ran 40% faster in
@@ -160,7 +196,7 @@ def mm(a, b):
 
         def run(j):
             for i in range(nb * j // t, nb * (j + 1) // t):
-                np.matmul(a[rc[i]:rc[i + 1]], b, out=out[rc[i]:rc[i + 1]])   # no temporary
+                dot(a[rc[i]:rc[i + 1]], b, out=out[rc[i]:rc[i + 1]])   # no temporary
 
         futs = [_pool.submit(run, j) for j in range(1, t)]
         run(0)
@@ -171,8 +207,8 @@ def mm(a, b):
     # there makes every thread read all of b: a 26 x 36864 x 20 product took 1.7 ms so, 0.6 split
     # over k.)
     kc = cuts(k, t)
-    futs = [_pool.submit(np.dot, a[:, kc[i]:kc[i + 1]], b[kc[i]:kc[i + 1]]) for i in range(1, t)]
-    out = np.dot(a[:, :kc[1]], b[:kc[1]])
+    futs = [_pool.submit(dot, a[:, kc[i]:kc[i + 1]], b[kc[i]:kc[i + 1]]) for i in range(1, t)]
+    out = dot(a[:, :kc[1]], b[:kc[1]])
     for f in futs:
         out += f.result()
     return out
@@ -249,13 +285,21 @@ def mm_stack(a, b):
     e = a.shape[0]
     out = np.empty((e, a.shape[1], b.shape[2]), np.float32)
     t = max(1, min(_team(), e))
+    own = _own(a, b)
+    if own:
+        from ._vgemm import matmul, matmul_stack
     if t == 1:   # one call, one release of the GIL for the whole stack (see below)
+        if own:
+            return matmul_stack(a, b, out)
         np.matmul(a, b, out=out)
         return out
 
     def run(j):
         for i in range(e * j // t, e * (j + 1) // t):
-            np.matmul(a[i], b[i], out=out[i])
+            if own:
+                matmul(a[i], b[i], out[i])
+            else:
+                np.matmul(a[i], b[i], out=out[i])
 
     futs = [_pool.submit(run, j) for j in range(1, t)]
     run(0)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from ..blas import mm, shares
+from ..blas import dot, mm, shares
 from .maxpool import _max_bwd, _max_eval, _max_fwd
 from ..jit import kernel, prange
 
@@ -86,11 +86,11 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
             if tall:
                 part = buf[:, a:b]
                 im2col(x[i:e].reshape(e - i, x.shape[1], -1), part, f, s, pad, oh, ow, x.shape[3])
-                np.matmul(part.T, wmat, out=dst)
+                dot(part.T, wmat, out=dst)
             else:
                 part = buf[a:b]
                 im2col(x[i:e], part, f, s, pad, oh, ow)
-                np.matmul(part, wmat, out=dst)
+                dot(part, wmat, out=dst)
             if arg is not None:   # training: the bias is in the product (its row of ones)
                 _max_fwd.serial(dst.reshape(e - i, oh, ow, kk), pool[2][i:e], arg[i:e], pool[0], pool[1], 0)
             elif pool is not None:   # max(z + b) = max(z) + b: the bias goes on the pooled values

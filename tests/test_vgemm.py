@@ -1,0 +1,129 @@
+"""flowdsl/_vgemm.py, flowdsl's own 16-wide float32 product (used where the CPU has AVX-512 and
+numpy's BLAS runs narrower kernels: blas.own_products), checked against float64 products on any
+machine (LLVM splits its 16-wide vectors where the CPU has no AVX-512): every edge of its 6 x 32
+blocks, transposed and strided operands, stacks, and no write outside its output."""
+import numpy as np
+import pytest
+
+from flowdsl import blas, jit
+
+
+@pytest.fixture(scope="module")
+def vg():
+    jit.numba()
+    from flowdsl import _vgemm
+    return _vgemm
+
+
+SHAPES = [(1, 1, 1), (5, 3, 7), (6, 32, 32), (7, 33, 40), (13, 5, 16), (17, 9, 17), (12, 20, 20),
+          (108, 32, 64), (121, 288, 64), (64, 500, 40), (3, 1, 100), (2, 7, 8), (6, 4, 48),
+          (11, 16, 31), (19, 2, 65), (1, 129, 10)]
+
+
+def check(got, a, b):
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    k = a.shape[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.sqrt(k) * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_matmul_is_the_product_for_every_edge(vg, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:
+        a = rng.standard_normal((k, m)).astype(np.float32).T if ta else rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k)).astype(np.float32).T if tb else rng.standard_normal((k, n)).astype(np.float32)
+        got = vg.matmul(a, b)
+        assert got.shape == (m, n) and got.dtype == np.float32
+        check(got, a, b)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 3, 1), (7, 5, 3), (13, 9, 40), (6, 2, 16), (5, 4, 33)])
+def test_matmul_writes_only_its_output(vg, m, k, n):
+    """Stores that spill past a row's end land only on later rows of the output: the values after
+    it in the same buffer (and before it) keep theirs."""
+    rng = np.random.default_rng(m + k + n)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    buf = np.full(m * n + 64, 7.5, np.float32)
+    out = buf[16:16 + m * n].reshape(m, n)
+    assert vg.matmul(a, b, out) is out
+    check(out, a, b)
+    assert (buf[:16] == 7.5).all() and (buf[16 + m * n:] == 7.5).all()
+
+
+def test_matmul_stack_and_empty_products(vg):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((7, 33, 19)).astype(np.float32)
+    b = rng.standard_normal((7, 19, 12)).astype(np.float32)
+    check(vg.matmul_stack(a, b), a, b)
+    at = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)   # Winograd's V^T
+    check(vg.matmul_stack(at, b), at, b)
+    assert vg.matmul(np.zeros((0, 4), np.float32), np.ones((4, 3), np.float32)).shape == (0, 3)
+    z = vg.matmul(np.ones((3, 0), np.float32), np.ones((0, 5), np.float32))
+    assert z.shape == (3, 5) and (z == 0).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blas_products_with_the_own_kernel(monkeypatch, threads):
+    """With own_products on (as on an AVX-512 CPU whose OpenBLAS runs AVX2 kernels), blas.mm,
+    mm_stack and dot give the products: large ones through the kernel, small ones (below
+    OWN_MIN_WORK) through numpy."""
+    jit.numba()
+    monkeypatch.setattr(blas, "OWN", True)
+    rng = np.random.default_rng(threads)
+    old = blas._threads
+    try:
+        blas.set_threads(threads)
+        for m, k, n in [(9000, 13, 7), (26, 20000, 20), (700, 90, 33), (5, 7, 3), (1, 512, 64)]:
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            check(blas.mm(a, b), a, b)
+            check(blas.dot(a.T.copy().T, b), a, b)
+        a = rng.standard_normal((16, 300, 24)).astype(np.float32)
+        b = rng.standard_normal((16, 24, 40)).astype(np.float32)
+        check(blas.mm_stack(a, b), a, b)
+    finally:
+        blas.set_threads(old)
+
+
+def test_own_products_follows_the_blas_and_the_override(monkeypatch):
+    monkeypatch.setattr(blas, "OWN", None)
+    monkeypatch.setenv("FLOWDSL_OWN_GEMM", "1")
+    assert blas.own_products() is True
+    monkeypatch.setattr(blas, "OWN", None)
+    monkeypatch.setenv("FLOWDSL_OWN_GEMM", "0")
+    assert blas.own_products() is False
+    monkeypatch.delenv("FLOWDSL_OWN_GEMM")
+    for avx512, wide, own in [(True, False, True), (True, True, False), (False, False, False)]:
+        monkeypatch.setattr(blas, "OWN", None)
+        monkeypatch.setattr(blas, "has_avx512", lambda: avx512)
+        monkeypatch.setattr(blas, "wide_kernels", lambda: wide)
+        assert blas.own_products() is own
+    monkeypatch.setattr(blas, "OWN", None)
+
+
+def test_a_training_step_is_the_same_with_either_product(monkeypatch):
+    """A conv net's loss and gradients (gemm, Winograd F(2x2) and F(4x4) convs, dense) with the
+    own kernel and with numpy's BLAS agree to float32 rounding."""
+    from flowdsl.model import build_text
+    text = ("network = input(16x16x3) :: conv(filters=16, field=3, stride=2, pad=1, act=relu)"
+            " :: conv(filters=32, field=3, pad=1, act=relu) :: conv(filters=40, field=3) :: maxpool"
+            " :: dense(24, act=relu) :: dense(10) :: softmax\n")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 16, 16, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    out = {}
+    for own in (False, True):
+        monkeypatch.setattr(blas, "OWN", own)
+        from flowdsl.net import Net
+        net = Net(build_text(text, "t.flow"), seed=1)
+        loss = net.loss_grad(x, y)
+        out[own] = (loss, {k: {n: g.copy() for n, g in v.items()} for k, v in net.grads.items()},
+                    net.predict(x))
+    assert [l.algo_for(40) for l in net.layers if l.__class__.__name__ == "Conv"] == ["gemm", "winograd", "winograd4"]
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-5)
+    for layer, gs in out[False][1].items():
+        for name, g in gs.items():
+            np.testing.assert_allclose(out[True][1][layer][name], g, rtol=2e-4,
+                                       atol=2e-5 * max(1e-3, np.abs(g).max()))
+    np.testing.assert_allclose(out[True][2], out[False][2], rtol=1e-4, atol=1e-6)
