@@ -13,8 +13,8 @@ two vector loads and six broadcasts of A's values, 12 fused multiply-adds. numba
 type, so one is declared here (F32x16, an LLVM <16 x float>) with the few operations the kernel
 needs as intrinsics (load, store, broadcast, fma); LLVM keeps the accumulators in registers and,
 on a CPU without AVX-512, splits each into narrower ones (correct, slower: not used there).
-B's rows must be contiguous and a multiple of 16 long (`prepare` pads a copy when not); A may
-be any 2-D view (a transposed one included); C is written whole, tails through a small buffer.
+B's rows must be contiguous (`prepare` copies when not); A may be any 2-D view (a transposed
+one included); C is written whole, tails through a small buffer.
 Imported only once numba is configured (flowdsl.jit), by flowdsl.blas."""
 import numpy as np
 from llvmlite import ir
@@ -108,6 +108,17 @@ def _put(c, ci, v, cols, tmp):
             c[ci + j] = tmp[j]
 
 
+@njit(inline="always", **_OPTS)
+def _load_end(b, i, tmp):
+    """b[i:i + 16] as a vector where it runs past the end of b: the lanes past it are 0 (the
+    last row of a B whose rows are not a multiple of 16 long; earlier rows' tails read the next
+    row's first values, whose lanes are dropped)."""
+    end = b.shape[0]
+    for j in range(W):
+        tmp[j] = b[i + j] if i + j < end else np.float32(0.0)
+    return vload(tmp, 0)
+
+
 @njit(**_OPTS)
 def _block(A, b, ldb, c, n_, m0, n0, tmp):
     """The block of rows m0.. (up to 6; rows past M repeat row M - 1 and are not stored) and
@@ -119,13 +130,14 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
     r0, r1, r2 = m0, min(m0 + 1, last), min(m0 + 2, last)
     r3, r4, r5 = min(m0 + 3, last), min(m0 + 4, last), min(m0 + 5, last)
     rows = min(MR, m_ - m0)
+    end = b.shape[0]
     if n0 + W < n_:   # two vectors of columns
         c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
         c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
         bi = n0
         for k in range(k_):
             b0 = vload(b, bi)
-            b1 = vload(b, bi + W)
+            b1 = vload(b, bi + W) if bi + 2 * W <= end else _load_end(b, bi + W, tmp)
             bi += ldb
             x = vsplat(A[r0, k])
             c00 = vfma(x, b0, c00)
@@ -183,7 +195,7 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
     c00 = vzero(); c10 = vzero(); c20 = vzero(); c30 = vzero(); c40 = vzero(); c50 = vzero()
     bi = n0
     for k in range(k_):
-        b0 = vload(b, bi)
+        b0 = vload(b, bi) if bi + W <= end else _load_end(b, bi, tmp)
         bi += ldb
         x0 = A[r0, k]
         x1 = A[r1, k]
@@ -214,8 +226,8 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
 
 @njit(**_OPTS)
 def _mm(A, b, ldb, c, n_, tmp):
-    """c (M x n_, flat, row-major) = A (M, K) @ B, B flat with rows of ldb floats (ldb a multiple
-    of 16, >= n_; columns past n_ are read and their results dropped). Whole 6 x 32 blocks run in
+    """c (M x n_, flat, row-major) = A (M, K) @ B, B flat with rows of ldb >= n_ floats (lanes
+    past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32 blocks run in
     the main loop below, spelled out (the general _block there ran 1.5-2x slower on short inner
     dimensions: 2304 x 20 x 32, one thread, 33.8 us against 18.5); the edges run _block, first
     the right-hand columns of the whole row blocks, last the bottom rows, so that a store
@@ -275,27 +287,23 @@ def _mm(A, b, ldb, c, n_, tmp):
 
 @njit(**_OPTS)
 def _mm_stack(A, B, ldb, C, n_, tmp):
-    """C[e] = A[e] @ B[e] for each e: A (E, M, K) any strides, B (E, K * ldb) flat padded rows,
+    """C[e] = A[e] @ B[e] for each e: A (E, M, K) any strides, B (E, K * ldb) flat rows,
     C (E, M * n_) flat."""
     for e in range(A.shape[0]):
         _mm(A[e], B[e], ldb, C[e], n_, tmp)
 
 
 def prepare(b):
-    """(flat B, ldb): b's rows as the kernel reads them (a copy padded to a multiple of 16
-    columns, or b itself when it already is one, C-contiguous)."""
+    """(flat B, ldb): b's rows as the kernel reads them, flat (b itself when C-contiguous, else
+    a contiguous copy), and their length. (A copy padded to a multiple of 16 columns, the form
+    before, cost 3-4 us a call at batch 1: net B's conv2, 500 x 40.)"""
     k, n = b.shape[-2:]
-    ldb = -(-n // W) * W
-    if ldb == n and b.flags.c_contiguous:
-        return b.reshape(b.shape[:-2] + (k * n,)), ldb
-    bp = np.zeros(b.shape[:-2] + (k, ldb), np.float32)
-    bp[..., :n] = b
-    return bp.reshape(b.shape[:-2] + (k * ldb,)), ldb
+    b = np.ascontiguousarray(b)
+    return b.reshape(b.shape[:-2] + (k * n,)), n
 
 
 def matmul(a, b, out=None):
-    """a @ b for 2-D float32 arrays (a any view; b copied when its rows are not contiguous
-    multiples of 16); out: a C-contiguous (M, N) float32 array to write into."""
+    """a @ b for 2-D float32 arrays (a any view; b copied when not C-contiguous); out: a C-contiguous (M, N) float32 array to write into."""
     m, n = a.shape[0], b.shape[1]
     if out is None:
         out = np.empty((m, n), np.float32)

@@ -127,3 +127,30 @@ def test_a_training_step_is_the_same_with_either_product(monkeypatch):
             np.testing.assert_allclose(out[True][1][layer][name], g, rtol=2e-4,
                                        atol=2e-5 * max(1e-3, np.abs(g).max()))
     np.testing.assert_allclose(out[True][2], out[False][2], rtol=1e-4, atol=1e-6)
+
+
+def test_matmul_reads_nothing_past_b(vg):
+    """B's rows need not be a multiple of 16 long: the last row's tail is read through a buffer.
+    B here ends exactly where an unreadable page begins, so a vector load past its end would
+    crash the test process."""
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(ctypes.c_void_p(addr + page), ctypes.c_size_t(page), 0) == 0   # PROT_NONE
+    rng = np.random.default_rng(5)
+    try:
+        for k, n in [(7, 40), (3, 20), (5, 8), (2, 33), (9, 17)]:
+            floats = 3 * k * n
+            b3 = np.frombuffer(region, np.float32, count=floats, offset=page - 4 * floats).reshape(3, k, n)
+            b3[...] = rng.standard_normal((3, k, n))
+            b = b3[2]
+            for m in (1, 6, 7, 13):
+                a = rng.standard_normal((m, k)).astype(np.float32)
+                check(vg.matmul(a, b), a, b)
+            st = rng.standard_normal((3, 5, k)).astype(np.float32)
+            check(vg.matmul_stack(st, b3), st, b3)
+    finally:
+        libc.mprotect(ctypes.c_void_p(addr + page), ctypes.c_size_t(page), 3)
