@@ -1,11 +1,12 @@
 """flowdsl's own float32 matrix product, in numba with 16-wide vector registers: used instead of
-numpy's BLAS where the CPU has AVX-512 but the BLAS runs narrower kernels (blas.own_products).
+numpy's BLAS on CPUs with AVX-512 (blas.own_products).
 
 Why: OpenBLAS picks its kernels when it loads; `OPENBLAS_CORETYPE=Haswell` in the environment (a
 Zen 5 here, 2026-12-07), or an OpenBLAS older than the CPU (before 0.3.22 a Zen 4 ran as a Zen,
 that is Haswell kernels), makes it run AVX2 kernels on an AVX-512 CPU: 45-58 GMAC/s one thread
-on the shapes of nets A and B's products, where this kernel ran 72-87 (OpenBLAS's own SkylakeX
-kernels 82-105, so where those run, they do).
+on the shapes of nets A and B's products, where this kernel ran 73-119. OpenBLAS's own SkylakeX
+kernels ran them at 82-105, but whole passes still ran faster with this kernel (a Winograd stack
+is one call here, 36 in numpy's loop; docs/internals.md).
 
 The kernel: C (M, N) = A (M, K) @ B (K, N), C = 6 rows x 32 columns of accumulators held in
 registers (12 vectors of 16 floats) over the whole inner dimension, each step one row of B as

@@ -114,14 +114,18 @@ OWN_MIN_WORK = 1 << 16  # ... for products (or stacks of them) of at least this 
 
 def own_products() -> bool:
     """Whether the products run in flowdsl's own 16-wide kernel (flowdsl/_vgemm.py) instead of
-    numpy's BLAS: where the CPU has AVX-512 and the BLAS runs narrower kernels (wide_kernels
-    False: OPENBLAS_CORETYPE=Haswell on a Zen 5, 2026-12-07, or an OpenBLAS that does not know
-    the CPU). There it ran the bench nets' products 1.2-2.3x faster than the BLAS, one thread.
-    FLOWDSL_OWN_GEMM=0 or 1 overrides."""
+    numpy's BLAS: on CPUs with AVX-512. Measured on a Zen 5 (2026-12-07, 2 threads, interleaved
+    against ONNX Runtime and PyTorch): with OpenBLAS forced to its Haswell kernels by the
+    environment, the bench nets' products ran 1.2-2.3x faster in it (one thread), inference at
+    batch 256 A 1.58x and B 1.32x; with OpenBLAS's own SkylakeX kernels still A 1.29x and B
+    1.07x (42,078 against 32,537 img/s; 59,385 against 55,638), B's training 1.24x, A's level
+    (its kernel runs the shapes at 73-119 GMAC/s, SkylakeX at 82-105, and a Winograd stack is
+    one call instead of numpy's loop of 36). Elsewhere numpy's BLAS: its AVX2 kernels are what
+    this kernel would become without AVX-512. FLOWDSL_OWN_GEMM=0 or 1 overrides."""
     global OWN
     if OWN is None:
         env = os.environ.get("FLOWDSL_OWN_GEMM")
-        OWN = env == "1" if env in ("0", "1") else (has_avx512() and not wide_kernels())
+        OWN = env == "1" if env in ("0", "1") else has_avx512()
     return OWN
 
 

@@ -86,7 +86,7 @@ def test_blas_products_with_the_own_kernel(monkeypatch, threads):
         blas.set_threads(old)
 
 
-def test_own_products_follows_the_blas_and_the_override(monkeypatch):
+def test_own_products_on_avx512_cpus_and_the_override(monkeypatch):
     monkeypatch.setattr(blas, "OWN", None)
     monkeypatch.setenv("FLOWDSL_OWN_GEMM", "1")
     assert blas.own_products() is True
@@ -94,12 +94,24 @@ def test_own_products_follows_the_blas_and_the_override(monkeypatch):
     monkeypatch.setenv("FLOWDSL_OWN_GEMM", "0")
     assert blas.own_products() is False
     monkeypatch.delenv("FLOWDSL_OWN_GEMM")
-    for avx512, wide, own in [(True, False, True), (True, True, False), (False, False, False)]:
+    for avx512 in (True, False):   # AVX-512 CPUs run it, whatever the BLAS's kernels
         monkeypatch.setattr(blas, "OWN", None)
         monkeypatch.setattr(blas, "has_avx512", lambda: avx512)
-        monkeypatch.setattr(blas, "wide_kernels", lambda: wide)
-        assert blas.own_products() is own
+        assert blas.own_products() is avx512
     monkeypatch.setattr(blas, "OWN", None)
+
+
+def test_wide_rules_only_where_a_wide_blas_runs_the_products(monkeypatch):
+    """conv.wide_vectors (evaluation's gemm-first rules) holds where numpy's BLAS runs AVX-512
+    kernels and runs the products, not where flowdsl's own kernel does."""
+    import flowdsl.layers.conv as convmod
+    monkeypatch.delenv("FLOWDSL_WIDE", raising=False)
+    for wide, own, want in [(True, False, True), (True, True, False), (False, False, False)]:
+        monkeypatch.setattr(convmod, "WIDE", None)
+        monkeypatch.setattr(blas, "wide_kernels", lambda: wide)
+        monkeypatch.setattr(blas, "own_products", lambda: own)
+        assert convmod.wide_vectors() is want
+    monkeypatch.setattr(convmod, "WIDE", None)
 
 
 def test_a_training_step_is_the_same_with_either_product(monkeypatch):

@@ -76,8 +76,12 @@ WINO_MIN_TILES = 128     # for batches of at least this many 2x2 output tiles (h
 
 
 def wide_vectors():
-    """Whether numpy's BLAS runs AVX-512 (16-wide) kernels here (blas.wide_kernels: the CPU has
-    AVX-512 and OpenBLAS's kernel set is one of its AVX-512 sets). There the im2col product
+    """Whether the products run in numpy's BLAS with AVX-512 (16-wide) kernels here
+    (blas.wide_kernels: the CPU has AVX-512 and OpenBLAS's kernel set is one of its AVX-512
+    sets; and not blas.own_products, flowdsl's own kernel, which AVX-512 CPUs run by default
+    and with which the narrow rules won: net A at batch 256, OpenBLAS's SkylakeX kernels on a
+    Zen 5, 2 threads: wide rules and BLAS 32,537 img/s, narrow rules and own kernel 42,078;
+    B 55,638 and 59,385; 2026-12-07). There the im2col product
     ("gemm", each thread its own share) beat Winograd and "planar" on every conv of the bench
     nets in evaluation (2026-12-02, net A at batch 256: 13,766 -> 19,940 img/s; B level;
     Winograd's transforms were 3-6x slower then: since 2026-12-03 it wins again from
@@ -97,8 +101,8 @@ def wide_vectors():
     if WIDE is None and os.environ.get("FLOWDSL_WIDE") in ("0", "1"):
         WIDE = os.environ["FLOWDSL_WIDE"] == "1"
     if WIDE is None:
-        from ..blas import wide_kernels
-        WIDE = wide_kernels()
+        from ..blas import own_products, wide_kernels
+        WIDE = wide_kernels() and not own_products()
     return WIDE
 
 
