@@ -308,6 +308,8 @@ def matmul(a, b, out=None):
     m, n = a.shape[0], b.shape[1]
     if out is None:
         out = np.empty((m, n), np.float32)
+    elif not out.flags.c_contiguous or out.shape != (m, n) or out.dtype != np.float32:
+        raise ValueError("matmul: out must be a C-contiguous float32 array of the product's shape")
     if m == 0 or n == 0:
         return out
     if a.shape[1] == 0:

@@ -142,7 +142,7 @@ def dot(a, b, out=None):
     """a @ b for 2-D float32 arrays (either may be a view), into out (C-contiguous) if given:
     flowdsl's own kernel where own_products() says so and b is small enough, else numpy's
     (np.dot lets the GIL go for any size; see the module's note)."""
-    if _own(a, b):
+    if _own(a, b) and (out is None or out.flags.c_contiguous):
         from ._vgemm import matmul
         return matmul(a, b, out)
     if out is None:

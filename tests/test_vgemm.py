@@ -166,3 +166,18 @@ def test_matmul_reads_nothing_past_b(vg):
             check(vg.matmul_stack(st, b3), st, b3)
     finally:
         libc.mprotect(ctypes.c_void_p(addr + page), ctypes.c_size_t(page), 3)
+
+
+def test_dot_into_a_strided_output_leaves_the_own_kernel_alone(vg, monkeypatch):
+    """The kernel writes C-contiguous outputs only: blas.dot gives a strided `out` to numpy,
+    and _vgemm.matmul refuses one rather than write into a copy."""
+    monkeypatch.setattr(blas, "OWN", True)
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((300, 40)).astype(np.float32)
+    b = rng.standard_normal((40, 64)).astype(np.float32)
+    big = np.zeros((300, 128), np.float32)
+    out = big[:, ::2]
+    assert blas.dot(a, b, out=out) is out
+    check(out, a, b)
+    with pytest.raises(ValueError):
+        vg.matmul(a, b, out)
