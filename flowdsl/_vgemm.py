@@ -228,11 +228,12 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
 @njit(**_OPTS)
 def _mm(A, b, ldb, c, n_, tmp):
     """c (M x n_, flat, row-major) = A (M, K) @ B, B flat with rows of ldb >= n_ floats (lanes
-    past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32 blocks run in
-    the main loop below, spelled out (the general _block there ran 1.5-2x slower on short inner
-    dimensions: 2304 x 20 x 32, one thread, 33.8 us against 18.5); the edges run _block, first
-    the right-hand columns of the whole row blocks, last the bottom rows, so that a store
-    spilling past its row's end (_put) lands on columns a later store writes."""
+    past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32
+    blocks run in the main loop below, spelled out (the general _block there ran 1.5-2x slower
+    on short inner dimensions: 2304 x 20 x 32, one thread, 33.8 us against 18.5); the edges run
+    _block, first the right-hand columns of the whole row blocks, last the bottom rows (their
+    column blocks last to first), so that a store spilling past its row's end (_put) lands on
+    columns a later store writes."""
     m_, k_ = A.shape
     mfull = m_ // MR * MR
     nfull = n_ // (2 * W) * (2 * W)
@@ -309,7 +310,8 @@ def matmul(a, b, out=None):
     if out is None:
         out = np.empty((m, n), np.float32)
     elif not out.flags.c_contiguous or out.shape != (m, n) or out.dtype != np.float32:
-        raise ValueError("matmul: out must be a C-contiguous float32 array of the product's shape")
+        raise ValueError("matmul: out must be a C-contiguous float32 array of the product's "
+                         "shape")
     if m == 0 or n == 0:
         return out
     if a.shape[1] == 0:
