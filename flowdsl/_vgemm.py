@@ -305,7 +305,8 @@ def prepare(b):
 
 
 def matmul(a, b, out=None):
-    """a @ b for 2-D float32 arrays (a any view; b copied when not C-contiguous); out: a C-contiguous (M, N) float32 array to write into."""
+    """a @ b for 2-D float32 arrays (a any view; b copied when not C-contiguous); out: a
+    C-contiguous (M, N) float32 array to write into."""
     m, n = a.shape[0], b.shape[1]
     if out is None:
         out = np.empty((m, n), np.float32)
@@ -317,8 +318,8 @@ def matmul(a, b, out=None):
     if a.shape[1] == 0:
         out[...] = 0
         return out
-    bf, ldb = prepare(b)
-    _mm(a, bf, ldb, out.reshape(-1), n, np.empty(W, np.float32))
+    bf = b.reshape(-1) if b.flags.c_contiguous else np.ascontiguousarray(b).reshape(-1)
+    _mm(a, bf, n, out.reshape(-1), n, np.empty(W, np.float32))
     return out
 
 

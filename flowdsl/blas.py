@@ -140,14 +140,26 @@ def _own(a, b):
 
 def dot(a, b, out=None):
     """a @ b for 2-D float32 arrays (either may be a view), into out (C-contiguous) if given:
-    flowdsl's own kernel where own_products() says so and b is small enough, else numpy's
-    (np.dot lets the GIL go for any size; see the module's note)."""
-    if _own(a, b) and (out is None or out.flags.c_contiguous):
-        from ._vgemm import matmul
-        return matmul(a, b, out)
+    flowdsl's own kernel where _own says so, else numpy's (np.dot lets the GIL go for any size;
+    see the module's note)."""
+    if (OWN if OWN is not None else own_products()) and b.shape[1] >= 16 \
+            and a.shape[0] * a.shape[1] * b.shape[1] >= OWN_MIN_WORK and (out is None or out.flags.c_contiguous):
+        return _vgemm().matmul(a, b, out)   # (_own, inline: a single image's pass calls this often)
     if out is None:
         return np.dot(a, b)
     return np.matmul(a, b, out=out)
+
+
+_VG = None
+
+
+def _vgemm():
+    """flowdsl._vgemm, imported on first use (it needs numba configured)."""
+    global _VG
+    if _VG is None:
+        from . import _vgemm as vg
+        _VG = vg
+    return _VG
 
 
 def set_threads(n: int):
@@ -296,7 +308,7 @@ def mm_stack(a, b):
     t = max(1, min(_team(), e))
     own = _own(a, b)
     if own:
-        from ._vgemm import matmul, matmul_stack
+        matmul, matmul_stack = _vgemm().matmul, _vgemm().matmul_stack
     if t == 1:   # one call, one release of the GIL for the whole stack (see below)
         if own:
             return matmul_stack(a, b, out)

@@ -594,6 +594,8 @@ class Net:
             return sum(m.predict(x, batch, tta) for m in members) / np.float32(len(members))
         check_tta(tta, self.model.input_shape)
         x = self.as_input(x)
+        if tta is None and 0 < x.shape[0] <= batch:   # one chunk: no list, no copy
+            return self.loss_layer.forward(self._forward(x), None, {}, False)
         outs = []
         for i in range(0, x.shape[0], batch):
             xb = x[i:i + batch]

@@ -5,6 +5,7 @@ gradient. smoothing s (label smoothing, as Keras' and PyTorch's label_smoothing)
 the target distribution (1 - s) * one_hot(label) + s / classes instead of one_hot(label)."""
 import numpy as np
 
+from ..jit import kernel, prange
 from ..layers import register
 from .base import Layer, LayerError, P, show_shape
 
@@ -27,9 +28,11 @@ class Softmax(Layer):
         return g.op("Softmax", [g.vector(x, self.name)], self.name, kind="vec", axis=1)   # probabilities
 
     def forward(self, z, p, ctx, training):
-        m = z.max(axis=1, keepdims=True)
-        e = np.exp(z - m)
-        e /= e.sum(axis=1, keepdims=True)
+        """Probabilities: one kernel call (numpy's max, subtract, exp, sum and divide were five,
+        3.4 us for one image's 10 scores, a twentieth of net B's whole single-image pass)."""
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        e = np.empty_like(z)
+        _probs(z, e)
         return e
 
     def _cross_entropy(self, logp, y):
@@ -65,3 +68,20 @@ class Softmax(Layer):
             dz[rows, y] -= np.float32(1.0)
         dz *= np.float32(1.0 / n)
         return loss, dz, correct
+
+
+@kernel
+def _probs(z, e):
+    """e[i] = softmax(z[i]) for each row: exp(z - max) over its sum."""
+    n, k = z.shape
+    for i in prange(n):
+        m = z[i, 0]
+        for j in range(1, k):
+            m = max(m, z[i, j])
+        s = np.float32(0.0)
+        for j in range(k):
+            v = np.exp(z[i, j] - m)
+            e[i, j] = v
+            s += v
+        for j in range(k):
+            e[i, j] = e[i, j] / s
