@@ -692,6 +692,31 @@ def test_batchnorm_as_a_rank_matches_the_one_process_statistics(shape, batch, mo
         np.testing.assert_allclose(after[k], st[k], rtol=1e-6, atol=1e-7)
 
 
+def softmax_probabilities(rng):
+    """softmax's forward (predict's probabilities) on scores of several scales, a row of ties
+    and one image: (input, output) pairs."""
+    from flowdsl.layers.softmax import Softmax
+    layer = Softmax({"smoothing": 0.0}, "softmax", None, None)
+    cases = [rng.normal(0.0, 1.0, (7, 10)), rng.normal(0.0, 30.0, (3, 4)), np.zeros((2, 5)),
+             rng.normal(5.0, 1.0, (1, 10))]
+    return [(z, layer.forward(z.astype(np.float32), None, {}, False)) for z in cases]
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial", "python"])
+def test_softmax_probabilities_match_the_reference(mode, monkeypatch):
+    """The probabilities (one kernel call) against float64 softmax: rows sum to 1, ties give
+    equal shares, large scores do not overflow."""
+    from flowdsl import jit
+    monkeypatch.setattr(jit, "SERIAL_BELOW", 0 if mode == "parallel" else 1 << 62)
+    if mode == "python":
+        python_kernels(monkeypatch)
+    for z, got in softmax_probabilities(np.random.default_rng(4)):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        want = e / e.sum(axis=1, keepdims=True)
+        assert got.dtype == np.float32 and got.shape == z.shape
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
 def test_python_versions_reach_every_kernel(monkeypatch):
     """Every kernel in the layer package runs (as Python) in some case of
@@ -708,6 +733,7 @@ def test_python_versions_reach_every_kernel(monkeypatch):
         run_pooled(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32), window)
     net, layer, x, _ = setup("batchnorm", "batchnorm", "6x5x4")
     run_layer(net, layer, x, world=Solo())
+    softmax_probabilities(np.random.default_rng(0))
     missing = sorted(f"{m}.{k}" for m, k in every - called)
     assert not missing, f"kernels no case runs: {missing}; add an example to tests/naive.py or PYFUNC"
 
