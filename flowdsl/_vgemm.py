@@ -121,7 +121,7 @@ def _load_end(b, i, tmp):
 
 
 @njit(**_OPTS)
-def _block(A, b, ldb, c, n_, m0, n0, tmp):
+def _block(A, b, c, n_, m0, n0, tmp):
     """The block of rows m0.. (up to 6; rows past M repeat row M - 1 and are not stored) and
     columns n0.. (two vectors when more than one vector of columns is left, else one) of
     c = A @ B, any edge: the whole-block stores of _mm's main loop where the block is whole,
@@ -139,7 +139,7 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
         for k in range(k_):
             b0 = vload(b, bi)
             b1 = vload(b, bi + W) if bi + 2 * W <= end else _load_end(b, bi + W, tmp)
-            bi += ldb
+            bi += n_
             x = vsplat(A[r0, k])
             c00 = vfma(x, b0, c00)
             c01 = vfma(x, b1, c01)
@@ -197,7 +197,7 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
     bi = n0
     for k in range(k_):
         b0 = vload(b, bi) if bi + W <= end else _load_end(b, bi, tmp)
-        bi += ldb
+        bi += n_
         x0 = A[r0, k]
         x1 = A[r1, k]
         x2 = A[r2, k]
@@ -226,12 +226,13 @@ def _block(A, b, ldb, c, n_, m0, n0, tmp):
 
 
 @njit(**_OPTS)
-def _mm(A, b, ldb, c, n_, tmp):
-    """c (M x n_, flat, row-major) = A (M, K) @ B, B flat with rows of ldb >= n_ floats (lanes
+def _mm(A, b, c, n_, tmp):
+    """c (M x n_, flat, row-major) = A (M, K) @ B, B (K x n_, flat, row-major; a vector's lanes
     past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32
-    blocks run in the main loop below, spelled out (the general _block there ran 1.5-2x slower
-    on short inner dimensions: 2304 x 20 x 32, one thread, 33.8 us against 18.5); the edges run
-    _block, first the right-hand columns of the whole row blocks, last the bottom rows (their
+    blocks run in the main loop below, spelled out: _block there, with its clamped rows and
+    edge tests, ran 7-15% slower on short inner dimensions (one thread, 2304 x 20 x 64 and a
+    36 x (108 x 32 x 64) Winograd stack, 2026-12-07; 1.5-2x while it still counted references,
+    see _OPTS); the edges run _block, first the right-hand columns of the whole row blocks, last the bottom rows (their
     column blocks last to first), so that a store spilling past its row's end (_put) lands on
     columns a later store writes."""
     m_, k_ = A.shape
@@ -239,7 +240,7 @@ def _mm(A, b, ldb, c, n_, tmp):
     nfull = n_ // (2 * W) * (2 * W)
     if nfull < n_:
         for m0 in range(0, mfull, MR):
-            _block(A, b, ldb, c, n_, m0, nfull, tmp)
+            _block(A, b, c, n_, m0, nfull, tmp)
     for m0 in range(0, mfull, MR):
         for n0 in range(0, nfull, 2 * W):
             c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
@@ -248,7 +249,7 @@ def _mm(A, b, ldb, c, n_, tmp):
             for k in range(k_):
                 b0 = vload(b, bi)
                 b1 = vload(b, bi + W)
-                bi += ldb
+                bi += n_
                 x = vsplat(A[m0, k])
                 c00 = vfma(x, b0, c00)
                 c01 = vfma(x, b1, c01)
@@ -283,25 +284,25 @@ def _mm(A, b, ldb, c, n_, tmp):
     if mfull < m_:
         n0 = (n_ - 1) // (2 * W) * (2 * W)   # column blocks from the last to the first
         while n0 >= 0:
-            _block(A, b, ldb, c, n_, mfull, n0, tmp)
+            _block(A, b, c, n_, mfull, n0, tmp)
             n0 -= 2 * W
 
 
 @njit(**_OPTS)
-def _mm_stack(A, B, ldb, C, n_, tmp):
-    """C[e] = A[e] @ B[e] for each e: A (E, M, K) any strides, B (E, K * ldb) flat rows,
-    C (E, M * n_) flat."""
+def _mm_stack(A, B, C, n_, tmp):
+    """C[e] = A[e] @ B[e] for each e: A (E, M, K) any strides, B (E, K * n_) and C (E, M * n_)
+    flat."""
     for e in range(A.shape[0]):
-        _mm(A[e], B[e], ldb, C[e], n_, tmp)
+        _mm(A[e], B[e], C[e], n_, tmp)
 
 
 def prepare(b):
-    """(flat B, ldb): b's rows as the kernel reads them, flat (b itself when C-contiguous, else
-    a contiguous copy), and their length. (A copy padded to a multiple of 16 columns, the form
-    before, cost 3-4 us a call at batch 1: net B's conv2, 500 x 40.)"""
-    k, n = b.shape[-2:]
-    b = np.ascontiguousarray(b)
-    return b.reshape(b.shape[:-2] + (k * n,)), n
+    """b (..., K, N) flat per matrix, as the kernel reads it: a view when C-contiguous, else a
+    contiguous copy. (A copy padded to a multiple of 16 columns, the form before, cost 3-4 us a
+    call at batch 1: net B's conv2, 500 x 40.)"""
+    if not b.flags.c_contiguous:
+        b = np.ascontiguousarray(b)
+    return b.reshape(b.shape[:-2] + (-1,))
 
 
 def matmul(a, b, out=None):
@@ -318,8 +319,7 @@ def matmul(a, b, out=None):
     if a.shape[1] == 0:
         out[...] = 0
         return out
-    bf = b.reshape(-1) if b.flags.c_contiguous else np.ascontiguousarray(b).reshape(-1)
-    _mm(a, bf, n, out.reshape(-1), n, np.empty(W, np.float32))
+    _mm(a, prepare(b), out.reshape(-1), n, np.empty(W, np.float32))
     return out
 
 
@@ -333,6 +333,5 @@ def matmul_stack(a, b, out=None):
     if a.shape[2] == 0:
         out[...] = 0
         return out
-    bf, ldb = prepare(b)
-    _mm_stack(a, bf, ldb, out.reshape(e, m * n), n, np.empty(W, np.float32))
+    _mm_stack(a, prepare(b), out.reshape(e, m * n), n, np.empty(W, np.float32))
     return out

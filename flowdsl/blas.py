@@ -16,7 +16,6 @@ stacked and row-block products keep np.matmul, which writes into `out` (their ou
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from contextlib import contextmanager
@@ -90,9 +89,9 @@ def wide_kernels() -> bool:
     Other BLASes (MKL) are taken to use what the CPU has. conv.wide_vectors asks this."""
     if not has_avx512():
         return False
-    i = numpy_blas()
-    arch = ((i or {}).get("architecture") or "").lower()
-    if (i or {}).get("internal_api") == "openblas" and arch:
+    i = numpy_blas() or {}
+    arch = (i.get("architecture") or "").lower()
+    if i.get("internal_api") == "openblas" and arch:
         return arch in AVX512_CORES
     return True
 
@@ -135,16 +134,16 @@ def _own(a, b):
     waste most of each vector and its edge path stores through a buffer (net C's dense(2)
     weight gradient, 40000 x 20 x 2: 553 us against BLAS's 149; the glasses net trained at
     0.71x)."""
-    return own_products() and b.shape[-1] >= 16 and math.prod(a.shape) * b.shape[-1] >= OWN_MIN_WORK
+    return ((OWN if OWN is not None else own_products()) and b.shape[-1] >= 16
+            and a.size * b.shape[-1] >= OWN_MIN_WORK)
 
 
 def dot(a, b, out=None):
     """a @ b for 2-D float32 arrays (either may be a view), into out (C-contiguous) if given:
-    flowdsl's own kernel where _own says so, else numpy's (np.dot lets the GIL go for any size;
-    see the module's note)."""
-    if (OWN if OWN is not None else own_products()) and b.shape[1] >= 16 \
-            and a.shape[0] * a.shape[1] * b.shape[1] >= OWN_MIN_WORK and (out is None or out.flags.c_contiguous):
-        return _vgemm().matmul(a, b, out)   # (_own, inline: a single image's pass calls this often)
+    flowdsl's own kernel where _own says so (and out, if given, is C-contiguous), else numpy's
+    (np.dot lets the GIL go for any size; see the module's note)."""
+    if _own(a, b) and (out is None or out.flags.c_contiguous):
+        return _vgemm().matmul(a, b, out)
     if out is None:
         return np.dot(a, b)
     return np.matmul(a, b, out=out)

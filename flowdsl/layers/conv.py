@@ -55,13 +55,13 @@ WINO25_MIN_C = 16        # 5x5 stride-1 convs over at least this many input chan
                          # x16 1.02x, 28x28x16 -> 32 1.09x, 14x14x16 -> 32 1.24x, 8x8x64 -> 64
                          # 1.38x; net B, 12x12x20 -> 40: the whole step 1.25x)
 WIDE = None              # whether numpy's BLAS runs AVX-512 kernels (see wide_vectors)
-WIDE_PLANAR_MAX_C = 1    # with AVX-512 BLAS, evaluation still runs "planar" for stride-1 convs over at
-WIDE_PLANAR_MIN_FIELD = 3  # most this many input channels with fields at least this wide (net B's
+WIDE_PLANAR_MAX_C = 1    # with AVX-512 BLAS, evaluation still runs "planar" for stride-1 convs
+WIDE_PLANAR_MIN_FIELD = 3  # over at most this many input channels with fields at least this wide (net B's
                          # 28x28x1 -> 20 5x5, its maxpool fused: the whole pass 1.12-1.75x at
                          # batch 16-256 against gemm, interleaved; A's 1 -> 32 3x3 1.04-1.45x once
                          # planar ran four filters a pass, 0.94-1.08x before)
-WIDE_WINO_MIN_TILES = 1024  # with AVX-512 BLAS, evaluation runs Winograd for batches of at least this
-                         # many 2x2 output tiles, gemm below (2026-12-03, once the transforms were
+WIDE_WINO_MIN_TILES = 1024  # with AVX-512 BLAS, evaluation runs Winograd for batches of at
+                         # least this many 2x2 output tiles, gemm below (2026-12-03, once the transforms were
                          # 3-6x faster: net A, batch 256 1.38x gemm's speed, 64 1.04-1.16x, 32
                          # 1.0-1.2x, 16 0.76-0.94x; fashion.flow at 256 1.11x, fashion_res 1.18x;
                          # in-process alternations, medians)
