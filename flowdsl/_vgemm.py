@@ -21,7 +21,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 from .jit import FLAGS
 
@@ -52,7 +52,7 @@ def _ptr(context, builder, aryty, ary, idx):
 
 
 @intrinsic
-def vload(typingctx, ary, idx):
+def _vload(typingctx, ary, idx):
     """The 16 floats ary[idx:idx + 16] (a 1-D contiguous float32 array; not checked)."""
     def codegen(context, builder, sig, args):
         p = _ptr(context, builder, sig.args[0], args[0], args[1])
@@ -61,7 +61,7 @@ def vload(typingctx, ary, idx):
 
 
 @intrinsic
-def vstore(typingctx, ary, idx, v):
+def _vstore(typingctx, ary, idx, v):
     """ary[idx:idx + 16] = v."""
     def codegen(context, builder, sig, args):
         p = _ptr(context, builder, sig.args[0], args[0], args[1])
@@ -71,7 +71,7 @@ def vstore(typingctx, ary, idx, v):
 
 
 @intrinsic
-def vsplat(typingctx, x):
+def _vsplat(typingctx, x):
     """16 copies of the float32 x."""
     def codegen(context, builder, sig, args):
         v = builder.insert_element(ir.Constant(_VT, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
@@ -81,7 +81,19 @@ def vsplat(typingctx, x):
 
 
 @intrinsic
-def vfma(typingctx, a, b, c):
+def _vbroadcast(typingctx, ary, idx):
+    """16 copies of ary[idx] (a 1-D float32 array; idx not checked, never wrapped around: a
+    plain index's negative-index test cost four instructions a use in an inner loop)."""
+    def codegen(context, builder, sig, args):
+        x = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1]), align=4)
+        v = builder.insert_element(ir.Constant(_VT, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W)
+        return builder.shuffle_vector(v, ir.Constant(_VT, ir.Undefined), zeros)
+    return f32x16(ary, idx), codegen
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
     """a * b + c, each lane rounded once."""
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VT, [_VT] * 3), "llvm.fma.v16f32")
@@ -90,10 +102,71 @@ def vfma(typingctx, a, b, c):
 
 
 @intrinsic
-def vzero(typingctx):
+def _vzero(typingctx):
     def codegen(context, builder, sig, args):
         return ir.Constant(_VT, [0.0] * W)
     return f32x16(), codegen
+
+
+# The operations as kernels call them: in numba each is its intrinsic above (inlined); called
+# as Python (the tests run every layer kernel's plain-Python version against the compiled one)
+# a vector is a float32 array of 16, and loads and stores past an array's end are clipped.
+def vload(ary, idx):
+    v = np.zeros(W, np.float32)
+    part = ary[idx:idx + W]
+    v[:len(part)] = part
+    return v
+
+
+def vstore(ary, idx, v):
+    m = max(0, min(W, ary.shape[0] - idx))
+    ary[idx:idx + m] = v[:m]
+
+
+def vsplat(x):
+    return np.full(W, x, np.float32)
+
+
+def vbroadcast(ary, idx):
+    return np.full(W, ary[idx], np.float32)
+
+
+def vfma(a, b, c):
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
+def vzero():
+    return np.zeros(W, np.float32)
+
+
+@overload(vload, inline="always")
+def _ol_vload(ary, idx):
+    return lambda ary, idx: _vload(ary, idx)
+
+
+@overload(vstore, inline="always")
+def _ol_vstore(ary, idx, v):
+    return lambda ary, idx, v: _vstore(ary, idx, v)
+
+
+@overload(vsplat, inline="always")
+def _ol_vsplat(x):
+    return lambda x: _vsplat(x)
+
+
+@overload(vbroadcast, inline="always")
+def _ol_vbroadcast(ary, idx):
+    return lambda ary, idx: _vbroadcast(ary, idx)
+
+
+@overload(vfma, inline="always")
+def _ol_vfma(a, b, c):
+    return lambda a, b, c: _vfma(a, b, c)
+
+
+@overload(vzero, inline="always")
+def _ol_vzero():
+    return lambda: _vzero()
 
 
 @njit(inline="always", **_OPTS)

@@ -588,17 +588,25 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=19, field=5, pad=2)", "9x8x2", 8),     # planar: 3 filter groups
     ("conv", "conv(filters=6, field=3, pad=1)", "9x7x32", 8),     # Winograd F(4x4)
     ("conv", "conv(filters=6, field=5, pad=1)", "9x8x16", 8),     # Winograd F(2x2, 5x5)
+    # im2col products large enough for the own kernel (blas.own): evaluation's one-call path
+    # (_vconv.conv_eval), and at stride 1 the input gradient's product through it too
+    ("conv", "conv(filters=16, field=3, stride=2, pad=1, act=relu)", "12x12x8", 8),
+    ("conv", "conv(filters=16, field=3)", "9x9x16", 4),
 ]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") != "0", reason="no compiled kernels to compare")
+@pytest.mark.parametrize("own", [True, False], ids=["own", "blas"])
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
 @pytest.mark.parametrize("kind,text,shape,batch", PYFUNC, ids=[f"{k}:{t}@{s}x{b}" for k, t, s, b in PYFUNC])
-def test_kernels_match_their_python_versions(kind, text, shape, batch, mode, monkeypatch):
+def test_kernels_match_their_python_versions(kind, text, shape, batch, mode, own, monkeypatch):
     """The compiled kernels against their plain-Python versions (`.py_func`): training forward and
     backward, and the evaluation forward; every parallel kernel both as compiled with prange
-    (jit.SERIAL_BELOW = 0: every call) and as its serial twin (the small calls' path)."""
-    from flowdsl import jit
+    (jit.SERIAL_BELOW = 0: every call) and as its serial twin (the small calls' path); with
+    flowdsl's own products (blas.OWN: the AVX-512 machines' kernels, _vconv's included, correct
+    on any CPU) and without."""
+    from flowdsl import blas, jit
+    monkeypatch.setattr(blas, "OWN", own)
     net, layer, _, rng = setup(kind, text, shape)
     x = rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32)
     monkeypatch.setattr(jit, "SERIAL_BELOW", 0 if mode == "parallel" else 1 << 62)
@@ -722,15 +730,18 @@ def test_python_versions_reach_every_kernel(monkeypatch):
     """Every kernel in the layer package runs (as Python) in some case of
     test_kernels_match_their_python_versions: a new kernel, or one only some new path calls,
     cannot go unchecked against its Python version."""
+    from flowdsl import blas
     every = {(m.__name__, name) for m in layer_modules() for name in kernels_in(m)}
     assert every, "no kernels found in flowdsl.layers"
     called = python_kernels(monkeypatch)
-    for kind, text, shape, batch in PYFUNC:
-        net, layer, _, rng = setup(kind, text, shape)
-        run_layer(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32))
-    for kind, text, shape, batch, window in POOLED:
-        net, layer, _, rng = setup(kind, text, shape)
-        run_pooled(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32), window)
+    for own in (True, False):   # both kernel sets (see test_kernels_match_their_python_versions)
+        monkeypatch.setattr(blas, "OWN", own)
+        for kind, text, shape, batch in PYFUNC:
+            net, layer, _, rng = setup(kind, text, shape)
+            run_layer(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32))
+        for kind, text, shape, batch, window in POOLED:
+            net, layer, _, rng = setup(kind, text, shape)
+            run_pooled(net, layer, rng.normal(0.0, 1.0, (batch,) + nhwc(layer.in_shape)).astype(np.float32), window)
     net, layer, x, _ = setup("batchnorm", "batchnorm", "6x5x4")
     run_layer(net, layer, x, world=Solo())
     softmax_probabilities(np.random.default_rng(0))
@@ -857,6 +868,47 @@ def test_conv_activation_moved_after_maxpool(act, deferred):
         np.testing.assert_array_equal(a[key], b[key])
     if act == "relu":
         assert a["focus"].min() == 0 and (a["focus"] < 0).sum() == 0   # the conv's activated output
+
+
+EVAL_NETS = [   # small-batch evaluation's one-call kernels (own products) and their numpy twins
+    ("planar, pooled, relu", "input(28x28x1) :: conv(filters=20, field=5, act=relu) :: maxpool", (1, 3)),
+    ("planar, general window", "input(9x8x2) :: conv(filters=19, field=5, pad=2, act=relu) "
+                               ":: maxpool(3, stride=2, ceil=true)", (2,)),
+    ("planar, unpooled", "input(10x9x3) :: conv(filters=8, field=3, pad=1, act=relu) :: conv(filters=5, field=3)", (2,)),
+    ("gemm, pooled, relu", "input(12x12x12) :: conv(filters=40, field=5, act=relu) :: maxpool", (1, 3)),
+    ("gemm, pooled, no bias", "input(12x12x12) :: conv(filters=40, field=5, bias=false, act=relu) :: maxpool(2, ceil=true)", (1,)),
+    ("gemm, relu", "input(12x12x8) :: conv(filters=16, field=3, stride=2, pad=1, act=relu)", (1, 5)),
+    ("dense rows", "input(40) :: dense(20, act=relu) :: dense(5) :: dense(7, act=tanh, bias=false)", (1, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own", "blas"])
+@pytest.mark.parametrize("name,src,batches", EVAL_NETS, ids=[n for n, _, _ in EVAL_NETS])
+def test_small_batch_evaluation_against_float64(name, src, batches, own, monkeypatch):
+    """predict at batch 1 and other small batches against the float64 layer references chained:
+    conv + maxpool + relu in one numba call (_vconv, flowdsl's own products: correct on any
+    CPU), dense layers of a few rows in one (dense._small), and the numpy paths of CPUs without
+    AVX-512 (blas.OWN False)."""
+    from flowdsl import blas
+    monkeypatch.setattr(blas, "OWN", own)
+    model = build_text(src + " :: squared", "<t>")
+    net = Net(model, seed=1)
+    algo = name.split(",")[0]
+    assert all(l.algo_for(n, False) == algo for l in net.layers if l.kind == "conv" for n in batches)
+    assert algo == "dense rows" or net.plan(False, 1).steps[0].pool is not None or "unpooled" in name or name == "gemm, relu"
+    rng = rng_for("small-eval", name)
+    net.flat[...] += rng.normal(0.0, 0.2, net.flat.shape).astype(np.float32)   # biases off 0
+    for n in batches:
+        x = rng.normal(0.0, 1.0, (n,) + nhwc(model.input_shape)).astype(np.float32)
+        want = x.astype(np.float64)
+        for layer in model.layers:
+            if layer.role not in ("input", "loss"):
+                want = naive.reference(layer, want, f64(net.params.get(layer.name, {})), False,
+                                       f64(net.state.get(layer.name, {})))
+        got = net.predict(x)
+        want = want.reshape(got.shape)
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()), err_msg=f"batch {n}")
 
 
 @pytest.mark.parametrize("act,pool,fused", [("relu", "maxpool(2)", 2), ("leakyrelu(alpha=0.1)", "maxpool(2, ceil=true)", 2),

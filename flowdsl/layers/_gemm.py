@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from ..blas import dot, mm, shares
+from ..blas import dot, mm, own, shares
 from .maxpool import _max_bwd, _max_eval, _max_fwd
 from ..jit import kernel, prange
 
@@ -15,11 +15,12 @@ POOLS = True    # in evaluation, forward can apply a following max window chunk 
 TRAIN_POOLS = True   # in training too, recording each window's winner (conv.can_pool)
 POOL_CHUNK_FLOATS = 1 << 18   # training's pooled forward: products of about this many floats,
                               # pooled while in cache (net A's conv1: 12 images a chunk)
+EVAL_RELU = True   # in evaluation forward(..., relu=True) returns relu(z) (or relu(maxpool(z)))
 FLIP_DX = True
 TALL_BELOW_C = 8         # fewer input channels: im2col columns stored as rows (_im2col_t)
 
 
-def forward(conv, x, w, b, training, ctx, pool=None):
+def forward(conv, x, w, b, training, ctx, pool=None, relu=False):
     f, s, pad = conv.args["field"], conv.args["stride"], conv.padding
     k, oh, ow = conv.out
     if not training:   # the bias is added to each chunk's product (no copy of the weights)
@@ -27,10 +28,10 @@ def forward(conv, x, w, b, training, ctx, pool=None):
         if pool is not None:   # each chunk's output is pooled while it is in cache
             size, stride, ph, pw = pool
             y = np.empty((x.shape[0], ph, pw, k), np.float32)
-            product(x, wk, None, f, s, pad, oh, ow, pool=(size, stride, y), bias=b)
+            product(x, wk, None, f, s, pad, oh, ow, pool=(size, stride, y), bias=b, relu=relu)
             return y
         z = np.empty((x.shape[0], oh, ow, k), np.float32)
-        product(x, wk, z.reshape(-1, k), f, s, pad, oh, ow, bias=b)
+        product(x, wk, z.reshape(-1, k), f, s, pad, oh, ow, bias=b, relu=relu)
         return z
     # training: a column of ones carries the bias, whose gradient then comes out of the weight
     # gradient's product
@@ -48,7 +49,7 @@ def forward(conv, x, w, b, training, ctx, pool=None):
     return z
 
 
-def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, arg=None):
+def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, arg=None, relu=False):
     """out (N*OH*OW, K) = im2col(x) @ wmat, where wmat has f*f*C rows, or one more (then im2col
     adds a column of ones: the bias row). Each thread takes a contiguous share of the images
     and runs im2col and its product itself (one hand-over per call; net A's conv2 in evaluation
@@ -60,7 +61,8 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
     (N, PH, PW, K): the conv's full-size output is never written; with arg (N, PH, PW, K) int32
     as well (training, keep=True) each window's winner is recorded as maxpool's forward does,
     chunk by chunk (POOL_CHUNK_FLOATS of output). bias: a K-vector added to each chunk's
-    product."""
+    product; relu (keep=False): the output's relu. Without keep, where the product runs in
+    flowdsl's own kernel, each share is one numba call (_vconv)."""
     width = wmat.shape[0]
     n = x.shape[0]
     r = oh * ow                       # rows (output positions) per image
@@ -74,6 +76,13 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
     else:
         step = max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
     im2col = _im2col_t.serial if tall else _im2col.serial
+    if not keep and not tall and wmat.flags.c_contiguous and own(min(step, n) * r * width, kk):
+        ev = vconv().conv_eval
+        b = np.zeros(0, np.float32) if bias is None else bias
+        size, stride, y = pool if pool is not None else (0, 1, out.reshape(n, oh, ow, kk))
+        shares(n, lambda lo, hi: ev(x[lo:hi], wmat, b, y[lo:hi], f, s, pad, oh, ow, size, stride, relu, step),
+               n * r * width * kk)
+        return None, tall
 
     def run(lo, hi):
         buf = cols if keep else np.empty((width, min(step, hi - lo) * r) if tall else
@@ -97,11 +106,19 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
                 _max_eval.serial(dst.reshape(e - i, oh, ow, kk), pool[2][i:e], pool[0], pool[1], 0)
                 if bias is not None:
                     pool[2][i:e] += bias
-            elif bias is not None:
-                dst += bias
+                if relu:
+                    np.maximum(pool[2][i:e], 0, out=pool[2][i:e])
+            else:
+                if bias is not None:
+                    dst += bias
+                if relu:
+                    np.maximum(dst, 0, out=dst)
 
     shares(n, run, n * r * width * kk)
     return cols, tall
+
+
+
 
 
 def backward(conv, dz, w, g, ctx, need_dx):
@@ -283,3 +300,14 @@ def _col2im(dcols, dx, f, s, pad, oh, ow):
                                 dr[xx * c + cc] += src[bb * c + cc]
 
 
+_VC = None
+
+
+def vconv():
+    """flowdsl.layers._vconv (the evaluation kernels with 16-wide vectors), imported on first
+    use: it needs numba configured."""
+    global _VC
+    if _VC is None:
+        from . import _vconv as vc
+        _VC = vc
+    return _VC

@@ -24,7 +24,7 @@ Arrays outside are NHWC, as everywhere in flowdsl."""
 import numpy as np
 
 from . import _gemm, _rows
-from ..blas import colsum
+from ..blas import colsum, own_products
 from ..jit import kernel, prange
 
 G = 8        # filters per task: their outputs are G contiguous floats at each position
@@ -47,24 +47,29 @@ def taps(w):
 
 
 POOLS = True   # in evaluation, forward can apply a following max window itself
+EVAL_RELU = True   # in evaluation forward(..., relu=True) returns relu(z) (or relu(maxpool(z)))
 
 
-def forward(conv, x, w, b, training, ctx, pool=None):
+def forward(conv, x, w, b, training, ctx, pool=None, relu=False):
     """z (N, OH, OW, K) = conv(x, w) + b, stride 1. pool = (size, stride, PH, PW) (evaluation
-    only): return maxpool(z) (N, PH, PW, K) instead, windows clipped to OH x OW."""
+    only): return maxpool(z) (N, PH, PW, K) instead, windows clipped to OH x OW; relu
+    (evaluation only): relu of that. Where products run in flowdsl's own kernel (AVX-512),
+    _vconv.planar_fwd: accumulators in vector registers, the padding, weights' order, pool and
+    relu inside one call (net B's first conv at batch 1: 17 -> 11 us)."""
     k, oh, ow = conv.out
     f = w.shape[0]
-    xf, wp = planes(x, conv.padding, f)
-    wt = taps(w)
     n = x.shape[0]
-    if pool is None:
-        z = np.empty((n, oh, ow, k), np.float32)
-        _fwd(xf, wt, b, z, wp, oh, ow, f, 0, 0)
-        return z
-    size, stride, ph, pw = pool
+    size, stride, ph, pw = pool if pool is not None else (0, 0, oh, ow)
     y = np.empty((n, ph, pw, k), np.float32)
-    _fwd(xf, wt, b, y, wp, oh, ow, f, size, stride)
+    if own_products():
+        _gemm.vconv().planar_fwd(np.ascontiguousarray(x), w, b, y, conv.padding, oh, ow, f, size, stride, relu)
+        return y
+    xf, wp = planes(x, conv.padding, f)
+    _fwd(xf, taps(w), b, y, wp, oh, ow, f, size, stride)
+    if relu:
+        np.maximum(y, 0, out=y)
     return y
+
 
 
 def backward(conv, dz, w, g, ctx, need_dx):
@@ -222,8 +227,6 @@ def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride):
     kk = wt.shape[0]
     groups = (kk + G - 1) // G
     L = oh * wp
-    ph = out.shape[1]
-    pw = out.shape[2]
     for task in prange(n_ * groups):
         n = task // groups
         k0 = task % groups * G
@@ -238,42 +241,55 @@ def _fwd(xf, wt, b, out, wp, oh, ow, f, size, stride):
                 g += 4
             for g in range(g, g_):
                 _plane(xf[n, c], wt[k0 + g, c], acc[g], wp, f, L)
-        if size == 0:
-            for i in range(oh):
-                for j in range(ow):
-                    q = i * wp + j
-                    for g in range(g_):
-                        out[n, i, j, k0 + g] = acc[g, q]
-            continue
-        if size == 2 and stride == 2:
-            # the common 2x2 window: each pair of grid rows' maximum in one vectorised pass, then
-            # the pairs of columns (2.0-2.2x faster than the general loop below on nets A and B's
-            # first layers; a window clipped by ceil=true repeats its last row or column)
-            pair = np.empty(ow, np.float32)
-            for g in range(g_):
-                for i in range(ph):
-                    y0 = 2 * i
-                    y1 = min(y0 + 1, oh - 1)
-                    a0 = acc[g, y0 * wp:y0 * wp + ow]
-                    a1 = acc[g, y1 * wp:y1 * wp + ow]
-                    for xx in range(ow):
-                        pair[xx] = max(a0[xx], a1[xx])
-                    for j in range(pw):
-                        out[n, i, j, k0 + g] = max(pair[2 * j], pair[min(2 * j + 1, ow - 1)])
-            continue
-        for i in range(ph):
-            y0 = i * stride
-            y1 = min(y0 + size, oh)
-            for j in range(pw):
-                x0 = j * stride
-                x1 = min(x0 + size, ow)
+        _emit(acc, out, n, k0, g_, wp, oh, ow, size, stride, False)
+
+
+@kernel(parallel=False)
+def _emit(acc, out, n, k0, g_, wp, oh, ow, size, stride, relu):
+    """Filters k0 .. k0 + g_ of image n from acc[g, q] on the padded-width grid (q = i*Wp + j):
+    out[n, :, :, k0 + g] = acc (size 0) or out[n, pi, pj, k0 + g] = the max of acc over the pool
+    window, clipped to OH x OW; relu: max(v, 0) of what is written."""
+    zero = np.float32(0.0)
+    if size == 0:
+        for i in range(oh):
+            for j in range(ow):
+                q = i * wp + j
                 for g in range(g_):
-                    m = acc[g, y0 * wp + x0]
-                    for yy in range(y0, y1):
-                        for xx in range(x0, x1):
-                            v = acc[g, yy * wp + xx]
-                            m = v if v > m else m
-                    out[n, i, j, k0 + g] = m
+                    v = acc[g, q]
+                    out[n, i, j, k0 + g] = max(v, zero) if relu else v
+        return
+    ph = out.shape[1]
+    pw = out.shape[2]
+    if size == 2 and stride == 2:
+        # the common 2x2 window: each pair of grid rows' maximum in one vectorised pass, then
+        # the pairs of columns (2.0-2.2x faster than the general loop below on nets A and B's
+        # first layers; a window clipped by ceil=true repeats its last row or column)
+        pair = np.empty(ow, np.float32)
+        for g in range(g_):
+            for i in range(ph):
+                y0 = 2 * i
+                y1 = min(y0 + 1, oh - 1)
+                a0 = acc[g, y0 * wp:y0 * wp + ow]
+                a1 = acc[g, y1 * wp:y1 * wp + ow]
+                for xx in range(ow):
+                    pair[xx] = max(a0[xx], a1[xx])
+                for j in range(pw):
+                    v = max(pair[2 * j], pair[min(2 * j + 1, ow - 1)])
+                    out[n, i, j, k0 + g] = max(v, zero) if relu else v
+        return
+    for i in range(ph):
+        y0 = i * stride
+        y1 = min(y0 + size, oh)
+        for j in range(pw):
+            x0 = j * stride
+            x1 = min(x0 + size, ow)
+            for g in range(g_):
+                m = acc[g, y0 * wp + x0]
+                for yy in range(y0, y1):
+                    for xx in range(x0, x1):
+                        v = acc[g, yy * wp + xx]
+                        m = v if v > m else m
+                out[n, i, j, k0 + g] = max(m, zero) if relu else m
 
 
 @kernel

@@ -258,7 +258,8 @@ class Conv(Layer):
             x = _padmodes.pad(x, self.padding, self.pad_mode)
         algo = ctx["algo"] = run.algo_for(x.shape[0], training)
         strategy = STRATEGIES[algo]
-        kw = {"relu": True} if act[0] == "relu" and getattr(strategy, "RELU", False) else {}
+        kw = {"relu": True} if act[0] == "relu" and (getattr(strategy, "RELU", False) or (
+            not training and getattr(strategy, "EVAL_RELU", False))) else {}
         if pool is not None and not _pools(strategy, training):
             raise RuntimeError(f"{self.name}: {algo} cannot apply the max window its plan gave it")
         if training or pool is not None:

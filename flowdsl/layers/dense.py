@@ -2,14 +2,17 @@
 layer with a learned bias (none with bias=false).
 It flattens its input (in channels-last order). Shape rule: anything -> (units,).
 
-The products go to numpy's BLAS; bias and activation are fused into one numba pass."""
+The products go to numpy's BLAS (flowdsl's own kernel where blas says so), then the bias and the
+activation; in evaluation at most SMALL_ROWS samples go through one numba kernel instead."""
 import math
 
+import numpy as np
 
 from ..blas import colsum, mm
 from ..layers import activation_table, register
 from .activations import act_backward, act_forward, act_spec
 from .base import BIAS, TRAINABLE, Layer, P
+from ..jit import kernel
 
 
 @register("dense", aliases=("fc",), call_aliases=("linear",))
@@ -36,10 +39,16 @@ class Dense(Layer):
 
     def forward(self, x, p, ctx, training):
         x2 = x.reshape(x.shape[0], -1)
-        z = mm(x2, p["w"])
+        kind, alpha = act_spec(self)
+        w = p["w"]
+        if not training and x2.shape[0] <= SMALL_ROWS and x2.flags.c_contiguous and (
+                w.shape[1] >= 16 or w.size <= SMALL_NARROW):
+            y = np.empty((x2.shape[0], w.shape[1]), np.float32)
+            _small(x2, w, p.get("b", _NO_BIAS), y, kind == "relu")
+            return y if kind in ("relu", "linear") else act_forward(kind, alpha, y)
+        z = mm(x2, w)
         if "b" in p:
             z += p["b"]
-        kind, alpha = act_spec(self)
         y = act_forward(kind, alpha, z)   # a fresh output: see activations.act_forward
         if training:
             ctx["x"], ctx["z"], ctx["y"] = x2, z, y
@@ -66,6 +75,39 @@ class Dense(Layer):
         if not need_dx:
             return None
         return mm(dz, p["w"].T).reshape(ctx["x"].shape[0], *_nhwc(self.in_shape))
+
+
+SMALL_ROWS = 4   # evaluation of at most this many samples: one numba call (_small) instead of
+                # BLAS, the bias and the activation (net B at batch 1: its two dense layers 8 -> ? us)
+SMALL_NARROW = 1 << 16   # ... and at least 16 units, or weights of at most this many values (a
+                        # few units over a long input, net C's dense(2) over 120,000, stay in BLAS:
+                        # its rows would not fill a vector)
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+@kernel(parallel=False)
+def _small(x, w, b, y, relu):
+    """y = x @ w + b (b empty: no bias), then relu when relu: row by row, each input value
+    that is not 0 adding its weight row (after a relu, about half are 0). w C-contiguous."""
+    n, k_ = x.shape
+    u = w.shape[1]
+    wf = w.reshape(w.size)
+    yf = y.reshape(y.size)
+    zero = np.float32(0.0)
+    nb = b.shape[0]
+    for i in range(n):
+        o = i * u
+        for j in range(u):
+            yf[o + j] = b[j] if nb else zero
+        for k in range(k_):
+            v = x[i, k]
+            if v != zero:
+                r = k * u
+                for j in range(u):
+                    yf[o + j] += v * wf[r + j]
+        if relu:
+            for j in range(u):
+                yf[o + j] = max(yf[o + j], zero)
 
 
 def _nhwc(s):

@@ -1,0 +1,141 @@
+"""Evaluation's im2col product in one numba call: im2col, flowdsl's own matrix product
+(flowdsl._vgemm), the bias, an optional max window and relu, chunk by chunk, for the images of
+one thread's share (_gemm.product uses it where its product would run in the own kernel).
+
+Why: at batch 1 a conv's kernels take a few microseconds each, and the Python around them
+(buffers, views, the product's routing, the pool's and the bias's calls, relu's fresh array)
+cost as much again: net B's conv2 (12x12x20 -> 40 5x5, pooled) 29 us, of which 18.5 kernels.
+Imported on first use (it needs numba configured and _vgemm, which needs AVX-512 to be fast)."""
+import numpy as np
+from numba import njit
+
+from .. import _vgemm
+from .._vgemm import W, vbroadcast, vfma, vload, vsplat, vstore
+from ..jit import FLAGS, kernel, prange
+from . import _gemm, _planar
+
+_im2col = _gemm._im2col.serial   # numba dispatchers, called from the kernels below
+_mm = _vgemm._mm
+_emit = _planar._emit.serial
+
+
+@njit(**FLAGS)
+def conv_eval(x, wk, b, y, f, s, pad, oh, ow, size, stride, relu, step):
+    """y = act(maxpool(im2col(x) @ wk) + b), or act(im2col(x) @ wk + b) when size == 0 (y then
+    (N, OH, OW, K)); act: relu when relu, else none; b empty: no bias. x (N, H, W, C); wk (f*f*C, K) C-contiguous;
+    y (N, PH, PW, K) C-contiguous, windows of size x size every stride clipped to OH x OW (max(z)
+    + b = max(z + b): the bias goes on the pooled values). step: images a chunk."""
+    n = x.shape[0]
+    width, kk = wk.shape
+    r = oh * ow
+    rows = min(step, n) * r
+    cols = np.empty((rows, width), np.float32)
+    z = np.empty(rows * kk if size else 16, np.float32)
+    tmp = np.empty(16, np.float32)
+    wf = wk.reshape(width * kk)
+    yf = y.reshape(y.size)
+    ph, pw = y.shape[1], y.shape[2]
+    zero = np.float32(0.0)
+    nb = b.shape[0] > 0   # else no bias
+    for i in range(0, n, step):
+        e = min(n, i + step)
+        part = cols[:(e - i) * r]
+        _im2col(x[i:e], part, f, s, pad, oh, ow)
+        if size == 0:
+            out = yf[i * r * kk:e * r * kk]
+            _mm(part, wf, out, kk, tmp)
+            if nb or relu:
+                for q in range((e - i) * r):
+                    o = q * kk
+                    for k in range(kk):
+                        v = out[o + k] + (b[k] if nb else zero)
+                        out[o + k] = max(v, zero) if relu else v
+            continue
+        _mm(part, wf, z, kk, tmp)
+        for im in range(e - i):
+            zo = im * r * kk
+            yo = (i + im) * ph * pw * kk
+            for pi in range(ph):
+                y0 = pi * stride
+                y1 = min(y0 + size, oh)
+                for pj in range(pw):
+                    x0 = pj * stride
+                    x1 = min(x0 + size, ow)
+                    dst = yo + (pi * pw + pj) * kk
+                    src = zo + (y0 * ow + x0) * kk
+                    for k in range(kk):
+                        yf[dst + k] = z[src + k]
+                    for yy in range(y0, y1):
+                        for xx in range(x0, x1):
+                            src = zo + (yy * ow + xx) * kk
+                            for k in range(kk):
+                                yf[dst + k] = max(yf[dst + k], z[src + k])
+                    for k in range(kk):
+                        v = yf[dst + k] + (b[k] if nb else zero)
+                        yf[dst + k] = max(v, zero) if relu else v
+
+
+GV = 8   # filters a task in planar_fwd: 8 vectors of accumulators
+
+
+@kernel
+def planar_fwd(x, w, b, out, pad, oh, ow, f, size, stride, relu):
+    """_planar._fwd with 16-wide vectors: out (N, OH, OW, K) = conv(x, w) + b, stride 1, or
+    (size > 0) its max windows (N, PH, PW, K); relu: then max(., 0). x (N, H, W, C); w (f, f, C,
+    K) C-contiguous (x too); b (K,). One task per (image, group of GV filters): the image's channels
+    zero-padded into planes of its own (Hp x Wp flat, with slack for the last vector's reads),
+    then for each 16 positions q of the padded-width grid GV accumulators held in registers over
+    every channel and tap (one vector load of the plane, GV broadcasts of the filters' weights,
+    GV fused multiply-adds a tap), stored once; _planar._emit writes or pools them."""
+    n_, h, wd, c_ = x.shape
+    kk = w.shape[3]
+    wf = w.reshape(w.size)
+    xf = x.reshape(x.size)
+    groups = (kk + GV - 1) // GV
+    hp, wp = h + 2 * pad, wd + 2 * pad
+    L = oh * wp
+    nv = (L + W - 1) // W
+    span = hp * wp + f + W   # a plane: the padded image, then slack past the last vector's reads
+    for task in prange(n_ * groups):
+        n = task // groups
+        k0 = task % groups * GV
+        g_ = min(GV, kk - k0)
+        xp = np.zeros(c_ * span, np.float32)
+        for i in range(h):
+            src = (n * h + i) * wd * c_
+            for c in range(c_):
+                dst = c * span + (i + pad) * wp + pad
+                for j in range(wd):
+                    xp[dst + j] = xf[src + j * c_ + c]
+        # the filters' columns in w, the last repeated past g_ (computed, never written)
+        q0_, q1_, q2_, q3_ = k0, k0 + min(1, g_ - 1), k0 + min(2, g_ - 1), k0 + min(3, g_ - 1)
+        q4_, q5_, q6_, q7_ = k0 + min(4, g_ - 1), k0 + min(5, g_ - 1), k0 + min(6, g_ - 1), k0 + min(7, g_ - 1)
+        acc = np.empty((GV, nv * W), np.float32)
+        af = acc.reshape(GV * nv * W)
+        for v in range(nv):
+            q = v * W
+            a0 = vsplat(b[q0_]); a1 = vsplat(b[q1_]); a2 = vsplat(b[q2_]); a3 = vsplat(b[q3_])
+            a4 = vsplat(b[q4_]); a5 = vsplat(b[q5_]); a6 = vsplat(b[q6_]); a7 = vsplat(b[q7_])
+            for c in range(c_):
+                for a in range(f):
+                    for bb in range(f):
+                        xv = vload(xp, c * span + a * wp + bb + q)
+                        t = ((a * f + bb) * c_ + c) * kk
+                        a0 = vfma(vbroadcast(wf, t + q0_), xv, a0)
+                        a1 = vfma(vbroadcast(wf, t + q1_), xv, a1)
+                        a2 = vfma(vbroadcast(wf, t + q2_), xv, a2)
+                        a3 = vfma(vbroadcast(wf, t + q3_), xv, a3)
+                        a4 = vfma(vbroadcast(wf, t + q4_), xv, a4)
+                        a5 = vfma(vbroadcast(wf, t + q5_), xv, a5)
+                        a6 = vfma(vbroadcast(wf, t + q6_), xv, a6)
+                        a7 = vfma(vbroadcast(wf, t + q7_), xv, a7)
+            s = nv * W
+            vstore(af, q, a0)
+            vstore(af, s + q, a1)
+            vstore(af, 2 * s + q, a2)
+            vstore(af, 3 * s + q, a3)
+            vstore(af, 4 * s + q, a4)
+            vstore(af, 5 * s + q, a5)
+            vstore(af, 6 * s + q, a6)
+            vstore(af, 7 * s + q, a7)
+        _emit(acc, out, n, k0, g_, wp, oh, ow, size, stride, relu)
