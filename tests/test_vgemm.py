@@ -51,6 +51,20 @@ def test_matmul_writes_only_its_output(vg, m, k, n):
     assert (buf[:16] == 7.5).all() and (buf[16 + m * n:] == 7.5).all()
 
 
+@pytest.mark.parametrize("r,c", [(576, 128), (16, 16), (17, 33), (64, 300), (250, 40), (33, 130), (4096, 1)])
+def test_transposed_operands_are_copied_by_tiles(vg, r, c):
+    """prepare copies a transposed B (W.T in input gradients) by 16 x 16 tiles in registers
+    (large ones; TRANSPOSE_MIN) or numpy (small ones): the same values either way, every edge,
+    nothing written outside the copy."""
+    a = np.random.default_rng(r + c).standard_normal((r, c)).astype(np.float32)
+    got = vg.prepare(a.T)
+    assert got.shape == (r * c,) and np.array_equal(got.reshape(c, r), a.T)
+    buf = np.full(r * c + 48, 3.25, np.float32)
+    vg._transpose(a.reshape(-1), buf[16:16 + r * c], r, c)
+    assert np.array_equal(buf[16:16 + r * c].reshape(c, r), a.T)
+    assert (buf[:16] == 3.25).all() and (buf[16 + r * c:] == 3.25).all()
+
+
 def test_matmul_stack_and_empty_products(vg):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((7, 33, 19)).astype(np.float32)
