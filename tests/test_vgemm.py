@@ -1,7 +1,8 @@
 """flowdsl/_vgemm.py, flowdsl's own 16-wide float32 product (used where the CPU has AVX-512 and
 numpy's BLAS runs narrower kernels: blas.own_products), checked against float64 products on any
 machine (LLVM splits its 16-wide vectors where the CPU has no AVX-512): every edge of its 6 x 32
-blocks, transposed and strided operands, stacks, and no write outside its output."""
+blocks (and the twelve-row blocks of a last vector of columns), transposed and strided operands,
+stacks, and no write outside its output."""
 import numpy as np
 import pytest
 
@@ -17,7 +18,8 @@ def vg():
 
 SHAPES = [(1, 1, 1), (5, 3, 7), (6, 32, 32), (7, 33, 40), (13, 5, 16), (17, 9, 17), (12, 20, 20),
           (108, 32, 64), (121, 288, 64), (64, 500, 40), (3, 1, 100), (2, 7, 8), (6, 4, 48),
-          (11, 16, 31), (19, 2, 65), (1, 129, 10)]
+          (11, 16, 31), (19, 2, 65), (1, 129, 10),
+          (30, 7, 20), (25, 3, 1), (24, 5, 48), (36, 4, 41)]   # twelve-row edge blocks (_edge12)
 
 
 def check(got, a, b):
@@ -37,7 +39,7 @@ def test_matmul_is_the_product_for_every_edge(vg, m, k, n):
         check(got, a, b)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 3, 1), (7, 5, 3), (13, 9, 40), (6, 2, 16), (5, 4, 33)])
+@pytest.mark.parametrize("m,k,n", [(1, 3, 1), (7, 5, 3), (13, 9, 40), (6, 2, 16), (5, 4, 33), (24, 3, 9), (12, 2, 5)])
 def test_matmul_writes_only_its_output(vg, m, k, n):
     """Stores that spill past a row's end land only on later rows of the output: the values after
     it in the same buffer (and before it) keep theirs."""
