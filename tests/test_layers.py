@@ -362,6 +362,40 @@ def test_wide_vector_machines_run_gemm_in_evaluation(monkeypatch):
     assert "planar" not in training and {"winograd", "winograd4"} <= set(training), training
 
 
+def test_own_product_machines_pick_winograd_for_enough_tiles_in_evaluation(monkeypatch):
+    """With flowdsl's own product (conv.own_rules: AVX-512 CPUs, FLOWDSL_WIDE unset) evaluation
+    runs Winograd's 3x3 convs from OWN_WINO_MIN_TILES tiles a call and F(2x2, 5x5) only over
+    WIDE_WINO25_MIN_C input channels or more, gemm (pooling and relu inside) otherwise; training
+    keeps its thresholds, planar and rows stay. The suite runs the classic rules (FLOWDSL_WIDE=0)."""
+    import flowdsl.layers.conv as convmod
+    assert convmod.own_rules() is False and os.environ["FLOWDSL_WIDE"] == "0"
+    monkeypatch.setattr(convmod, "OWN_RULES", True)
+    monkeypatch.setattr(convmod, "WIDE", False)
+    monkeypatch.setattr(convmod, "WINO_MIN_TILES", 128)   # training's (this file's fixture sets 0)
+    a2 = build("conv", "conv(filters=64, field=3)", "13x13x32")[1]    # net A's conv2: 36 tiles an image
+    b2 = build("conv", "conv(filters=40, field=5)", "12x12x20")[1]    # net B's conv2
+    wide5 = build("conv", "conv(filters=40, field=5)", "12x12x32")[1]
+    one = build("conv", "conv(filters=20, field=5)", "28x28x1")[1]
+    few = build("conv", "conv(filters=3, field=3)", "9x9x4")[1]
+    per = convmod.OWN_WINO_MIN_TILES // 36
+    assert a2.algo_for(per, False) == "gemm" and a2.algo_for(per + 1, False) == "winograd4"
+    assert a2.algo_for(1) == "gemm" and a2.algo_for(64) == "winograd4"   # training: its own thresholds
+    assert {b2.algo_for(n, False) for n in (1, 16, 256, 4096)} == {"gemm"} and b2.algo_for(64) == "winograd25"
+    assert wide5.algo_for(1, False) == "gemm" and wide5.algo_for(256, False) == "winograd25"
+    assert {one.algo_for(n, False) for n in (1, 256)} == {"planar"} and few.algo_for(256, False) == "rows"
+    monkeypatch.setattr(convmod, "OWN_RULES", None)
+    for env, want in (("0", False), ("1", False)):
+        monkeypatch.setenv("FLOWDSL_WIDE", env)
+        assert convmod.own_rules() is want
+        monkeypatch.setattr(convmod, "OWN_RULES", None)
+    monkeypatch.delenv("FLOWDSL_WIDE")
+    from flowdsl import blas
+    for own in (True, False):
+        monkeypatch.setattr(blas, "OWN", own)
+        assert convmod.own_rules() is own
+        monkeypatch.setattr(convmod, "OWN_RULES", None)
+
+
 @pytest.mark.parametrize("text,shape,pool", [
     ("conv(filters=6, field=3)", "13x11x8", "maxpool(2, ceil=true)"),
     ("conv(filters=5, field=3, pad=1)", "9x8x1", "maxpool(3, stride=2)"),   # columns as rows

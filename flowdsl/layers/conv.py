@@ -106,6 +106,26 @@ def wide_vectors():
     return WIDE
 
 
+OWN_RULES = None          # whether evaluation follows the own product's rules (see own_rules)
+OWN_WINO_MIN_TILES = 256  # there, Winograd in evaluation from this many 2x2 output tiles a call
+
+
+def own_rules():
+    """Whether evaluation picks algorithms by the rules measured with flowdsl's own product
+    (blas.own_products, AVX-512 CPUs; not where FLOWDSL_WIDE=0 or 1 names a rule set): Winograd
+    from OWN_WINO_MIN_TILES tiles a call (F(2x2, 5x5) from WIDE_WINO25_MIN_C input channels too),
+    else gemm, with the maxpool after it and relu in the same call (_vconv). Winograd recomputes
+    its filter transform every call, and a call of a few images pays it whole (2 threads,
+    interleaved, 2026-12-07 evening: net A at batch 4 428 us against gemm's 266, B at batch 8
+    436 against 273; A at 16, shares of 8 images, 288 tiles each: 546 against 615; B at 256, its
+    20-channel 5x5 conv as gemm: 4.59 ms against 5.78)."""
+    global OWN_RULES
+    if OWN_RULES is None:
+        from ..blas import own_products
+        OWN_RULES = os.environ.get("FLOWDSL_WIDE") not in ("0", "1") and own_products()
+    return OWN_RULES
+
+
 def _fix_pad(field, pad):
     return (field - 1) // 2 if pad == "same" else pad
 
@@ -214,7 +234,7 @@ class Conv(Layer):
         evaluation where BLAS runs AVX-512 kernels for WIDE_WINO_MIN_TILES (F(2x2, 5x5) for
         WIDE_WINO25_MIN_C input channels too), and otherwise runs gemm (see
         wide_vectors), or planar for one-channel convs of 3x3 and wider fields
-        (WIDE_PLANAR_MAX_C). Monotonic in n: flowdsl.plan asks can_pool for the whole batch,
+        (WIDE_PLANAR_MAX_C); with flowdsl's own product for OWN_WINO_MIN_TILES (own_rules). Monotonic in n: flowdsl.plan asks can_pool for the whole batch,
         forward for what it is given (a thread's share of a split pass), which so never picks
         a pooling algorithm its plan did not."""
         if self.pad_mode is not None:
@@ -228,6 +248,9 @@ class Conv(Layer):
                 return algo
             wide_planar = self._planar_fits(WIDE_PLANAR_MAX_C) and self.args["field"] >= WIDE_PLANAR_MIN_FIELD
             return "planar" if wide_planar else "gemm"
+        if not training and wino and own_rules():
+            big = n * th * tw >= OWN_WINO_MIN_TILES and (algo != "winograd25" or self.in_shape[0] >= WIDE_WINO25_MIN_C)
+            return algo if big else "gemm"
         return "gemm" if wino and n * th * tw < WINO_MIN_TILES else algo
 
     # --- capabilities (flowdsl.plan) ----------------------------------------------------------
