@@ -20,6 +20,8 @@ A last vector of columns (N not a multiple of 32, at most 16 left) runs twelve r
 tiles); A may be any 2-D view (a transposed one included); C is written whole, tails through
 a small buffer.
 Imported only once numba is configured (flowdsl.jit), by flowdsl.blas."""
+import inspect
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -204,34 +206,18 @@ def vzero():
     return np.zeros(W, np.float32)
 
 
-@overload(vload, inline="always")
-def _ol_vload(ary, idx):
-    return lambda ary, idx: _vload(ary, idx)
+def _compiled_as(py, nb):
+    """In numba, the Python operation py is its intrinsic nb (inlined): an overload whose
+    arguments carry py's names, as numba requires."""
+    args = ", ".join(inspect.signature(py).parameters)
+    ns = {"nb": nb}
+    exec(f"def typer({args}):\n    return lambda {args}: nb({args})", ns)
+    overload(py, inline="always")(ns["typer"])
 
 
-@overload(vstore, inline="always")
-def _ol_vstore(ary, idx, v):
-    return lambda ary, idx, v: _vstore(ary, idx, v)
-
-
-@overload(vsplat, inline="always")
-def _ol_vsplat(x):
-    return lambda x: _vsplat(x)
-
-
-@overload(vbroadcast, inline="always")
-def _ol_vbroadcast(ary, idx):
-    return lambda ary, idx: _vbroadcast(ary, idx)
-
-
-@overload(vfma, inline="always")
-def _ol_vfma(a, b, c):
-    return lambda a, b, c: _vfma(a, b, c)
-
-
-@overload(vzero, inline="always")
-def _ol_vzero():
-    return lambda: _vzero()
+for _py, _nb in ((vload, _vload), (vstore, _vstore), (vsplat, _vsplat), (vbroadcast, _vbroadcast),
+                 (vfma, _vfma), (vzero, _vzero)):
+    _compiled_as(_py, _nb)
 
 
 @njit(inline="always", **_OPTS)

@@ -13,8 +13,10 @@ from .. import _vgemm
 from .._vgemm import W, vbroadcast, vfma, vload, vsplat, vstore
 from ..jit import FLAGS, kernel, prange
 from . import _gemm, _planar
+from .maxpool import _max_eval as _max_eval_lazy
 
 _im2col = _gemm._im2col.serial   # numba dispatchers, called from the kernels below
+_max_eval = _max_eval_lazy.serial
 _mm = _vgemm._mm
 _emit = _planar._emit.serial
 
@@ -22,9 +24,10 @@ _emit = _planar._emit.serial
 @njit(**FLAGS)
 def conv_eval(x, wk, b, y, f, s, pad, oh, ow, size, stride, relu, step):
     """y = act(maxpool(im2col(x) @ wk) + b), or act(im2col(x) @ wk + b) when size == 0 (y then
-    (N, OH, OW, K)); act: relu when relu, else none; b empty: no bias. x (N, H, W, C); wk (f*f*C, K) C-contiguous;
-    y (N, PH, PW, K) C-contiguous, windows of size x size every stride clipped to OH x OW (max(z)
-    + b = max(z + b): the bias goes on the pooled values). step: images a chunk."""
+    (N, OH, OW, K)); act: relu when relu, else none; b empty: no bias. x (N, H, W, C); wk
+    (f*f*C, K) C-contiguous; y (N, PH, PW, K) C-contiguous, maxpool's windows of size x size
+    every stride clipped to OH x OW (max(z) + b = max(z + b): the bias goes on the pooled
+    values). step: images a chunk."""
     n = x.shape[0]
     width, kk = wk.shape
     r = oh * ow
@@ -41,38 +44,15 @@ def conv_eval(x, wk, b, y, f, s, pad, oh, ow, size, stride, relu, step):
         e = min(n, i + step)
         part = cols[:(e - i) * r]
         _im2col(x[i:e], part, f, s, pad, oh, ow)
-        if size == 0:
-            out = yf[i * r * kk:e * r * kk]
-            _mm(part, wf, out, kk, tmp)
-            if nb or relu:
-                for q in range((e - i) * r):
-                    o = q * kk
-                    for k in range(kk):
-                        v = out[o + k] + (b[k] if nb else zero)
-                        out[o + k] = max(v, zero) if relu else v
-            continue
-        _mm(part, wf, z, kk, tmp)
-        for im in range(e - i):
-            zo = im * r * kk
-            yo = (i + im) * ph * pw * kk
-            for pi in range(ph):
-                y0 = pi * stride
-                y1 = min(y0 + size, oh)
-                for pj in range(pw):
-                    x0 = pj * stride
-                    x1 = min(x0 + size, ow)
-                    dst = yo + (pi * pw + pj) * kk
-                    src = zo + (y0 * ow + x0) * kk
-                    for k in range(kk):
-                        yf[dst + k] = z[src + k]
-                    for yy in range(y0, y1):
-                        for xx in range(x0, x1):
-                            src = zo + (yy * ow + xx) * kk
-                            for k in range(kk):
-                                yf[dst + k] = max(yf[dst + k], z[src + k])
-                    for k in range(kk):
-                        v = yf[dst + k] + (b[k] if nb else zero)
-                        yf[dst + k] = max(v, zero) if relu else v
+        if size == 0:   # y is the product's output (PH, PW = OH, OW)
+            _mm(part, wf, yf[i * r * kk:e * r * kk], kk, tmp)
+        else:
+            _mm(part, wf, z, kk, tmp)
+            _max_eval(z[:(e - i) * r * kk].reshape(e - i, oh, ow, kk), y[i:e], size, stride, 0)
+        if nb or relu:
+            for q in range(i * ph * pw * kk, e * ph * pw * kk):
+                v = yf[q] + (b[q % kk] if nb else zero)
+                yf[q] = max(v, zero) if relu else v
 
 
 GV = 8   # filters a task in planar_fwd: 8 vectors of accumulators
