@@ -220,6 +220,39 @@ for _py, _nb in ((vload, _vload), (vstore, _vstore), (vsplat, _vsplat), (vbroadc
     _compiled_as(_py, _nb)
 
 
+# A, the left operand, is a 2-D array (any strides), or a conv's input read as its im2col
+# matrix without building it: (x, ra, ka), A[r, k] = x[ra[r] + ka[k]] (x flat, ra the offset of
+# output position r's window, ka the offset of tap k inside a window; _vconv.conv_eval).
+def _at(A, r, k):
+    return A[r, k] if isinstance(A, np.ndarray) else A[0][A[1][r] + A[2][k]]
+
+
+def _shape(A):
+    return A.shape if isinstance(A, np.ndarray) else (A[1].shape[0], A[2].shape[0])
+
+
+@intrinsic
+def _get(typingctx, ary, idx):
+    """ary[idx] (1-D, any dtype), the index never wrapped around (see _vbroadcast)."""
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1]))
+    return ary.dtype(ary, idx), codegen
+
+
+@overload(_at, inline="always")
+def _ol_at(A, r, k):
+    if isinstance(A, types.Array):
+        return lambda A, r, k: A[r, k]
+    return lambda A, r, k: _get(A[0], _get(A[1], r) + _get(A[2], k))
+
+
+@overload(_shape, inline="always")
+def _ol_shape(A):
+    if isinstance(A, types.Array):
+        return lambda A: A.shape
+    return lambda A: (A[1].shape[0], A[2].shape[0])
+
+
 @njit(inline="always", **_OPTS)
 def _put(c, ci, v, cols, tmp):
     """c[ci:ci + cols] = the first cols lanes of v: all 16 stored at once while they stay inside
@@ -250,7 +283,7 @@ def _block(A, b, c, n_, m0, n0, tmp):
     columns n0.. (two vectors when more than one vector of columns is left, else one) of
     c = A @ B, any edge: the whole-block stores of _mm's main loop where the block is whole,
     _put's where not."""
-    m_, k_ = A.shape
+    m_, k_ = _shape(A)
     last = m_ - 1
     r0, r1, r2 = m0, min(m0 + 1, last), min(m0 + 2, last)
     r3, r4, r5 = min(m0 + 3, last), min(m0 + 4, last), min(m0 + 5, last)
@@ -264,22 +297,22 @@ def _block(A, b, c, n_, m0, n0, tmp):
             b0 = vload(b, bi)
             b1 = vload(b, bi + W) if bi + 2 * W <= end else _load_end(b, bi + W, tmp)
             bi += n_
-            x = vsplat(A[r0, k])
+            x = vsplat(_at(A, r0, k))
             c00 = vfma(x, b0, c00)
             c01 = vfma(x, b1, c01)
-            x = vsplat(A[r1, k])
+            x = vsplat(_at(A, r1, k))
             c10 = vfma(x, b0, c10)
             c11 = vfma(x, b1, c11)
-            x = vsplat(A[r2, k])
+            x = vsplat(_at(A, r2, k))
             c20 = vfma(x, b0, c20)
             c21 = vfma(x, b1, c21)
-            x = vsplat(A[r3, k])
+            x = vsplat(_at(A, r3, k))
             c30 = vfma(x, b0, c30)
             c31 = vfma(x, b1, c31)
-            x = vsplat(A[r4, k])
+            x = vsplat(_at(A, r4, k))
             c40 = vfma(x, b0, c40)
             c41 = vfma(x, b1, c41)
-            x = vsplat(A[r5, k])
+            x = vsplat(_at(A, r5, k))
             c50 = vfma(x, b0, c50)
             c51 = vfma(x, b1, c51)
         cols0, cols1 = W, min(W, n_ - n0 - W)
@@ -322,12 +355,12 @@ def _block(A, b, c, n_, m0, n0, tmp):
     for k in range(k_):
         b0 = vload(b, bi) if bi + W <= end else _load_end(b, bi, tmp)
         bi += n_
-        x0 = A[r0, k]
-        x1 = A[r1, k]
-        x2 = A[r2, k]
-        x3 = A[r3, k]
-        x4 = A[r4, k]
-        x5 = A[r5, k]
+        x0 = _at(A, r0, k)
+        x1 = _at(A, r1, k)
+        x2 = _at(A, r2, k)
+        x3 = _at(A, r3, k)
+        x4 = _at(A, r4, k)
+        x5 = _at(A, r5, k)
         c00 = vfma(vsplat(x0), b0, c00)
         c10 = vfma(vsplat(x1), b0, c10)
         c20 = vfma(vsplat(x2), b0, c20)
@@ -355,7 +388,7 @@ def _edge12(A, b, c, n_, m0, n0, tmp):
     A @ B: one vector of columns for twelve rows, twelve accumulators. _block's one-vector
     path has six, each multiply-add waiting on the one before it in its chain (four cycles):
     half the rate of the whole blocks."""
-    k_ = A.shape[1]
+    k_ = _shape(A)[1]
     end = b.shape[0]
     c0 = vzero(); c1 = vzero(); c2 = vzero(); c3 = vzero(); c4 = vzero(); c5 = vzero()
     c6 = vzero(); c7 = vzero(); c8 = vzero(); c9 = vzero(); c10 = vzero(); c11 = vzero()
@@ -363,18 +396,18 @@ def _edge12(A, b, c, n_, m0, n0, tmp):
     for k in range(k_):
         b0 = vload(b, bi) if bi + W <= end else _load_end(b, bi, tmp)
         bi += n_
-        c0 = vfma(vsplat(A[m0, k]), b0, c0)
-        c1 = vfma(vsplat(A[m0 + 1, k]), b0, c1)
-        c2 = vfma(vsplat(A[m0 + 2, k]), b0, c2)
-        c3 = vfma(vsplat(A[m0 + 3, k]), b0, c3)
-        c4 = vfma(vsplat(A[m0 + 4, k]), b0, c4)
-        c5 = vfma(vsplat(A[m0 + 5, k]), b0, c5)
-        c6 = vfma(vsplat(A[m0 + 6, k]), b0, c6)
-        c7 = vfma(vsplat(A[m0 + 7, k]), b0, c7)
-        c8 = vfma(vsplat(A[m0 + 8, k]), b0, c8)
-        c9 = vfma(vsplat(A[m0 + 9, k]), b0, c9)
-        c10 = vfma(vsplat(A[m0 + 10, k]), b0, c10)
-        c11 = vfma(vsplat(A[m0 + 11, k]), b0, c11)
+        c0 = vfma(vsplat(_at(A, m0, k)), b0, c0)
+        c1 = vfma(vsplat(_at(A, m0 + 1, k)), b0, c1)
+        c2 = vfma(vsplat(_at(A, m0 + 2, k)), b0, c2)
+        c3 = vfma(vsplat(_at(A, m0 + 3, k)), b0, c3)
+        c4 = vfma(vsplat(_at(A, m0 + 4, k)), b0, c4)
+        c5 = vfma(vsplat(_at(A, m0 + 5, k)), b0, c5)
+        c6 = vfma(vsplat(_at(A, m0 + 6, k)), b0, c6)
+        c7 = vfma(vsplat(_at(A, m0 + 7, k)), b0, c7)
+        c8 = vfma(vsplat(_at(A, m0 + 8, k)), b0, c8)
+        c9 = vfma(vsplat(_at(A, m0 + 9, k)), b0, c9)
+        c10 = vfma(vsplat(_at(A, m0 + 10, k)), b0, c10)
+        c11 = vfma(vsplat(_at(A, m0 + 11, k)), b0, c11)
     cols = n_ - n0
     ci = m0 * n_ + n0
     _put(c, ci, c0, cols, tmp)
@@ -401,7 +434,7 @@ def _mm(A, b, c, n_, tmp):
     see _OPTS); the edges run _block, first the right-hand columns of the whole row blocks, last the bottom rows (their
     column blocks last to first), so that a store spilling past its row's end (_put) lands on
     columns a later store writes."""
-    m_, k_ = A.shape
+    m_, k_ = _shape(A)
     mfull = m_ // MR * MR
     nfull = n_ // (2 * W) * (2 * W)
     if nfull < n_:
@@ -421,22 +454,22 @@ def _mm(A, b, c, n_, tmp):
                 b0 = vload(b, bi)
                 b1 = vload(b, bi + W)
                 bi += n_
-                x = vsplat(A[m0, k])
+                x = vsplat(_at(A, m0, k))
                 c00 = vfma(x, b0, c00)
                 c01 = vfma(x, b1, c01)
-                x = vsplat(A[m0 + 1, k])
+                x = vsplat(_at(A, m0 + 1, k))
                 c10 = vfma(x, b0, c10)
                 c11 = vfma(x, b1, c11)
-                x = vsplat(A[m0 + 2, k])
+                x = vsplat(_at(A, m0 + 2, k))
                 c20 = vfma(x, b0, c20)
                 c21 = vfma(x, b1, c21)
-                x = vsplat(A[m0 + 3, k])
+                x = vsplat(_at(A, m0 + 3, k))
                 c30 = vfma(x, b0, c30)
                 c31 = vfma(x, b1, c31)
-                x = vsplat(A[m0 + 4, k])
+                x = vsplat(_at(A, m0 + 4, k))
                 c40 = vfma(x, b0, c40)
                 c41 = vfma(x, b1, c41)
-                x = vsplat(A[m0 + 5, k])
+                x = vsplat(_at(A, m0 + 5, k))
                 c50 = vfma(x, b0, c50)
                 c51 = vfma(x, b1, c51)
             ci = m0 * n_ + n0

@@ -67,6 +67,25 @@ def test_transposed_operands_are_copied_by_tiles(vg, r, c):
     assert (buf[:16] == 3.25).all() and (buf[16 + r * c:] == 3.25).all()
 
 
+@pytest.mark.parametrize("n,h,c,f,s,k", [(1, 12, 20, 5, 1, 40), (3, 9, 3, 3, 2, 17), (2, 7, 1, 2, 1, 33)])
+def test_a_conv_input_read_as_its_im2col_matrix(vg, n, h, c, f, s, k):
+    """The left operand as (x, ra, ka), A[r, k] = x[ra[r] + ka[k]]: a conv's input read in place
+    as its im2col matrix (_vconv.conv_eval) gives the product of the built matrix."""
+    rng = np.random.default_rng(n + h + c)
+    x = rng.standard_normal((n, h, h, c)).astype(np.float32)
+    w = rng.standard_normal((f * f * c, k)).astype(np.float32)
+    o = (h - f) // s + 1
+    img, i, j = np.meshgrid(np.arange(n), np.arange(o), np.arange(o), indexing="ij")
+    ra = (((img * h + i * s) * h + j * s) * c).reshape(-1).astype(np.int64)
+    a, b, cc = np.meshgrid(np.arange(f), np.arange(f), np.arange(c), indexing="ij")
+    ka = ((a * h + b) * c + cc).reshape(-1).astype(np.int64)
+    cols = x.reshape(-1)[ra[:, None] + ka[None, :]]   # the im2col matrix, built by numpy
+    out = np.full(n * o * o * k + 16, 7.5, np.float32)
+    vg._mm((x.reshape(-1), ra, ka), w.reshape(-1), out[:n * o * o * k], k, np.empty(16, np.float32))
+    check(out[:n * o * o * k].reshape(-1, k), cols, w)
+    assert (out[n * o * o * k:] == 7.5).all()
+
+
 def test_matmul_stack_and_empty_products(vg):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((7, 33, 19)).astype(np.float32)

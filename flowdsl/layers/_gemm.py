@@ -76,8 +76,9 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
     else:
         step = max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
     im2col = _im2col_t.serial if tall else _im2col.serial
-    if not keep and not tall and wmat.flags.c_contiguous and own(min(step, n) * r * width, kk):
+    if not keep and wmat.flags.c_contiguous and own(min(step, n) * r * width, kk):
         ev = vconv().conv_eval
+        x = np.ascontiguousarray(x)
         b = np.zeros(0, np.float32) if bias is None else bias
         size, stride, y = pool if pool is not None else (0, 1, out.reshape(n, oh, ow, kk))
         shares(n, lambda lo, hi: ev(x[lo:hi], wmat, b, y[lo:hi], f, s, pad, oh, ow, size, stride, relu, step),
