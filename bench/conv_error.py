@@ -5,7 +5,9 @@
 For conv shapes of nets A and B and fashion.flow (batch 64, random inputs in [0, 1), the
 network's initial weights), every algorithm that can run the shape is forced in turn; prints
 max |y - y64| / max |y64| of the training forward (docs/internals.md quotes the table).
---grad: the weight gradient's error instead (dz random normal), for the Winograd schemes and gemm."""
+--grad: the weight gradient's error instead (dz random normal), for the Winograd schemes and gemm.
+--eval: the evaluation forward (gemm and planar there run flowdsl/layers/_vconv.py's kernels
+where the own product runs)."""
 from __future__ import annotations
 
 import sys
@@ -43,6 +45,7 @@ def reference_dw(x, dz, f, pad):
 
 def main():
     grad = "--grad" in sys.argv[1:]
+    evaluation = "--eval" in sys.argv[1:]
     import flowdsl
     from flowdsl.layers import conv as convmod
     print("| conv | " + " | ".join(convmod.STRATEGIES) + " |")
@@ -63,7 +66,7 @@ def main():
                 row.append("-")
                 continue
             ctx = {"x": x}
-            y = mod.forward(l, x, p["w"], p["b"], True, ctx)
+            y = mod.forward(l, x, p["w"], p["b"], not evaluation, ctx)
             if grad:
                 if algo in ("rows", "planar"):
                     row.append("-")

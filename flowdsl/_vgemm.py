@@ -278,12 +278,12 @@ def _load_end(b, i, tmp):
 
 
 @njit(**_OPTS)
-def _block(A, b, c, n_, m0, n0, tmp):
+def _block(A, b, c, n_, m0, n0, tmp, k0, k1):
     """The block of rows m0.. (up to 6; rows past M repeat row M - 1 and are not stored) and
     columns n0.. (two vectors when more than one vector of columns is left, else one) of
     c = A @ B, any edge: the whole-block stores of _mm's main loop where the block is whole,
     _put's where not."""
-    m_, k_ = _shape(A)
+    m_ = _shape(A)[0]
     last = m_ - 1
     r0, r1, r2 = m0, min(m0 + 1, last), min(m0 + 2, last)
     r3, r4, r5 = min(m0 + 3, last), min(m0 + 4, last), min(m0 + 5, last)
@@ -292,8 +292,8 @@ def _block(A, b, c, n_, m0, n0, tmp):
     if n0 + W < n_:   # two vectors of columns
         c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
         c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
-        bi = n0
-        for k in range(k_):
+        bi = k0 * n_ + n0
+        for k in range(k0, k1):
             b0 = vload(b, bi)
             b1 = vload(b, bi + W) if bi + 2 * W <= end else _load_end(b, bi + W, tmp)
             bi += n_
@@ -351,8 +351,8 @@ def _block(A, b, c, n_, m0, n0, tmp):
         return
     # one vector of columns
     c00 = vzero(); c10 = vzero(); c20 = vzero(); c30 = vzero(); c40 = vzero(); c50 = vzero()
-    bi = n0
-    for k in range(k_):
+    bi = k0 * n_ + n0
+    for k in range(k0, k1):
         b0 = vload(b, bi) if bi + W <= end else _load_end(b, bi, tmp)
         bi += n_
         x0 = _at(A, r0, k)
@@ -383,17 +383,16 @@ def _block(A, b, c, n_, m0, n0, tmp):
 
 
 @njit(**_OPTS)
-def _edge12(A, b, c, n_, m0, n0, tmp):
+def _edge12(A, b, c, n_, m0, n0, tmp, k0, k1):
     """Rows m0 .. m0 + 11 (all inside A) and the last columns n0 .. n_ - 1 (at most 16) of c =
     A @ B: one vector of columns for twelve rows, twelve accumulators. _block's one-vector
     path has six, each multiply-add waiting on the one before it in its chain (four cycles):
     half the rate of the whole blocks."""
-    k_ = _shape(A)[1]
     end = b.shape[0]
     c0 = vzero(); c1 = vzero(); c2 = vzero(); c3 = vzero(); c4 = vzero(); c5 = vzero()
     c6 = vzero(); c7 = vzero(); c8 = vzero(); c9 = vzero(); c10 = vzero(); c11 = vzero()
-    bi = n0
-    for k in range(k_):
+    bi = k0 * n_ + n0
+    for k in range(k0, k1):
         b0 = vload(b, bi) if bi + W <= end else _load_end(b, bi, tmp)
         bi += n_
         c0 = vfma(vsplat(_at(A, m0, k)), b0, c0)
@@ -425,32 +424,32 @@ def _edge12(A, b, c, n_, m0, n0, tmp):
 
 
 @njit(**_OPTS)
-def _mm(A, b, c, n_, tmp):
-    """c (M x n_, flat, row-major) = A (M, K) @ B, B (K x n_, flat, row-major; a vector's lanes
-    past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32
+def _mm(A, b, c, n_, tmp, k0, k1):
+    """c (M x n_, flat, row-major) = A[:, k0:k1] @ B[k0:k1], B (K x n_, flat, row-major; a
+    vector's lanes past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32
     blocks run in the main loop below, spelled out: _block there, with its clamped rows and
     edge tests, ran 7-15% slower on short inner dimensions (one thread, 2304 x 20 x 64 and a
     36 x (108 x 32 x 64) Winograd stack, 2026-12-07; 1.5-2x while it still counted references,
     see _OPTS); the edges run _block, first the right-hand columns of the whole row blocks, last the bottom rows (their
     column blocks last to first), so that a store spilling past its row's end (_put) lands on
     columns a later store writes."""
-    m_, k_ = _shape(A)
+    m_ = _shape(A)[0]
     mfull = m_ // MR * MR
     nfull = n_ // (2 * W) * (2 * W)
     if nfull < n_:
         m0 = 0
         if n_ - nfull <= W:   # one vector of columns left: twelve rows at a time
             while m0 + 2 * MR <= mfull:
-                _edge12(A, b, c, n_, m0, nfull, tmp)
+                _edge12(A, b, c, n_, m0, nfull, tmp, k0, k1)
                 m0 += 2 * MR
         for m0 in range(m0, mfull, MR):
-            _block(A, b, c, n_, m0, nfull, tmp)
+            _block(A, b, c, n_, m0, nfull, tmp, k0, k1)
     for m0 in range(0, mfull, MR):
         for n0 in range(0, nfull, 2 * W):
             c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
             c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
-            bi = n0
-            for k in range(k_):
+            bi = k0 * n_ + n0
+            for k in range(k0, k1):
                 b0 = vload(b, bi)
                 b1 = vload(b, bi + W)
                 bi += n_
@@ -488,16 +487,37 @@ def _mm(A, b, c, n_, tmp):
     if mfull < m_:
         n0 = (n_ - 1) // (2 * W) * (2 * W)   # column blocks from the last to the first
         while n0 >= 0:
-            _block(A, b, c, n_, mfull, n0, tmp)
+            _block(A, b, c, n_, mfull, n0, tmp, k0, k1)
             n0 -= 2 * W
 
 
+KB = 512   # inner dimension a pass (_product)
+
+
 @njit(**_OPTS)
-def _mm_stack(A, B, C, n_, tmp):
+def _product(A, b, c, n_, tmp, part, kb):
+    """c = A @ B (as _mm), an inner dimension longer than kb in passes of kb (A's columns, B's
+    rows), each pass's product added to c through part (M x n_ floats; unused when K <= kb). A
+    pass's rows of B stay in cache for every block of A's rows (a whole B of 7744 x 64 did not:
+    289 x 7744 x 64 2.02 -> 1.22 ms, one thread), and each output is a sum of kb multiply-adds in
+    order, those sums then added, instead of one sum of K in order, whose rounding grew with K
+    (that product: 3.1e-6 of the scale against float64 -> 5.3e-7; BLAS, which blocks its sums
+    too, ~4e-7)."""
+    k_ = _shape(A)[1]
+    _mm(A, b, c, n_, tmp, 0, min(kb, k_))
+    size = c.shape[0]
+    for k0 in range(kb, k_, kb):
+        _mm(A, b, part, n_, tmp, k0, min(k0 + kb, k_))
+        for q in range(size):
+            c[q] += part[q]
+
+
+@njit(**_OPTS)
+def _mm_stack(A, B, C, n_, tmp, part, kb):
     """C[e] = A[e] @ B[e] for each e: A (E, M, K) any strides, B (E, K * n_) and C (E, M * n_)
-    flat."""
+    flat; part: M * n_ floats (_product's, when K > kb)."""
     for e in range(A.shape[0]):
-        _mm(A[e], B[e], C[e], n_, tmp)
+        _product(A[e], B[e], C[e], n_, tmp, part, kb)
 
 
 TRANSPOSE_MIN = 1 << 12   # prepare transposes by tiles from this many values (numpy's copy below:
@@ -534,7 +554,8 @@ def matmul(a, b, out=None):
     if a.shape[1] == 0:
         out[...] = 0
         return out
-    _mm(a, prepare(b), out.reshape(-1), n, np.empty(W, np.float32))
+    part = np.empty(m * n if a.shape[1] > KB else 1, np.float32)
+    _product(a, prepare(b), out.reshape(-1), n, np.empty(W, np.float32), part, KB)
     return out
 
 
@@ -548,5 +569,6 @@ def matmul_stack(a, b, out=None):
     if a.shape[2] == 0:
         out[...] = 0
         return out
-    _mm_stack(a, prepare(b), out.reshape(e, m * n), n, np.empty(W, np.float32))
+    part = np.empty(m * n if a.shape[2] > KB else 1, np.float32)
+    _mm_stack(a, prepare(b), out.reshape(e, m * n), n, np.empty(W, np.float32), part, KB)
     return out

@@ -17,7 +17,8 @@ from . import _planar
 from .maxpool import _max_eval as _max_eval_lazy
 
 _max_eval = _max_eval_lazy.serial
-_mm = _vgemm._mm   # numba dispatchers, called from the kernels below
+_product = _vgemm._product   # numba dispatchers, called from the kernels below
+KB = _vgemm.KB
 _emit = _planar._emit.serial
 
 
@@ -55,6 +56,7 @@ def conv_eval(x, wk, b, y, f, s, pad, oh, ow, size, stride, relu, step):
     xf = x.reshape(x.size)
     z = np.empty(m * r * kk if size else 16, np.float32)
     tmp = np.empty(16, np.float32)
+    part = np.empty(m * r * kk if wk.shape[0] > KB else 1, np.float32)
     wf = wk.reshape(wk.size)
     yf = y.reshape(y.size)
     ph, pw = y.shape[1], y.shape[2]
@@ -72,9 +74,9 @@ def conv_eval(x, wk, b, y, f, s, pad, oh, ow, size, stride, relu, step):
         else:
             a = (xf[i * per:e * per], ra[:(e - i) * r], ka)
         if size == 0:   # y is the product's output (PH, PW = OH, OW)
-            _mm(a, wf, yf[i * r * kk:e * r * kk], kk, tmp)
+            _product(a, wf, yf[i * r * kk:e * r * kk], kk, tmp, part, KB)
         else:
-            _mm(a, wf, z, kk, tmp)
+            _product(a, wf, z, kk, tmp, part, KB)
             _max_eval(z[:(e - i) * r * kk].reshape(e - i, oh, ow, kk), y[i:e], size, stride, 0)
         if nb or relu:
             for q in range(i * ph * pw * kk, e * ph * pw * kk):
