@@ -504,12 +504,12 @@ def _product(A, b, c, n_, tmp, part, kb):
     (that product: 3.1e-6 of the scale against float64 -> 5.3e-7; BLAS, which blocks its sums
     too, ~4e-7)."""
     k_ = _shape(A)[1]
-    _mm(A, b, c, n_, tmp, 0, min(kb, k_))
     size = c.shape[0]
-    for k0 in range(kb, k_, kb):
-        _mm(A, b, part, n_, tmp, k0, min(k0 + kb, k_))
-        for q in range(size):
-            c[q] += part[q]
+    for k0 in range(0, max(k_, 1), kb):   # one call site: the compiled _mm is inlined once
+        _mm(A, b, c if k0 == 0 else part, n_, tmp, k0, min(k0 + kb, k_))
+        if k0 > 0:
+            for q in range(size):
+                c[q] += part[q]
 
 
 @njit(**_OPTS)
