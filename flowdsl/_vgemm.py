@@ -426,13 +426,13 @@ def _edge12(A, b, c, n_, m0, n0, tmp, k0, k1):
 @njit(**_OPTS)
 def _mm(A, b, c, n_, tmp, k0, k1):
     """c (M x n_, flat, row-major) = A[:, k0:k1] @ B[k0:k1], B (K x n_, flat, row-major; a
-    vector's lanes past n_ read the next row, or 0 past B's end, and their results are dropped). Whole 6 x 32
-    blocks run in the main loop below, spelled out: _block there, with its clamped rows and
-    edge tests, ran 7-15% slower on short inner dimensions (one thread, 2304 x 20 x 64 and a
-    36 x (108 x 32 x 64) Winograd stack, 2026-12-07; 1.5-2x while it still counted references,
-    see _OPTS); the edges run _block, first the right-hand columns of the whole row blocks, last the bottom rows (their
-    column blocks last to first), so that a store spilling past its row's end (_put) lands on
-    columns a later store writes."""
+    vector's lanes past n_ read the next row, or 0 past B's end, and their results are
+    dropped). Whole 6 x 32 blocks run in the main loop below, spelled out: _block there, with
+    its clamped rows and edge tests, ran 7-15% slower on short inner dimensions (one thread,
+    2304 x 20 x 64 and a 36 x (108 x 32 x 64) Winograd stack, 2026-12-07; 1.5-2x while it still
+    counted references, see _OPTS); the edges run _block (and _edge12), first the right-hand
+    columns of the whole row blocks, last the bottom rows (their column blocks last to first),
+    so that a store spilling past its row's end (_put) lands on columns a later store writes."""
     m_ = _shape(A)[0]
     mfull = m_ // MR * MR
     nfull = n_ // (2 * W) * (2 * W)

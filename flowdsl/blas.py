@@ -134,10 +134,10 @@ def _own(a, b):
     waste most of each vector and its edge path stores through a buffer (net C's dense(2)
     weight gradient, 40000 x 20 x 2: 553 us against BLAS's 149; the glasses net trained at
     0.71x)."""
-    return own(a.size, b.shape[-1])
+    return runs_own(a.size, b.shape[-1])
 
 
-def own(a_size, cols):
+def runs_own(a_size, cols):
     """_own for a product whose A holds a_size values and whose B has cols columns."""
     return (OWN if OWN is not None else own_products()) and cols >= 16 and a_size * cols >= OWN_MIN_WORK
 

@@ -622,7 +622,7 @@ PYFUNC += [  # more samples and rows than threads: parallel tasks that could col
     ("conv", "conv(filters=19, field=5, pad=2)", "9x8x2", 8),     # planar: 3 filter groups
     ("conv", "conv(filters=6, field=3, pad=1)", "9x7x32", 8),     # Winograd F(4x4)
     ("conv", "conv(filters=6, field=5, pad=1)", "9x8x16", 8),     # Winograd F(2x2, 5x5)
-    # im2col products large enough for the own kernel (blas.own): evaluation's one-call path
+    # im2col products large enough for the own kernel (blas.runs_own): evaluation's one-call path
     # (_vconv.conv_eval), and at stride 1 the input gradient's product through it too
     ("conv", "conv(filters=16, field=3, stride=2, pad=1, act=relu)", "12x12x8", 8),
     ("conv", "conv(filters=16, field=3)", "9x9x16", 4),

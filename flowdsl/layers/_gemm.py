@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from ..blas import dot, mm, own, shares
+from ..blas import dot, mm, runs_own, shares
 from .maxpool import _max_bwd, _max_eval, _max_fwd
 from ..jit import kernel, prange
 
@@ -75,8 +75,7 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
         step = n
     else:
         step = max(1, sys.modules["flowdsl.layers.conv"].CHUNK_FLOATS // max(1, r * width))
-    im2col = _im2col_t.serial if tall else _im2col.serial
-    if not keep and wmat.flags.c_contiguous and own(min(step, n) * r * width, kk):
+    if not keep and wmat.flags.c_contiguous and runs_own(min(step, n) * r * width, kk):
         ev = vconv().conv_eval
         x = np.ascontiguousarray(x)
         b = np.zeros(0, np.float32) if bias is None else bias
@@ -84,6 +83,7 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
         shares(n, lambda lo, hi: ev(x[lo:hi], wmat, b, y[lo:hi], f, s, pad, oh, ow, size, stride, relu, step),
                n * r * width * kk)
         return None, tall
+    im2col = _im2col_t.serial if tall else _im2col.serial
 
     def run(lo, hi):
         buf = cols if keep else np.empty((width, min(step, hi - lo) * r) if tall else
@@ -117,9 +117,6 @@ def product(x, wmat, out, f, s, pad, oh, ow, keep=False, pool=None, bias=None, a
 
     shares(n, run, n * r * width * kk)
     return cols, tall
-
-
-
 
 
 def backward(conv, dz, w, g, ctx, need_dx):

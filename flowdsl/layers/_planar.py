@@ -71,7 +71,6 @@ def forward(conv, x, w, b, training, ctx, pool=None, relu=False):
     return y
 
 
-
 def backward(conv, dz, w, g, ctx, need_dx):
     x = ctx["x"]
     g["w"][...] = dw(dz, x, conv.args["field"], conv.padding)

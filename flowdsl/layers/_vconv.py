@@ -79,9 +79,11 @@ def conv_eval(x, wk, b, y, f, s, pad, oh, ow, size, stride, relu, step):
             _product(a, wf, z, kk, tmp, part, KB)
             _max_eval(z[:(e - i) * r * kk].reshape(e - i, oh, ow, kk), y[i:e], size, stride, 0)
         if nb or relu:
-            for q in range(i * ph * pw * kk, e * ph * pw * kk):
-                v = yf[q] + (b[q % kk] if nb else zero)
-                yf[q] = max(v, zero) if relu else v
+            for row in range(i * ph * pw, e * ph * pw):
+                o = row * kk
+                for k in range(kk):
+                    v = yf[o + k] + (b[k] if nb else zero)
+                    yf[o + k] = max(v, zero) if relu else v
 
 
 GV = 8   # filters a task in planar_fwd: 8 vectors of accumulators

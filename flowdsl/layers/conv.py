@@ -234,8 +234,9 @@ class Conv(Layer):
         evaluation where BLAS runs AVX-512 kernels for WIDE_WINO_MIN_TILES (F(2x2, 5x5) for
         WIDE_WINO25_MIN_C input channels too), and otherwise runs gemm (see
         wide_vectors), or planar for one-channel convs of 3x3 and wider fields
-        (WIDE_PLANAR_MAX_C); with flowdsl's own product for OWN_WINO_MIN_TILES (own_rules). Monotonic in n: flowdsl.plan asks can_pool for the whole batch,
-        forward for what it is given (a thread's share of a split pass), which so never picks
+        (WIDE_PLANAR_MAX_C); with flowdsl's own product for OWN_WINO_MIN_TILES (own_rules).
+        Monotonic in n: flowdsl.plan asks can_pool for the whole batch, forward for what it is
+        given (a thread's share of a split pass), which so never picks
         a pooling algorithm its plan did not."""
         if self.pad_mode is not None:
             return self._run_as().algo_for(n, training)

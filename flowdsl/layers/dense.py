@@ -78,7 +78,7 @@ class Dense(Layer):
 
 
 SMALL_ROWS = 4   # evaluation of at most this many samples: one numba call (_small) instead of
-                # BLAS, the bias and the activation (net B at batch 1: its two dense layers 8 -> ? us)
+                # BLAS, the bias and the activation (net B at batch 1: its two dense layers 8 -> 6 us)
 SMALL_NARROW = 1 << 16   # ... and at least 16 units, or weights of at most this many values (a
                         # few units over a long input, net C's dense(2) over 120,000, stay in BLAS:
                         # its rows would not fill a vector)
